@@ -29,6 +29,16 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_as_list(cls, data: Any) -> Any:
+        """``--data.train=book.txt`` means ``[book.txt]``: a single string is a one-item list."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if field.annotation == list[str] and isinstance(data.get(name), str):
+                    data = {**data, name: [data[name]]}
+        return data
+
 
 # --------------------------------------------------------------------------- data
 class DataConfig(Section):
@@ -44,6 +54,8 @@ class DataConfig(Section):
         "share of the text held out for validation (of documents for split=docs, of characters for tail)"))
     val_docs: list[str] = Field(default_factory=list, description=(
         "document ids to hold out (e.g. [hamlet, sonnets]); overrides val_fraction for split=docs"))
+    shard_tokens: int = Field(100_000_000, ge=1024, description=(
+        "tokens per packed shard file; a shard closes at the first document boundary past it"))
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -120,6 +132,9 @@ class TrainConfig(Section):
     steps: int = Field(1000, ge=1, description="optimizer steps")
     max_seconds: float | None = Field(None, gt=0, description=(
         "stop after this much training time even if steps remain (None = no time limit)"))
+    stop_at: int | None = Field(None, ge=1, description=(
+        "end this invocation after this step with a checkpoint, as if interrupted; the LR schedule still "
+        "spans train.steps, and a later run resumes from there"))
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")

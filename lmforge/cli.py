@@ -1,0 +1,161 @@
+"""``lmforge <verb> [PATH] [--config FILE] [--name NAME] [--section.key=value ...]``
+
+One table maps each verb to the function that does it; every verb reads the
+same config (class defaults < ``--config`` YAML < dotted overrides). Stage
+verbs run the stages they depend on first, skipping those already done.
+
+    lmforge run --config configs/demo.yaml            # the whole pipeline
+    lmforge train --name exp1 --train.lr=1e-3         # up to and including training
+    lmforge eval runs/demo --eval.text=notes.txt      # score any text
+    lmforge generate runs/demo --prompt "ROMEO:"      # sample
+    lmforge <verb> --help                             # every option of that verb
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from lmforge.config import ConfigError, RunConfig, field_help, load_config, to_yaml
+
+# Offline by design: never let a Hugging Face library reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _stages(until: str) -> Callable[[RunConfig, list[str]], None]:
+    def cmd(cfg: RunConfig, args: list[str]) -> None:
+        from lmforge.pipeline import run
+
+        outputs = run(cfg, until=until)
+        if until == "report" and "_stopped" not in outputs:
+            s = outputs["report"]["summary"]
+            print(f"\nval loss {s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | bits/byte {s['val_bpb']:.4f} | "
+                  f"acc {s['val_acc']:.3f} | {s['tokens_seen']:,} tokens in {s['train_seconds']:.0f}s "
+                  f"| total {s['total_seconds']:.0f}s")
+            print(f"run card: {outputs['report']['files']['html']}\nsummary:  {cfg.run_dir / 'summary.json'}")
+    return cmd
+
+
+def _eval(cfg: RunConfig, args: list[str]) -> None:
+    if not cfg.eval.text:
+        from lmforge.pipeline import run
+
+        print(json.dumps(run(cfg, until="eval")["eval"], indent=2))
+        return
+    from lmforge.eval.heldout import evaluate_files
+    from lmforge.trained import TrainedModel
+
+    tm = TrainedModel.load(args[0] if args else cfg.run_dir)
+    result = evaluate_files(tm, cfg.eval.text, cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_doc"}, indent=2))
+
+
+def _generate(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.serve.sample import generate_cli
+
+    generate_cli(args[0] if args else str(cfg.run_dir), cfg)
+
+
+def _config(cfg: RunConfig, args: list[str]) -> None:
+    print(to_yaml(cfg))
+
+
+# verb -> (function, one-line help, config sections its --help lists, takes a PATH)
+VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
+    "run": (_stages("report"), "the whole pipeline: docs, tokenizer, pack, train, eval, sample, report", (), False),
+    "prepare": (_stages("docs"), "read the training text and hold out validation documents", ("data",), False),
+    "tokenize": (_stages("tokenizer"), "train the tokenizer (after prepare)", ("data", "tokenizer"), False),
+    "pack": (_stages("pack"), "encode the text into token shards (after tokenize)", ("data", "tokenizer"), False),
+    "train": (_stages("train"), "pre-train a model (after pack); resumes from the newest checkpoint",
+              ("data", "tokenizer", "model", "train"), False),
+    "eval": (_eval, "score the run's validation text, or any text with --eval.text=FILE (PATH = run or checkpoint)",
+             ("eval",), True),
+    "generate": (_generate, "continue prompts with a trained model (PATH = run or checkpoint)", ("sample",), True),
+    "config": (_config, "print the resolved config as YAML", (), False),
+}
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "verbs:"]
+    lines += [f"  {v:<10} {h}" for v, (_, h, _, _) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def verb_help(verb: str) -> str:
+    _, text, sections, takes_path = VERBS[verb]
+    path = " [PATH]" if takes_path else ""
+    lines = [f"usage: lmforge {verb}{path} [--config FILE] [--name NAME] [--section.key=value ...]", "", text, "",
+             "  --config FILE        YAML recipe (e.g. configs/demo.yaml); overrides come after it",
+             "  --name NAME          run name: outputs go to runs/NAME (same as --name=NAME)"]
+    if verb == "generate":
+        lines.append("  --prompt TEXT        a prompt to continue (repeatable; replaces sample.prompts)")
+    lines += ["", "config keys (--key=value; values are YAML: 3e-4, true, [a, b], null):"]
+    for key, default, desc in field_help():
+        if not sections or key.split(".")[0] in sections or "." not in key:
+            lines.append(f"  --{key}={default}\n      {desc}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[str, RunConfig, list[str]]:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0)
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        raise ConfigError(f"unknown verb '{verb}'; choose one of: {', '.join(VERBS)}")
+    if any(a in ("-h", "--help") for a in rest):
+        print(verb_help(verb))
+        raise SystemExit(0)
+    config_file, overrides, positional, prompts = None, [], [], []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            positional.append(arg)
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"option --{key} needs a value")
+            value, i = rest[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config_file = value
+        elif key == "prompt":
+            prompts.append(value)
+        else:
+            overrides.append(f"{key}={value}")
+    if positional and not VERBS[verb][3]:
+        raise ConfigError(f"'lmforge {verb}' takes no positional argument (got '{positional[0]}')")
+    if prompts:
+        overrides.append(f"sample.prompts={json.dumps(prompts)}")
+    return verb, load_config(config_file, overrides), positional
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lmforge.data.sources import DataError
+    from lmforge.train.checkpoint import CheckpointError
+
+    warnings.simplefilter("default")
+    try:
+        verb, cfg, args = parse(sys.argv[1:] if argv is None else argv)
+        VERBS[verb][0](cfg, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Token shards -> training batches, shuffled by epoch, split across ranks, resumable exactly.
+
+An epoch cuts every shard into windows of ``context + 1`` tokens that start at
+``offset + i * context`` (consecutive windows share one token: the last target of
+one is the first input of the next). ``offset`` is drawn per epoch from the seed, so
+successive epochs see different cut points. All windows of all shards are shuffled
+with ``np.random.default_rng([seed, epoch])``; rank ``r`` of ``world_size`` takes
+every ``world_size``-th window (the last ``n_windows % world_size`` are dropped so
+all ranks take the same number), and a batch is the next ``batch_size`` windows of
+the rank, running into the next epoch when one ends.
+
+The shards are memory-mapped: memory holds one int64 per window for the shuffle,
+not the tokens. ``state_dict()`` is the position (epoch, cursor) plus what must not
+change for it to mean the same thing; it is the same on every rank, so the state
+saved by rank 0 resumes all ranks. Usage::
+
+    loader = TokenLoader(Path("runs/demo/tokens"), "train", batch_size=16, context=256, seed=1337)
+    x, y = loader.next_batch()          # (B, T) int64 each; y[:, t] == x[:, t + 1]
+    state = loader.state_dict()         # JSON-serializable; goes into the checkpoint
+    loader.load_state_dict(state)       # later batches are exactly those that would have come
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.pack import list_shards, read_shard
+from lmforge.data.sources import DataError
+
+STATE_VERSION = 1
+
+
+class TokenLoader:
+    """Random windows of packed tokens as ``(x, y)`` batches; see the module docstring."""
+
+    def __init__(self, shards: list[Path] | Path, split: str, batch_size: int, context: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or context < 1:
+            raise ValueError(f"batch_size and context must be positive, got {batch_size} and {context}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.split, self.batch_size, self.context, self.seed = split, batch_size, context, seed
+        self.rank, self.world_size = rank, world_size
+
+        if isinstance(shards, (str, Path)):
+            paths = list_shards(Path(shards), split)
+            if not paths:
+                raise DataError(f"no {split} token shards in {shards}; run the pack stage first (lmforge pack)")
+        else:
+            paths = [Path(p) for p in shards]
+            if not paths:
+                raise DataError(f"no {split} token shards given")
+        self.paths = paths
+        self._data = [read_shard(p) for p in paths]  # memmaps: the OS pages tokens in on demand
+        lengths = np.array([len(d) for d in self._data], dtype=np.int64)
+
+        # Windows per shard at offset 0; the slack is the room left to slide them by the epoch's offset
+        # without losing one, so every epoch has the same number of windows.
+        self._windows = np.maximum(lengths - 1, 0) // context
+        self._slack = np.where(self._windows > 0, lengths - 1 - self._windows * context, 0)
+        self._first = np.concatenate([[0], np.cumsum(self._windows)])  # first global window of each shard
+        self.n_windows = int(self._first[-1])
+        if self.n_windows == 0:
+            raise DataError(f"the {split} split has {int(lengths.sum())} tokens in {len(paths)} shard(s), the "
+                            f"longest {int(lengths.max())}; one window needs context+1 = {context + 1} tokens "
+                            "within one shard: add text or lower model.context")
+        if self.n_windows < world_size:
+            raise DataError(f"the {split} split has {self.n_windows} windows of context+1 = {context + 1} tokens, "
+                            f"fewer than the {world_size} ranks; add text or lower model.context")
+        self.windows_per_rank = self.n_windows // world_size
+
+        self._epoch = 0
+        self._cursor = 0  # windows of this epoch this rank has already served
+        self._plan_epoch = -1
+        self._offset = 0
+        self._mine = np.zeros(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def epoch(self) -> int:
+        """The epoch the next window comes from (0-based)."""
+        return self._epoch
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Target tokens all ranks together train on in one epoch."""
+        return self.windows_per_rank * self.world_size * self.context
+
+    def _plan(self) -> None:
+        """This rank's windows for the current epoch, in order (rebuilt only when the epoch changes)."""
+        if self._plan_epoch == self._epoch:
+            return
+        rng = np.random.default_rng([self.seed, self._epoch])
+        self._offset = int(rng.integers(0, self.context))
+        order = rng.permutation(self.n_windows)
+        self._mine = order[self.rank: self.windows_per_rank * self.world_size: self.world_size]
+        self._plan_epoch = self._epoch
+
+    def _locate(self, window: int) -> tuple[int, int]:
+        """Global window number -> (shard, start token) under this epoch's offset."""
+        shard = int(np.searchsorted(self._first, window, side="right")) - 1
+        offset = self._offset % (int(self._slack[shard]) + 1)
+        return shard, offset + (window - int(self._first[shard])) * self.context
+
+    def epoch_windows(self) -> list[tuple[int, int]]:
+        """(shard, start) of every window this rank serves in the current epoch, in serving order."""
+        self._plan()
+        return [self._locate(int(w)) for w in self._mine]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (B, T) int64, targets shifted one token left of the inputs."""
+        span = self.context + 1
+        buf = np.empty((self.batch_size, span), dtype=np.int64)  # (B, T + 1)
+        for b in range(self.batch_size):
+            self._plan()
+            shard, start = self._locate(int(self._mine[self._cursor]))
+            buf[b] = self._data[shard][start: start + span]
+            self._cursor += 1
+            if self._cursor == self.windows_per_rank:  # roll over at once, so epoch names the next window's
+                self._epoch += 1
+                self._cursor = 0
+        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
+        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
+        return x, y
+
+    # ------------------------------------------------------------------- resume
+    def _identity(self) -> dict:
+        return {"split": self.split, "seed": self.seed, "context": self.context, "world_size": self.world_size,
+                "n_windows": self.n_windows}
+
+    def state_dict(self) -> dict:
+        """The position (JSON-serializable) and what must match for it to resume the same sequence."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "cursor": self._cursor, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; raises :class:`DataError` if it belongs to different data or settings."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        for key, now in self._identity().items():
+            if state.get(key) != now:
+                raise DataError(f"loader state does not match this run: {key} was {state.get(key)!r}, now {now!r} "
+                                "(the data, seed, model.context or number of ranks changed since the checkpoint)")
+        epoch, cursor = state.get("epoch"), state.get("cursor")
+        if not isinstance(epoch, int) or not isinstance(cursor, int) or epoch < 0 \
+                or not 0 <= cursor < self.windows_per_rank:
+            raise DataError(f"loader state has an invalid position: epoch={epoch!r}, cursor={cursor!r}")
+        self._epoch, self._cursor = epoch, cursor

@@ -1,0 +1,211 @@
+"""Tokenizers: train, load and save them with Hugging Face ``tokenizers``.
+
+Two kinds, both lossless on any UTF-8 text (``decode(encode(s)) == s``):
+
+- ``bpe``: byte-level BPE (GPT-2 style): all 256 bytes are in the vocabulary, merges
+  are learned up to ``tokenizer.vocab_size`` tokens, special tokens included;
+- ``char``: one token per character seen in training, and the 256 byte tokens
+  ``<0x00>`` .. ``<0xFF>`` for characters it never saw (a BPE model without merges,
+  with byte fallback), like nanoGPT's shakespeare_char but never failing.
+
+Special tokens have fixed ids 0..7 (:data:`SPECIAL_TOKENS`); ``<|endoftext|>`` marks
+document boundaries. Text that merely spells a special token (``"<|im_end|>"`` in a
+document) is encoded as ordinary text, so data cannot inject control tokens; code
+that needs a special token uses its id. The kind is not a separate field: it is
+read back from the saved ``tokenizer.json`` (a BPE with byte fallback and no merges
+is ``char``), so the file stays loadable by ``transformers``.
+
+Usage::
+
+    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=2048), texts)
+    tok.save(Path("runs/demo/tokenizer"))
+    tok = Tokenizer.load("runs/demo/tokenizer")
+    ids = tok.encode("To be, or not to be")
+
+The "tokenizer" stage is :func:`main` (``lmforge tokenize``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from lmforge.config import ConfigError, RunConfig, TokenizerConfig
+from lmforge.data.sources import DataError, stage_texts
+
+SPECIAL_TOKENS: list[str] = [
+    "<|endoftext|>",  # 0: document boundary (EOT)
+    "<|pad|>",  # 1: padding
+    "<|im_start|>",  # 2: chat turn start
+    "<|im_end|>",  # 3: chat turn end
+    "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>",
+]
+EOT = SPECIAL_TOKENS[0]
+PAD = SPECIAL_TOKENS[1]
+BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
+# Byte-level BPE cannot be smaller than its alphabet: every byte plus the special tokens.
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+BPT_SAMPLE_BYTES = 1_000_000  # validation text measured for bytes_per_token
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` with lmforge's conventions."""
+
+    def __init__(self, inner: tokenizers.Tokenizer, origin: str = "tokenizer") -> None:
+        self.inner = inner
+        # Added (special) tokens are otherwise matched inside the input text; this makes text
+        # that spells "<|endoftext|>" encode as the ordinary characters it is.
+        self.inner.encode_special_tokens = True
+        self.kind = _detect_kind(inner)
+        eot = inner.token_to_id(EOT)
+        if eot is None:
+            raise DataError(f"{origin}: the tokenizer has no {EOT} token (lmforge needs it to mark document ends)")
+        self.eot_id: int = eot
+        pad = inner.token_to_id(PAD)
+        self.pad_id: int = eot if pad is None else pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no special tokens are added or recognised."""
+        return self.inner.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.inner.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; the exact inverse of :meth:`encode`; special ids give their text."""
+        return self.inner.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.inner.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.inner.id_to_token(token_id)
+
+    def save(self, directory: Path | str) -> Path:
+        """Write ``directory/tokenizer.json`` (atomically) and return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "tokenizer.json"
+        tmp = directory / "tokenizer.json.tmp"
+        tmp.write_text(self.inner.to_str(pretty=True), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> Tokenizer:
+        """Load a ``tokenizer.json`` file, or a folder that holds one."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise DataError(f"tokenizer not found: {p}")
+        try:
+            inner = tokenizers.Tokenizer.from_file(str(p))
+        except Exception as e:  # tokenizers raises a bare Exception for any parse error
+            raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
+        return cls(inner, origin=str(p))
+
+
+def _detect_kind(inner: tokenizers.Tokenizer) -> str:
+    """'char' for a BPE with byte fallback and no merges (what we build), else 'bpe'."""
+    model = json.loads(inner.to_str()).get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback") and not model.get("merges"):
+        return "char"
+    return "bpe"
+
+
+def _special_added_tokens() -> list[AddedToken]:
+    return [AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS]
+
+
+def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str]) -> tokenizers.Tokenizer:
+    if cfg.vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(f"tokenizer.vocab_size ({cfg.vocab_size}) is smaller than the {MIN_BPE_VOCAB} tokens "
+                          f"a byte-level BPE needs (256 bytes + {len(SPECIAL_TOKENS)} special); "
+                          "raise it or use tokenizer.kind=char")
+    inner = tokenizers.Tokenizer(models.BPE())
+    # add_prefix_space=False: a leading space would break decode(encode(s)) == s.
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=_special_added_tokens(),  # listed first, so they get ids 0..7
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
+        show_progress=False,
+    )
+    inner.train_from_iterator(texts, trainer)
+    return inner
+
+
+def _train_char(texts: Iterable[str]) -> tokenizers.Tokenizer:
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    vocab: dict[str, int] = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    for token in sorted(seen) + BYTE_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    # No merges: each character is its own token; unknown characters become their UTF-8 bytes.
+    # No normalizer and no pre-tokenizer, so the text reaches the model unchanged.
+    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    inner.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    inner.add_special_tokens(_special_added_tokens())
+    return inner
+
+
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
+    """Train a tokenizer of ``cfg.kind`` on ``texts`` (any iterable; streamed). Deterministic."""
+    inner = _train_bpe(cfg, texts) if cfg.kind == "bpe" else _train_char(texts)
+    tok = Tokenizer(inner, origin=f"trained {cfg.kind} tokenizer")
+    ids = [tok.token_to_id(s) for s in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):  # guards the contract other stages rely on
+        raise RuntimeError(f"special tokens got ids {ids}, expected 0..{len(SPECIAL_TOKENS) - 1}")
+    return tok
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str], limit: int = BPT_SAMPLE_BYTES) -> float | None:
+    """UTF-8 bytes per token over the first ``limit`` bytes of ``texts`` (None if there is no text)."""
+    n_bytes = n_tokens = 0
+    for text in texts:
+        data = text.encode("utf-8")
+        if n_bytes + len(data) > limit:
+            # Cut at the byte budget; 'ignore' drops a character split in half at the cut.
+            data = data[: limit - n_bytes].decode("utf-8", errors="ignore").encode("utf-8")
+        n_bytes += len(data)
+        n_tokens += len(tok.encode(data.decode("utf-8")))
+        if n_bytes >= limit:
+            break
+    return n_bytes / n_tokens if n_tokens else None
+
+
+def main(cfg: RunConfig, docs_dir: Path, out_dir: Path) -> dict:
+    """The tokenizer stage: train on ``docs_dir/train.jsonl`` (or load ``tokenizer.path``), save to ``out_dir``."""
+    docs_dir, out_dir = Path(docs_dir), Path(out_dir)
+    t0 = time.perf_counter()
+    if cfg.tokenizer.path:
+        tok = Tokenizer.load(cfg.tokenizer.path)
+        source = str(cfg.tokenizer.path)
+    else:
+        tok = train_tokenizer(cfg.tokenizer, stage_texts(docs_dir / "train.jsonl"))
+        source = "trained"
+    train_seconds = time.perf_counter() - t0
+    tok.save(out_dir)
+    val_path = docs_dir / "val.jsonl"
+    bpt = bytes_per_token(tok, stage_texts(val_path)) if val_path.is_file() else None
+    return {
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "train_seconds": round(train_seconds, 3) if source == "trained" else 0.0,
+        "bytes_per_token": bpt,
+        "source": source,
+    }

@@ -1,0 +1,49 @@
+"""The model registry: every architecture lmforge can train, behind one contract.
+
+``model.arch`` in the config names an entry of :data:`REGISTRY`; :func:`build_model`
+builds it from a :class:`~lmforge.config.ModelConfig` whose ``vocab_size`` is set.
+All entries implement :class:`~lmforge.models.base.LanguageModel` (forward with
+loss, init, parameter and flop counts, incremental decoding), so the rest of
+lmforge never branches on the architecture. A new architecture is a new file in
+this folder and one line in :data:`REGISTRY`.
+
+Usage::
+
+    from lmforge.models import build_model
+    model = build_model(cfg.model)        # cfg.model.vocab_size > 0
+    logits, loss = model(idx, targets)
+"""
+
+from __future__ import annotations
+
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.models.base import LanguageModel
+from lmforge.models.cnn import GatedCNN
+from lmforge.models.rnn import GRUModel, LSTMModel
+from lmforge.models.transformer import Transformer
+
+REGISTRY: dict[str, type[LanguageModel]] = {
+    "transformer": Transformer,
+    "lstm": LSTMModel,
+    "gru": GRUModel,
+    "cnn": GatedCNN,
+}
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """Build the registry model named by ``cfg.arch``, initialized from torch's current RNG state.
+
+    Raises :class:`~lmforge.config.ConfigError` (a ``ValueError``) when
+    ``model.vocab_size`` is 0 or ``model.arch`` is not in the registry.
+    """
+    if cfg.vocab_size <= 0:
+        raise ConfigError(
+            f"model.vocab_size is {cfg.vocab_size}: set it from the tokenizer (its vocabulary size) "
+            f"before building the model"
+        )
+    if cfg.arch not in REGISTRY:
+        raise ConfigError(f"model.arch '{cfg.arch}' is not one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[cfg.arch](cfg)
+
+
+__all__ = ["REGISTRY", "GRUModel", "GatedCNN", "LSTMModel", "LanguageModel", "Transformer", "build_model"]

@@ -1,0 +1,150 @@
+"""The LanguageModel contract that every registry model implements.
+
+Training, evaluation, fine-tuning and serving talk to models only through this
+interface, so no code outside ``lmforge/models`` branches on the architecture:
+
+- ``forward(idx, targets=None) -> (logits, loss)``: ``idx`` and ``targets`` are
+  ``(B, T)`` int64; logits are ``(B, T, V)``; the loss is the float32 mean
+  cross-entropy over the targets that are not ``-100``.
+- ``init_weights()``: deterministic given torch's RNG; the constructor calls it.
+- ``num_params()`` and ``flops_per_token()`` (training flops, for MFU).
+- ``new_state(B)`` / ``step(idx, state) -> (logits, state)`` / ``reorder_state``
+  / ``max_state_len``: incremental decoding. Feeding a sequence through ``step``
+  in chunks of any sizes gives the logits of one ``forward`` over the whole of it.
+
+Example::
+
+    model = build_model(cfg.model)                # lmforge.models.build_model
+    logits, loss = model(idx, targets)            # training
+    model.eval()
+    with torch.inference_mode():
+        state = model.new_state(batch_size=idx.shape[0])
+        logits, state = model.step(idx, state)    # prefill
+        logits, state = model.step(next_ids, state)   # one more token, (B, 1)
+
+Model code is single-device: mixed precision, compile, DDP / FSDP and LoRA are
+applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.models.layers import RMSNorm
+
+
+class LanguageModel(nn.Module, ABC):
+    """Abstract base of the registry models; see the module docstring for the contract.
+
+    Subclasses build their modules in ``__init__`` (after calling this one), name
+    the token embedding ``tok_emb`` and the output projection ``lm_head``, and then
+    call :meth:`init_weights`.
+    """
+
+    tok_emb: nn.Embedding
+    lm_head: nn.Linear
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ConfigError(
+                f"model.vocab_size is {cfg.vocab_size}: set it to the tokenizer's vocabulary size before building "
+                f"the model (0 means 'take it from the tokenizer', which the caller must resolve)"
+            )
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``idx`` (B, T) -> ``(logits (B, T, V), loss or None)``; loss ignores targets equal to -100."""
+
+    def residual_projections(self) -> list[nn.Module]:
+        """Modules whose output is added onto a residual stream (GPT-2 scales their init down)."""
+        return []
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter from torch's global RNG, in module order (so a seed fixes the result).
+
+        Matrices, convolution kernels and embeddings get ``normal(0, init_std)``;
+        the projections listed by :meth:`residual_projections` get
+        ``normal(0, init_std / sqrt(number of residual branches))`` as in GPT-2, so
+        the residual stream's variance does not grow with depth; biases get zeros
+        and norm weights ones. A parameter shared by two modules (tied
+        embeddings) is initialized once, by its first owner.
+        """
+        std = self.cfg.init_std
+        residual = {id(p) for m in self.residual_projections() for p in m.parameters() if p.dim() > 1}
+        residual_std = std / math.sqrt(max(1, len(self.residual_projections())))
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+                seen.add(id(module.weight))
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if name.startswith("bias") or p.dim() == 1:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=residual_std if id(p) in residual else std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied embedding / head matrix counts once).
+
+        ``exclude_embeddings`` leaves out the token embedding table (the usual
+        "non-embedding parameters" of scaling laws); when the head is tied to it,
+        that shared matrix is left out too, while an untied ``lm_head`` is counted.
+        """
+        unique = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            unique.pop(id(self.tok_emb.weight), None)
+        return sum(p.numel() for p in unique.values())
+
+    @abstractmethod
+    def flops_per_token(self) -> float:
+        """Training flops (forward + backward = 3x forward) per token, counting every matmul."""
+
+    # ---------------------------------------------------------------- decoding
+    @abstractmethod
+    def new_state(self, batch_size: int) -> Any:
+        """An empty decode state for ``batch_size`` sequences, on the model's device and dtype."""
+
+    @abstractmethod
+    def step(self, idx: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Feed ``idx`` (B, T_new) after what ``state`` has seen: ``(logits (B, T_new, V), new state)``.
+
+        ``state`` is not modified in a way visible to its holder: it stays usable,
+        so a caller may branch (step it again with other tokens).
+        """
+
+    @abstractmethod
+    def reorder_state(self, state: Any, index: Tensor) -> Any:
+        """A state holding only the batch rows ``index`` (int64, any order, repeats allowed)."""
+
+    @property
+    def max_state_len(self) -> int | None:
+        """The longest total sequence a decode state can hold; None = unbounded."""
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _param_like(self) -> Tensor:
+        """A parameter whose device and dtype decode states should use."""
+        return self.tok_emb.weight
+
+    def _check_idx(self, idx: Tensor) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+
+    def extra_repr(self) -> str:
+        return f"arch={self.cfg.arch}, params={self.num_params():,}"

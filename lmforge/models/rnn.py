@@ -1,0 +1,133 @@
+"""LSTM and GRU language models, with the recurrent hidden state as their decode state.
+
+Token embedding (``d_model``) -> embedding dropout -> projection to the recurrent
+width when ``model.rnn.hidden`` differs from ``d_model`` -> ``n_layers`` of
+``torch.nn.LSTM`` / ``torch.nn.GRU`` (fused kernels; dropout ``model.dropout``
+between layers) -> output dropout -> projection back to ``d_model`` -> ``lm_head``
+(tied to the embedding when ``model.tie_embeddings``).
+
+Training uses truncated backpropagation through time: every ``forward`` starts
+from a zero state, so the training sequence length (``model.context``) is the
+truncation window. Decoding carries ``(h, c)`` (LSTM) or ``h`` (GRU) forward and
+is unbounded in length.
+
+Usage::
+
+    from lmforge.config import ModelConfig
+    from lmforge.models.rnn import LSTMModel
+    model = LSTMModel(ModelConfig(arch="lstm", vocab_size=2048, d_model=256, n_layers=2))
+    logits, loss = model(idx, targets)                  # idx, targets: (B, T)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.base import LanguageModel
+from lmforge.models.layers import causal_lm_loss, make_lm_head
+
+
+@dataclass
+class RNNState:
+    """Decode state: hidden ``h`` (n_layers, B, hidden) and, for the LSTM, the cell ``c`` (same shape)."""
+
+    h: Tensor
+    c: Tensor | None = None
+
+    def as_torch(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The form ``nn.LSTM`` / ``nn.GRU`` take as their initial state."""
+        return self.h if self.c is None else (self.h, self.c)
+
+
+class RecurrentLM(LanguageModel):
+    """Shared body of the LSTM and GRU models; subclasses choose the recurrent module."""
+
+    rnn_class: type[nn.RNNBase]
+    n_gates: int  # gate blocks per recurrent matmul: 4 for the LSTM (i, f, g, o), 3 for the GRU (r, z, n)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.hidden = cfg.rnn.hidden or d
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.emb_drop = nn.Dropout(cfg.rnn.embed_dropout)
+        # Projections exist only when the recurrent width differs from the embedding width.
+        self.in_proj = nn.Linear(d, self.hidden, bias=False) if self.hidden != d else None
+        self.rnn = self.rnn_class(
+            self.hidden,
+            self.hidden,
+            num_layers=cfg.n_layers,
+            batch_first=True,
+            # torch warns about (and ignores) inter-layer dropout with one layer.
+            dropout=cfg.dropout if cfg.n_layers > 1 else 0.0,
+        )
+        self.out_drop = nn.Dropout(cfg.dropout)
+        self.out_proj = nn.Linear(self.hidden, d, bias=False) if self.hidden != d else None
+        self.lm_head = make_lm_head(self.tok_emb, cfg.tie_embeddings)
+        self.init_weights()
+
+    def _run(self, idx: Tensor, state: RNNState | None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        x = self.emb_drop(self.tok_emb(idx))  # (B, T, d_model)
+        if self.in_proj is not None:
+            x = self.in_proj(x)  # (B, T, hidden)
+        y, new = self.rnn(x, None if state is None else state.as_torch())  # y: (B, T, hidden)
+        y = self.out_drop(y)
+        if self.out_proj is not None:
+            y = self.out_proj(y)  # (B, T, d_model)
+        return self.lm_head(y), new  # (B, T, V)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        self._check_idx(idx)
+        logits, _ = self._run(idx, None)  # zero initial state: truncated BPTT over this sequence
+        return logits, None if targets is None else causal_lm_loss(logits, targets)
+
+    def flops_per_token(self) -> float:
+        """``6 * N_matmul``: per layer ``n_gates * hidden * (hidden + hidden)`` (input and recurrent
+        gate matmuls), the two width projections when present (``2 * d_model * hidden``) and the
+        ``lm_head`` (``d_model * V``). Biases and the gates' elementwise work are not counted."""
+        d, h = self.cfg.d_model, self.hidden
+        n_matmul = self.cfg.n_layers * self.n_gates * h * (h + h) + d * self.cfg.vocab_size
+        if h != d:
+            n_matmul += 2 * d * h
+        return float(6 * n_matmul)
+
+    # ---------------------------------------------------------------- decoding
+    def new_state(self, batch_size: int) -> RNNState:
+        p = self._param_like()
+        shape = (self.cfg.n_layers, batch_size, self.hidden)
+        h = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        c = torch.zeros(shape, device=p.device, dtype=p.dtype) if self.n_gates == 4 else None
+        return RNNState(h, c)
+
+    def step(self, idx: Tensor, state: RNNState) -> tuple[Tensor, RNNState]:
+        self._check_idx(idx)
+        if idx.shape[0] != state.h.shape[1]:
+            raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {state.h.shape[1]}")
+        # The recurrent modules return fresh tensors, so the old state stays valid.
+        logits, new = self._run(idx, state)
+        if isinstance(new, tuple):
+            return logits, RNNState(new[0], new[1])
+        return logits, RNNState(new)
+
+    def reorder_state(self, state: RNNState, index: Tensor) -> RNNState:
+        index = index.to(state.h.device)
+        c = None if state.c is None else state.c.index_select(1, index)
+        return RNNState(state.h.index_select(1, index), c)
+
+
+class LSTMModel(RecurrentLM):
+    """LSTM language model (``model.arch = "lstm"``)."""
+
+    rnn_class = nn.LSTM
+    n_gates = 4
+
+
+class GRUModel(RecurrentLM):
+    """GRU language model (``model.arch = "gru"``)."""
+
+    rnn_class = nn.GRU
+    n_gates = 3

@@ -1,0 +1,327 @@
+"""Decoder-only Transformer, Llama-compatible, with a static KV cache as its decode state.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions ->
+residual, RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and the ``lm_head``.
+No biases. With ``model.transformer.qk_norm`` off (the default) the weights map
+one to one onto Hugging Face's ``LlamaForCausalLM`` through
+:func:`to_hf_llama_state_dict` and :func:`hf_llama_config` (used by the export).
+
+Usage::
+
+    from lmforge.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    model = Transformer(ModelConfig(vocab_size=2048, context=256))
+    logits, loss = model(idx, targets)                  # idx, targets: (B, T)
+
+Parameter names: ``tok_emb``, ``layers.{i}.attn_norm``, ``layers.{i}.attn.{q,k,v,o}``,
+``layers.{i}.mlp_norm``, ``layers.{i}.mlp.{gate,up,down}``, ``norm``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.models.base import LanguageModel
+from lmforge.models.layers import RMSNorm, Rotary, causal_lm_loss, make_lm_head
+
+# scaled_dot_product_attention repeats K/V heads itself (no copy) from torch 2.5 on.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    """SwiGLU width: ``model.transformer.ffn_hidden`` or 8/3 * d_model rounded up to a multiple of 32."""
+    if cfg.transformer.ffn_hidden is not None:
+        return cfg.transformer.ffn_hidden
+    return 32 * -(-8 * cfg.d_model // (3 * 32))
+
+
+@dataclass
+class _Frontier:
+    """How far the shared cache buffers have been written; lets states share buffers safely."""
+
+    pos: int
+
+
+@dataclass
+class KVCache:
+    """Decode state: per layer, preallocated keys and values ``(B, n_kv_heads, context, head_dim)``.
+
+    ``pos`` tokens have been seen. States returned by successive ``step`` calls
+    share the buffers (no copy per token); stepping a state that is not the
+    newest one (branching) first copies the buffers, so every state stays valid.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    pos: int = 0
+    frontier: _Frontier = field(default_factory=lambda: _Frontier(0))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        t = cfg.transformer
+        self.n_heads = t.n_heads
+        self.n_kv_heads = t.n_kv_heads or t.n_heads
+        self.head_dim = cfg.d_model // t.n_heads
+        self.dropout = cfg.dropout
+        self.q = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # Per-head norms on queries and keys keep attention logits bounded (not in Llama; export refuses).
+        self.q_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
+
+    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None, pos: int = 0) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, pos), rotary(k, pos)
+
+        mask: Tensor | None = None
+        causal = True
+        if cache is not None:
+            k_buf, v_buf = cache
+            k_buf[:, :, pos : pos + t] = k.to(k_buf.dtype)
+            v_buf[:, :, pos : pos + t] = v.to(v_buf.dtype)
+            k = k_buf[:, :, : pos + t].to(q.dtype)  # (B, nkv, pos+T, hd)
+            v = v_buf[:, :, : pos + t].to(q.dtype)
+            if pos > 0:
+                causal = False
+                if t > 1:
+                    # Query i sits at absolute position pos + i and may see keys 0 .. pos + i.
+                    q_pos = torch.arange(pos, pos + t, device=x.device)[:, None]  # (T, 1)
+                    k_pos = torch.arange(pos + t, device=x.device)[None, :]  # (1, pos+T)
+                    mask = k_pos <= q_pos  # (T, pos+T), True = attend
+
+        extra = {}
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_GQA:
+                extra["enable_gqa"] = True
+            else:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal, **extra
+        )  # (B, nh, T, hd)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: Llama's gated MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: attention and MLP, each added onto the residual stream."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        eps = cfg.transformer.norm_eps
+        self.attn_norm = RMSNorm(cfg.d_model, eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps)
+        self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None, pos: int = 0) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rotary, cache, pos))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(LanguageModel):
+    """Llama-style decoder-only Transformer (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary = Rotary(cfg.d_model // cfg.transformer.n_heads, cfg.context, cfg.transformer.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.transformer.norm_eps)
+        self.lm_head = make_lm_head(self.tok_emb, cfg.tie_embeddings)
+        self.init_weights()
+
+    def residual_projections(self) -> list[nn.Module]:
+        return [m for layer in self.layers for m in (layer.attn.o, layer.mlp.down)]
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.rotary.reset()
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        self._check_idx(idx)
+        if idx.shape[1] > self.cfg.context:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than model.context ({self.cfg.context})")
+        x = self.tok_emb(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, self.rotary)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        return logits, None if targets is None else causal_lm_loss(logits, targets)
+
+    def flops_per_token(self) -> float:
+        """``6 * N_matmul + 12 * n_layers * d_model * context`` (PaLM, appendix B).
+
+        ``N_matmul`` counts the weights of every matmul: per layer q, k, v, o
+        (``d*d + 2*d*kv_dim + d*d``) and the MLP (``3*d*ffn_hidden``), plus the
+        ``lm_head`` (``d*V``); the embedding lookup costs none. The attention term
+        counts ``QK^T`` and ``AV`` over the full context (causal masking not subtracted).
+        """
+        cfg = self.cfg
+        d, n_layers = cfg.d_model, cfg.n_layers
+        head_dim = d // cfg.transformer.n_heads
+        kv_dim = (cfg.transformer.n_kv_heads or cfg.transformer.n_heads) * head_dim
+        per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn_hidden_size(cfg)
+        n_matmul = n_layers * per_layer + d * cfg.vocab_size
+        return float(6 * n_matmul + 12 * n_layers * d * cfg.context)
+
+    # ---------------------------------------------------------------- decoding
+    @property
+    def max_state_len(self) -> int | None:
+        return self.cfg.context
+
+    def new_state(self, batch_size: int) -> KVCache:
+        p = self._param_like()
+        attn = self.layers[0].attn
+        shape = (batch_size, attn.n_kv_heads, self.cfg.context, attn.head_dim)
+        k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
+        v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
+        return KVCache(k, v, 0, _Frontier(0))
+
+    def step(self, idx: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+        self._check_idx(idx)
+        b, t = idx.shape
+        if b != state.batch_size:
+            raise ValueError(f"idx has {b} rows but the decode state holds {state.batch_size}")
+        if state.pos + t > self.cfg.context:
+            raise ValueError(
+                f"decode state holds {state.pos} tokens; {t} more would make {state.pos + t}, "
+                f"past model.context ({self.cfg.context}): re-prefill a shorter window"
+            )
+        k, v, frontier = state.k, state.v, state.frontier
+        if state.pos != frontier.pos:
+            # A newer state already wrote past this one's position in the shared buffers: branch on a copy.
+            k, v = [t_.clone() for t_ in k], [t_.clone() for t_ in v]
+            frontier = _Frontier(state.pos)
+        x = self.tok_emb(idx)  # (B, T_new, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rotary, (k[i], v[i]), state.pos)
+        logits = self.lm_head(self.norm(x))  # (B, T_new, V)
+        frontier.pos = state.pos + t
+        return logits, KVCache(k, v, state.pos + t, frontier)
+
+    def reorder_state(self, state: KVCache, index: Tensor) -> KVCache:
+        index = index.to(state.k[0].device)
+        k = [t.index_select(0, index) for t in state.k]
+        v = [t.index_select(0, index) for t in state.v]
+        return KVCache(k, v, state.pos, _Frontier(state.pos))
+
+
+# ------------------------------------------------------------------ Hugging Face
+def _check_llama_compatible(cfg: ModelConfig) -> None:
+    if cfg.arch != "transformer":
+        raise ConfigError(f"model.arch is '{cfg.arch}': only the transformer maps onto Llama")
+    if cfg.transformer.qk_norm:
+        raise ConfigError("model.transformer.qk_norm is true: Llama has no query/key norm, so it cannot be exported")
+
+
+def hf_llama_config(
+    cfg: ModelConfig,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
+    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to our Transformer.
+
+    The rotary base is written both as ``rope_theta`` (transformers 4.x) and as
+    ``rope_parameters`` (transformers 5.x), so either version loads it.
+    """
+    _check_llama_compatible(cfg)
+    t = cfg.transformer
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": ffn_hidden_size(cfg),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": t.n_heads,
+        "num_key_value_heads": t.n_kv_heads or t.n_heads,
+        "head_dim": cfg.d_model // t.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context,
+        "rms_norm_eps": t.norm_eps,
+        "rope_theta": t.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+    }
+
+
+_HF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q.weight": "self_attn.q_proj.weight",
+    "attn.k.weight": "self_attn.k_proj.weight",
+    "attn.v.weight": "self_attn.v_proj.weight",
+    "attn.o.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+
+
+def to_hf_llama_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """Our weights under Hugging Face Llama names (detached; they share memory with the model).
+
+    With tied embeddings ``lm_head.weight`` is left out, as ``save_pretrained``
+    does: transformers re-ties it from ``model.embed_tokens.weight`` on load.
+    """
+    _check_llama_compatible(model.cfg)
+    out: dict[str, Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "tok_emb.weight":
+            out["model.embed_tokens.weight"] = tensor.detach()
+        elif name == "norm.weight":
+            out["model.norm.weight"] = tensor.detach()
+        elif name == "lm_head.weight":
+            if not model.cfg.tie_embeddings:
+                out["lm_head.weight"] = tensor.detach()
+        elif name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if rest not in _HF_LAYER_NAMES:
+                raise ValueError(f"parameter '{name}' has no Llama counterpart")
+            out[f"model.layers.{index}.{_HF_LAYER_NAMES[rest]}"] = tensor.detach()
+        else:
+            raise ValueError(f"parameter '{name}' has no Llama counterpart")
+    return out

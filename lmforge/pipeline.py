@@ -1,0 +1,172 @@
+"""``lmforge run``: the whole way from text to a reported model, stage by stage.
+
+    docs -> tokenizer -> pack -> train -> eval -> sample -> report
+
+Each stage reads folders and writes its own folder under ``runs/<name>/`` with a
+``manifest.json``: the config that shaped it, the fingerprints of its inputs,
+its output statistics and its timing. A stage whose manifest matches the
+current config and inputs is skipped, so a rerun (or a run that was killed)
+picks up where it stopped; training itself resumes from its newest checkpoint.
+
+    from lmforge.pipeline import run
+    summary = run(load_config("configs/demo.yaml"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import RunConfig, save_config
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    keys: Callable[[RunConfig], dict]  # the config that shapes this stage's output
+    upstream: tuple[str, ...]
+    fn: Callable[[RunConfig, Path, dict], dict]  # (cfg, run_dir, upstream outputs) -> outputs
+    clean: bool = True  # remove the previous outputs before running (train keeps its checkpoints)
+
+
+# ------------------------------------------------------------------ stage bodies
+def _docs(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data import split
+
+    return split.main(cfg, run_dir / "docs")
+
+
+def _tokenizer(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data import tokenizer
+
+    return tokenizer.main(cfg, run_dir / "docs", run_dir / "tokenizer")
+
+
+def _pack(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data import pack
+
+    return pack.main(cfg, run_dir / "docs", run_dir / "tokenizer", run_dir / "pack",
+                     shard_tokens=cfg.data.shard_tokens)
+
+
+def _train(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.train import loop
+
+    pack = up["pack"]
+    bpt = pack["val"]["bytes"] / max(1, pack["val"]["tokens"])
+    return loop.main(cfg, run_dir, bytes_per_token=bpt, data_fingerprint=up["_fp"]["pack"])
+
+
+def _eval(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.eval import heldout
+
+    return heldout.main(cfg, run_dir, up["pack"])
+
+
+def _sample(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.serve import sample
+
+    return sample.main(cfg, run_dir)
+
+
+def _report(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.report import run_card
+
+    return run_card.main(cfg, run_dir, up)
+
+
+def _train_keys(cfg: RunConfig) -> dict:
+    from lmforge.train.loop import RESUMABLE_CHANGES
+
+    train = {k: v for k, v in cfg.train.model_dump().items()
+             if k not in RESUMABLE_CHANGES or k in ("steps", "max_seconds")}
+    return {"model": cfg.model.model_dump(), "train": train, "seed": cfg.seed}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("docs", lambda c: {"data": c.data.model_dump(), "seed": c.seed, "inputs": _input_signature(c)}, (), _docs),
+    Stage("tokenizer", lambda c: {"tokenizer": c.tokenizer.model_dump()}, ("docs",), _tokenizer),
+    Stage("pack", lambda c: {"context": c.model.context, "shard_tokens": c.data.shard_tokens}, ("docs", "tokenizer"), _pack),
+    Stage("train", _train_keys, ("pack",), _train, clean=False),
+    Stage("eval", lambda c: {"eval": c.eval.model_dump(exclude={"text"})}, ("pack", "train"), _eval),
+    Stage("sample", lambda c: {"sample": c.sample.model_dump()}, ("train",), _sample),
+    Stage("report", lambda c: {"always": time.time()}, ("docs", "tokenizer", "pack", "train", "eval", "sample"),
+          _report),
+]}
+ORDER = list(STAGES)
+
+
+def _input_signature(cfg: RunConfig) -> list:
+    """Name, size and mtime of every input file: a changed file re-runs the pipeline from the start."""
+    sig = []
+    for p in [*cfg.data.train, *cfg.data.val]:
+        path = Path(p)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            st = f.stat() if f.exists() else None
+            sig.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return sig
+
+
+def _fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str]) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, "stage": stage.name, "keys": stage.keys(cfg),
+                       "up": [fps[u] for u in stage.upstream]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".manifest.json.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, folder / "manifest.json")  # atomic: a reader never sees half a manifest
+
+
+def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = ()) -> dict:
+    """Run every stage up to ``until``; returns the outputs of each stage by name."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    outputs: dict = {"_fp": {}, "_seconds": {}}
+    for name in ORDER[: ORDER.index(until) + 1]:
+        stage = STAGES[name]
+        folder = run_dir / name
+        fp = _fingerprint(stage, cfg, outputs["_fp"])
+        manifest = read_manifest(folder)
+        if manifest and manifest.get("fingerprint") == fp and name not in force:
+            print(f"[{name}] up to date, skipped (runs/{cfg.name}/{name}/manifest.json)")
+            outputs[name], outputs["_seconds"][name] = manifest["outputs"], manifest["seconds"]
+            outputs["_fp"][name] = fp
+            continue
+        if stage.clean and folder.exists():
+            shutil.rmtree(folder)
+        print(f"[{name}] running")
+        t0 = time.time()
+        result = stage.fn(cfg, run_dir, outputs)
+        seconds = round(time.time() - t0, 2)
+        if result.get("complete") is False:  # interrupted on purpose: not done, resume next time
+            print(f"[{name}] stopped early after {seconds:.1f}s; run the same command again to resume")
+            outputs["_stopped"] = name
+            return outputs
+        write_manifest(folder, {
+            "stage": name, "format": FORMAT_VERSION, "fingerprint": fp, "config": stage.keys(cfg),
+            "inputs": {u: outputs["_fp"][u] for u in stage.upstream}, "outputs": result,
+            "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        outputs[name], outputs["_fp"][name], outputs["_seconds"][name] = result, fp, seconds
+        print(f"[{name}] done in {seconds:.1f}s")
+    return outputs

@@ -1,0 +1,63 @@
+"""The report stage: ``summary.json`` for scripts and the run card for people.
+
+Gathers what the earlier stages wrote (manifests, metrics.jsonl, samples) into
+``runs/<name>/summary.json`` (final metrics, flat keys) and hands the rest to
+:mod:`lmforge.report.card`, which draws the loss curves and writes
+``report/card.md`` and ``report/card.html``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.config import RunConfig, to_yaml
+from lmforge.report.card import write_card
+from lmforge.train.metrics import read_metrics
+
+
+def build_summary(cfg: RunConfig, outputs: dict) -> dict:
+    ev, tr = outputs["eval"], outputs["train"]
+    return {
+        "name": cfg.name,
+        "arch": cfg.model.arch,
+        "params": tr["params"],
+        "val_loss": ev["val"]["loss"],
+        "val_ppl": ev["val"]["ppl"],
+        "val_bpb": ev["val"]["bpb"],
+        "val_acc": ev["val"]["acc"],
+        "val_tokens": ev["val"]["tokens"],
+        "train_loss": ev["train"]["loss"],
+        "train_bpb": ev["train"]["bpb"],
+        "generalization_gap": ev["gap"],
+        "steps": tr["steps"],
+        "stopped_by": tr["stopped_by"],
+        "tokens_seen": tr["tokens_seen"],
+        "train_seconds": tr["train_seconds"],
+        "tokens_per_s": tr["tokens_per_s"],
+        "mfu": tr["mfu"],
+        "device": tr["device"],
+        "total_seconds": round(sum(outputs["_seconds"].values()), 2),
+        "stage_seconds": dict(outputs["_seconds"]),
+        "model": {"arch": cfg.model.arch, "params": tr["params"], "d_model": cfg.model.d_model,
+                  "n_layers": cfg.model.n_layers, "context": cfg.model.context,
+                  "vocab_size": outputs["tokenizer"].get("vocab_size"),
+                  "flops_per_token": tr["flops_per_token"]},
+    }
+
+
+def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
+    summary = build_summary(cfg, outputs)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    paths = write_card(
+        run_dir,
+        config_yaml=to_yaml(cfg),
+        summary=summary,
+        metrics=read_metrics(run_dir / "train" / "metrics.jsonl"),
+        data_stats=outputs["docs"],
+        tokenizer_stats=outputs["tokenizer"],
+        eval_stats=outputs["eval"],
+        samples=outputs["sample"]["samples"],
+        title=f"lmforge run card: {cfg.name}",
+    )
+    return {"summary": summary, "files": {k: str(v) for k, v in paths.items()}}

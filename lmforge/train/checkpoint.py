@@ -1,0 +1,400 @@
+"""Checkpoints: the only place in lmforge that writes or reads them.
+
+A checkpoint is a folder ``<ckpt_dir>/step_000123/`` holding ``model.safetensors`` (weights; tied
+tensors stored once, their aliases in the metadata), ``optimizer.pt`` (absent when saved without an
+optimizer), ``rng.pt`` (torch CPU/CUDA, numpy and python ``random`` states), ``state.json`` (the
+caller's loop state: step, loader position, config, counters) and, written last, ``checksums.json``
+(``{file: {"sha256", "bytes"}}``).
+
+Writes are atomic: everything goes to ``.tmp-step_000123-<pid>/``, each file and the folder are
+fsynced, and only then is the folder renamed to its final name, so a crash never leaves a folder that
+looks valid. Readers check sizes and sha256 before trusting a file and fall back to the previous
+checkpoint when one is truncated or damaged. Nothing is ever unpickled: safetensors for the weights and
+``torch.load(weights_only=True)`` for the rest. Typical use in a training loop::
+
+    ckpt = Checkpointer(run_dir / "train" / "ckpt", keep_last=2, every=250)
+    if (path := ckpt.latest_valid()) is not None:
+        state = ckpt.load(path, model, optimizer)
+    ...
+    if ckpt.should_save(step, last_step):
+        ckpt.save(step, model, optimizer, {"step": step, "loader": loader.state_dict()})
+
+Eval and serving use :func:`resolve` (run folder, ckpt folder or checkpoint -> checkpoint),
+:func:`load` (into a built model), :func:`load_weights` and :func:`read_state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.optim import Optimizer
+
+MODEL, OPTIMIZER, RNG, STATE, CHECKSUMS = "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "checksums.json"
+REQUIRED = (MODEL, RNG, STATE)
+_STEP_RE = re.compile(r"step_(\d+)")
+_TIED_KEY = "lmforge.tied"  # safetensors metadata: JSON {alias: stored name}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, damaged or made for another model; the message names the path."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an older one."""
+
+
+# ------------------------------------------------------------------ file safety
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder entry to disk (folders only where the OS allows opening them)."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _problem(path: Path, only: tuple[str, ...] | None = None) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint (checking only the files in ``only``), or None."""
+    if not path.is_dir():
+        return "not a folder" if path.exists() else "the folder does not exist"
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        return f"{CHECKSUMS} is missing: the write did not finish"
+    try:
+        sums = json.loads(sums_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{CHECKSUMS} is unreadable: {e}"
+    if not isinstance(sums, dict):
+        return f"{CHECKSUMS} is not a mapping of files"
+    for name in REQUIRED:
+        if name not in sums:
+            return f"{name} is not listed in {CHECKSUMS}"
+    for name, entry in sums.items():
+        if only is not None and name not in only:
+            continue
+        if "/" in name or "\\" in name or name.startswith(".") or not isinstance(entry, dict):
+            return f"{CHECKSUMS} has an invalid entry {name!r}"
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} has {size} bytes, expected {entry.get('bytes')} (truncated or overwritten)"
+        if _sha256(f) != entry.get("sha256"):
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def _signature(path: Path) -> tuple:
+    """Cheap identity of a checkpoint's files, to skip re-hashing one verified moments ago."""
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+
+
+def verify(path: Path, only: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's files (or those in ``only``) are intact."""
+    reason = _problem(Path(path), only)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
+
+
+# ------------------------------------------------------------------ weights
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers, so keys carry no wrapper prefix."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _tie_groups(sd: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names of state-dict entries that are the very same tensor (tied weights), each group sorted."""
+    by_view: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        by_view.setdefault(key, []).append(name)
+    return [sorted(names) for names in by_view.values() if len(names) > 1]
+
+
+def _write_weights(model: nn.Module, path: Path) -> None:
+    sd = model.state_dict()
+    aliases = {}
+    for group in _tie_groups(sd):
+        for alias in group[1:]:  # store the tensor once under its first name
+            aliases[alias] = group[0]
+            del sd[alias]
+    # Different views of one storage (not plain ties) are refused by safetensors: copy them apart.
+    seen: set[tuple] = set()
+    tensors = {}
+    for name, t in sd.items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr())
+        tensors[name] = t.cpu().clone() if key in seen and t.numel() else t.cpu().contiguous()
+        seen.add(key)
+    save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every state-dict entry of the file, tied aliases included (sharing the stored tensor)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    for alias, stored in json.loads(meta.get(_TIED_KEY, "{}")).items():
+        if stored in weights:
+            weights.setdefault(alias, weights[stored])
+    return weights
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_compatible(weights: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
+    untied = [g for g in _tie_groups(expected)
+              if all(k in weights for k in g) and not all(torch.equal(weights[g[0]], weights[k]) for k in g[1:])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_few(shapes, 3)}")
+    if untied:
+        problems.append(f"the model ties {_few([' = '.join(g) for g in untied], 2)} but the checkpoint holds "
+                        f"different values for them (tie_embeddings differs)")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} was made for a different model config: " + "; ".join(problems))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint folder ``path`` (checksum-verified) as a state dict on the CPU."""
+    verify(path, only=(MODEL,))
+    return _read_weights(Path(path) / MODEL)
+
+
+def read_state(path: Path) -> dict:
+    """The ``state.json`` dict of checkpoint folder ``path`` (checksum-verified)."""
+    verify(path, only=(STATE,))
+    return json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------ RNG
+def _rng_state() -> dict:
+    """All global generator states as tensors and plain lists, so ``weights_only`` loading accepts them."""
+    algo, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"algorithm": str(algo), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        # A run resumed on fewer GPUs restores the devices it has.
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ------------------------------------------------------------------ checkpointer
+def _step_of(path: Path) -> int:
+    return int(_STEP_RE.fullmatch(path.name).group(1))
+
+
+class Checkpointer:
+    """Saves, lists, verifies and loads the checkpoints of one folder; keeps the newest ``keep_last``.
+
+    A checkpoint verified (or written) by this object is not hashed again while its files keep their
+    sizes and modification times, so ``latest_valid()`` followed by ``load()`` reads the bytes once.
+    """
+
+    def __init__(self, ckpt_dir: Path, keep_last: int = 2, every: int = 0):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (got {keep_last})")
+        if every < 0:
+            raise ValueError(f"every must be 0 (only the last step) or positive (got {every})")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.every = every
+        self._verified: dict[Path, tuple] = {}
+
+    def should_save(self, step: int, last_step: bool) -> bool:
+        return last_step or (self.every > 0 and step % self.every == 0)
+
+    def list(self) -> list[Path]:
+        """Checkpoint folders (valid or not, temporary ones excluded), oldest step first."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = [p for p in self.ckpt_dir.iterdir() if p.is_dir() and _STEP_RE.fullmatch(p.name)]
+        return sorted(found, key=_step_of)
+
+    def save(self, step: int, model: nn.Module, optimizer: Optimizer | None, state: dict) -> Path:
+        """Write checkpoint ``step`` atomically, then prune old, orphaned and temporary folders."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (got {step})")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"step_{step:06d}"
+        tmp = self.ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            try:  # the state first: a non-serializable value fails before any heavy write
+                text = json.dumps(state, indent=2)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"checkpoint state for step {step} must be JSON-serializable: {e}") from None
+            (tmp / STATE).write_text(text, encoding="utf-8")
+            _write_weights(_unwrap(model), tmp / MODEL)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(_rng_state(), tmp / RNG)
+            sums = {}
+            for f in sorted(tmp.iterdir()):
+                _fsync(f)
+                sums[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2), encoding="utf-8")
+            _fsync(tmp / CHECKSUMS)
+            _fsync(tmp)
+            if final.exists():  # saving a step again (a resumed run): move the old one out of sight first
+                self._hide(final, "old")
+            os.replace(tmp, final)
+            _fsync(self.ckpt_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._verified[final] = _signature(final)
+        self._prune(step)
+        return final
+
+    def _prune(self, step: int) -> None:
+        ckpts = self.list()
+        older = [p for p in ckpts if _step_of(p) < step]
+        # Checkpoints past the one just written belong to an abandoned timeline (a run resumed from an
+        # earlier step); keeping them would let a later resume jump back onto it.
+        doomed = [p for p in ckpts if _step_of(p) > step] + older[: max(0, len(older) - (self.keep_last - 1))]
+        for p in doomed:  # renamed first: a crash mid-delete never leaves a half folder with a valid name
+            self._hide(p, "del")
+        for p in self.ckpt_dir.iterdir():
+            if p.name.startswith(".tmp-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _hide(self, path: Path, tag: str) -> None:
+        """Rename a checkpoint to a ``.tmp-`` name, which every reader ignores and the next prune deletes."""
+        hidden = self.ckpt_dir / f".tmp-{tag}-{path.name}-{os.getpid()}"
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(path, hidden)
+        self._verified.pop(path, None)
+
+    def _check(self, path: Path, only: tuple[str, ...] | None = None) -> str | None:
+        if path in self._verified and path.is_dir() and self._verified[path] == _signature(path):
+            return None
+        reason = _problem(path, only)
+        if reason is None and only is None:
+            self._verified[path] = _signature(path)
+        return reason
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint whose files all verify; damaged ones are skipped with a warning."""
+        ckpts = self.list()
+        for i in range(len(ckpts) - 1, -1, -1):
+            reason = self._check(ckpts[i])
+            if reason is None:
+                return ckpts[i]
+            prev = ckpts[i - 1] if i > 0 else "nothing (no older checkpoint)"
+            warnings.warn(f"checkpoint {ckpts[i]} is damaged ({reason}); falling back to {prev}",
+                          CheckpointWarning, stacklevel=2)
+        return None
+
+    def load(self, path: Path, model: nn.Module, optimizer: Optimizer | None = None,
+             restore_rng: bool = True) -> dict:
+        """Restore weights (strictly), optimizer and RNG states from ``path``; return its state dict."""
+        path = Path(path)
+        # Only the files this load reads are hashed: serving a model skips the (larger) optimizer state.
+        needed = (MODEL, STATE) + ((OPTIMIZER,) if optimizer is not None else ()) + ((RNG,) if restore_rng else ())
+        reason = self._check(path, needed)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
+        target = _unwrap(model)
+        weights = _read_weights(path / MODEL)
+        _check_compatible(weights, target, path)
+        target.load_state_dict(weights, strict=True)
+        if optimizer is not None:
+            if not (path / OPTIMIZER).is_file():
+                raise CheckpointError(f"checkpoint {path} holds no optimizer state: load it without an optimizer")
+            opt_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+            try:
+                optimizer.load_state_dict(opt_state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{path / OPTIMIZER} does not fit this optimizer ({e}); the checkpoint "
+                                      f"was made for a different model or optimizer config") from None
+        if restore_rng:
+            _set_rng_state(torch.load(path / RNG, map_location="cpu", weights_only=True))
+        return json.loads((path / STATE).read_text(encoding="utf-8"))
+
+
+def load(path: Path, model: nn.Module, optimizer: Optimizer | None = None, restore_rng: bool = True) -> dict:
+    """:meth:`Checkpointer.load` for callers without a Checkpointer (eval, serving, export)."""
+    path = Path(path)
+    return Checkpointer(path.parent).load(path, model, optimizer, restore_rng)
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a ckpt folder or a run folder (newest valid one)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint found in {path} (the path does not exist)")
+    if path.is_dir() and ((path / CHECKSUMS).exists() or _STEP_RE.fullmatch(path.name)):
+        verify(path)
+        return path
+    for folder in (path, path / "ckpt", path / "train" / "ckpt"):
+        ckpt = Checkpointer(folder)
+        if ckpt.list():
+            found = ckpt.latest_valid()
+            if found is None:
+                raise CheckpointError(f"no valid checkpoint in {folder}: every one is damaged")
+            return found
+    raise CheckpointError(f"no checkpoint found in {path}")

@@ -1,0 +1,192 @@
+"""THE training loop, shared by pre-training and fine-tuning.
+
+Reads top to bottom like nanoGPT's ``train.py``: set up (runtime, tokenizer,
+model, optimizer, loaders, checkpointer, logger), resume if a checkpoint of
+this run exists, then step: learning rate, forward, backward, clip, update,
+log, evaluate, checkpoint. Every component decides for itself when to act.
+
+Run it through the CLI (``lmforge train --config configs/demo.yaml``), which
+prepares the tokenizer and shards first, or import it::
+
+    from lmforge.train.loop import main
+    stats = main(cfg, run_dir)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ConfigError, RunConfig
+from lmforge.data.loader import TokenLoader
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.models import build_model
+from lmforge.runtime import Runtime
+from lmforge.train.checkpoint import Checkpointer, read_state
+from lmforge.train.metrics import MetricsLogger, Throughput, peak_flops
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.trained import tokenizer_digest
+
+# Config keys that may change between a run and its resumption without
+# invalidating the checkpoints: how long to train and how to display it.
+RESUMABLE_CHANGES = {"steps", "max_seconds", "eval_every", "eval_batches", "log_every", "ckpt_every",
+                     "keep_last", "resume", "stop_at", "device", "threads", "tensorboard", "progress", "compile"}
+
+
+def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
+    """Hash of everything that shapes the trajectory of the weights: config and training data."""
+    train = {k: v for k, v in cfg.train.model_dump().items() if k not in RESUMABLE_CHANGES}
+    blob = json.dumps({"model": cfg.model.model_dump(), "train": train, "seed": cfg.seed,
+                       "data": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int, rt: Runtime) -> dict:
+    """Mean loss and next-token accuracy over the same fixed validation batches every time."""
+    loader = TokenLoader(**loader_args)
+    was_training = model.training
+    model.eval()
+    losses, correct, count = [], 0, 0
+    for _ in range(n_batches):
+        x, y = (t.to(rt.device) for t in loader.next_batch())
+        with rt.autocast():
+            logits, loss = model(x, y)
+        losses.append(loss.item())
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+    model.train(was_training)
+    loss = sum(losses) / len(losses)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / count}
+
+
+def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, data_fingerprint: str = "") -> dict:
+    # ---------------------------------------------------------------- setup
+    t_start = time.time()
+    cfg = cfg.model_copy(deep=True)  # vocab_size is filled in below; the caller's config stays as given
+    tc = cfg.train
+    rt = Runtime.setup(tc, seed=cfg.seed)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tok.vocab_size})")
+    model = build_model(cfg.model).to(rt.device)
+    optimizer = build_optimizer(model, tc, rt.device.type)
+    data_dir = run_dir / "pack"
+    context, batch = cfg.model.context, tc.batch_size
+    train_loader = TokenLoader(data_dir, "train", batch, context, seed=cfg.seed,
+                               rank=rt.rank, world_size=rt.world_size)
+    val_args = dict(shards=data_dir, split="val", batch_size=batch, context=min(context, _val_tokens(data_dir) - 1),
+                    seed=0, rank=rt.rank, world_size=rt.world_size)
+    out_dir = run_dir / "train"
+    ckpt = Checkpointer(out_dir / "ckpt", keep_last=tc.keep_last, every=tc.ckpt_every)
+    fingerprint = train_fingerprint(cfg, data_fingerprint)
+    tok_digest = tokenizer_digest(run_dir / "tokenizer" / "tokenizer.json")
+
+    # --------------------------------------------------------------- resume
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    path = ckpt.latest_valid() if tc.resume else None
+    if path is not None:
+        saved = read_state(path)
+        saved_arch = saved["config"]["model"]["arch"]
+        if saved_arch != cfg.model.arch:
+            raise ConfigError(f"{path} holds a '{saved_arch}' model but model.arch is '{cfg.model.arch}'; "
+                              f"use another --name or --train.resume=false")
+        if saved.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{path} was trained with another model/train config; start a new run "
+                              f"(--name NEW) or pass --train.resume=false to train this one from scratch")
+        state = ckpt.load(path, model, optimizer)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        train_seconds = state["train_seconds"]
+        train_loader.load_state_dict(state["loader"])
+        print(f"resumed from {path} at step {step}")
+    elif not tc.resume and (out_dir / "ckpt").exists():
+        shutil.rmtree(out_dir / "ckpt")  # an explicit fresh start: old checkpoints must not be resumed later
+
+    logger = MetricsLogger(out_dir, total_steps=tc.steps, start_step=step, tensorboard=tc.tensorboard,
+                           progress=tc.progress, enabled=rt.is_main)
+    flops_per_token = model.flops_per_token()
+    peak = peak_flops(rt.device)
+    meter = Throughput()
+    tokens_per_step = batch * context * tc.grad_accum * rt.world_size
+    fwd = torch.compile(model) if tc.compile else model
+    model.train()
+
+    # ----------------------------------------------------------------- loop
+    stopped_by = "steps"
+    last_val: dict = {}
+    train_loss = float("nan")
+    loss_acc = torch.zeros((), device=rt.device)
+    while step < tc.steps and not (tc.max_seconds is not None and train_seconds >= tc.max_seconds):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        set_lr(optimizer, lr)
+        for _ in range(tc.grad_accum):
+            x, y = (t.to(rt.device, non_blocking=True) for t in train_loader.next_batch())
+            with rt.autocast():
+                _, loss = fwd(x, y)
+            (loss / tc.grad_accum).backward()
+            loss_acc += loss.detach() / tc.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        rt.sync()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        meter.update(tokens_per_step, dt)
+        out_of_time = tc.max_seconds is not None and train_seconds >= tc.max_seconds
+        interrupted = tc.stop_at is not None and step >= tc.stop_at
+        last_step = step == tc.steps or out_of_time or interrupted
+
+        if step % tc.log_every == 0 or last_step:
+            train_loss = loss_acc.item() / (step % tc.log_every or tc.log_every)
+            loss_acc.zero_()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
+                                         f"lower train.lr (now {tc.lr}) or raise train.warmup_steps")
+            tps = meter.tokens_per_s()
+            logger.log(step, "train", {"loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                       "tokens_per_s": tps, "mfu": meter.mfu(tps, flops_per_token, peak),
+                                       "tokens": tokens_seen})
+        if (tc.eval_every and step % tc.eval_every == 0) or last_step:
+            last_val = estimate_val_loss(model, val_args, tc.eval_batches, rt)
+            if bytes_per_token:
+                last_val["bpb"] = last_val["loss"] / math.log(2) / bytes_per_token
+            logger.log(step, "val", last_val)
+        logger.advance(step, {"loss": f"{train_loss:.3f}",
+                              "val": f"{last_val.get('loss', float('nan')):.3f}",
+                              "tok/s": f"{meter.tokens_per_s():,.0f}"})
+        if ckpt.should_save(step, last_step) and rt.is_main:
+            ckpt.save(step, model, optimizer, {
+                "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+                "loader": train_loader.state_dict(), "fingerprint": fingerprint,
+                "config": cfg.model_dump(), "val": last_val, "tokenizer_sha256": tok_digest,
+            })
+        if out_of_time or interrupted:
+            stopped_by = "time" if out_of_time else "stop_at"
+            break
+    logger.close()
+    tps = tokens_seen / train_seconds if train_seconds else 0.0
+    return {
+        "steps": step, "stopped_by": stopped_by, "complete": stopped_by != "stop_at", "tokens_seen": tokens_seen,
+        "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - t_start, 2),
+        "tokens_per_s": round(tps, 1), "mfu": meter.mfu(tps, flops_per_token, peak),
+        "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak,
+        "last_val": last_val, "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
+    }
+
+
+def _val_tokens(data_dir: Path) -> int:
+    from lmforge.data.pack import list_shards, shard_info
+
+    return sum(shard_info(p)["tokens"] for p in list_shards(data_dir, "val"))

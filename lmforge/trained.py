@@ -1,0 +1,61 @@
+"""A trained model on disk, loaded for use: weights, tokenizer and config together.
+
+``TrainedModel.load(path)`` accepts a run folder (``runs/demo``), its
+checkpoint folder (``runs/demo/train/ckpt``, newest valid checkpoint) or one
+checkpoint (``runs/demo/train/ckpt/step_001000``). Evaluation, sampling and
+serving all start here::
+
+    tm = TrainedModel.load("runs/demo")
+    logits, _ = tm.model(torch.tensor([tm.tokenizer.encode("ROMEO:")]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.models import LanguageModel, build_model
+from lmforge.train import checkpoint
+from lmforge.train.checkpoint import CheckpointError
+
+
+def tokenizer_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def find_tokenizer(ckpt_path: Path) -> Path:
+    """The tokenizer.json of a checkpoint: in the checkpoint, or the run's tokenizer/ folder above it."""
+    for d in [ckpt_path, *list(ckpt_path.parents)[:4]]:
+        for cand in (d / "tokenizer.json", d / "tokenizer" / "tokenizer.json"):
+            if cand.is_file():
+                return cand
+    raise CheckpointError(f"no tokenizer.json found for checkpoint {ckpt_path} (looked in it and the run folder)")
+
+
+@dataclass
+class TrainedModel:
+    model: LanguageModel
+    tokenizer: Tokenizer
+    cfg: RunConfig
+    path: Path
+    step: int
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+        ckpt_path = checkpoint.resolve(Path(path))
+        state = checkpoint.read_state(ckpt_path)
+        cfg = RunConfig.model_validate(state["config"])
+        tok_path = find_tokenizer(ckpt_path)
+        expected = state.get("tokenizer_sha256")
+        if expected and tokenizer_digest(tok_path) != expected:
+            raise CheckpointError(f"{tok_path} is not the tokenizer {ckpt_path} was trained with (digest differs)")
+        tokenizer = Tokenizer.load(tok_path)
+        model = build_model(cfg.model)
+        checkpoint.load(ckpt_path, model, optimizer=None, restore_rng=False)
+        model.to(device).eval()
+        return cls(model=model, tokenizer=tokenizer, cfg=cfg, path=ckpt_path, step=int(state["step"]))

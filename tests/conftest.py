@@ -1,0 +1,40 @@
+"""Shared fixtures: a small corpus of real works, and a helper to run the CLI in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The measured CPU matmul peak (for MFU) is cached; keep the tests' cache out of the home folder.
+os.environ.setdefault("LMFORGE_CACHE", tempfile.mkdtemp(prefix="lmforge-cache-"))
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-test.yaml"
+SMALL_WORKS = ("sonnets", "tempest", "macbeth", "lovers_complaint", "phoenix_and_the_turtle")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Five works of the embedded corpus as .txt files (~300 KB): real text, quick to train on."""
+    from lmforge.data.sources import embedded_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for doc in embedded_corpus():
+        if doc.id in SMALL_WORKS:
+            (folder / f"{doc.id}.txt").write_text(doc.text, encoding="utf-8")
+    return folder
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``lmforge ARGS`` in a new Python process, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
