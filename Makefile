@@ -23,7 +23,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[tb]"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[tb,serve]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

@@ -2,4 +2,6 @@
 
 from lmforge.cli import main
 
-main()
+# Guarded so that worker processes started with "spawn" can import this module without running the CLI.
+if __name__ == "__main__":
+    main()

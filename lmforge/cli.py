@@ -8,6 +8,8 @@ verbs run the stages they depend on first, skipping those already done.
     lmforge train --name exp1 --train.lr=1e-3         # up to and including training
     lmforge eval runs/demo --eval.text=notes.txt      # score any text
     lmforge generate runs/demo --prompt "ROMEO:"      # sample
+    lmforge sweep --config configs/demo.yaml --space configs/sweep-space.yaml   # tune hyperparameters
+    lmforge compare-archs --config configs/compare-archs.yaml --budget-seconds 300   # bake-off
     lmforge <verb> --help                             # every option of that verb
 """
 
@@ -18,6 +20,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from lmforge.config import ConfigError, RunConfig, field_help, load_config, to_yaml
 
@@ -61,13 +64,57 @@ def _generate(cfg: RunConfig, args: list[str]) -> None:
     generate_cli(args[0] if args else str(cfg.run_dir), cfg)
 
 
+def _compare_archs(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.eval.compare import main as compare
+
+    result = compare(cfg)
+    print("\n" + Path(result["files"]["md"]).read_text(encoding="utf-8"))
+    print(f"table: {result['files']['md']} (and .json)\nplot:  {result['files']['png']}")
+
+
+def _sweep(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.tune.sweep import main as sweep
+
+    sweep(cfg, args)
+
+
+def _harness(cfg: RunConfig, args: list[str]) -> None:
+    try:
+        from lmforge.eval.harness import main as harness
+    except ImportError:
+        raise ConfigError("lmforge harness needs lm-evaluation-harness: pip install 'lmforge[eval]'") from None
+    print(json.dumps(harness(cfg, args), indent=2))
+
+
+def _serve(cfg: RunConfig, args: list[str]) -> None:
+    try:
+        from lmforge.serve.api import main as serve
+    except ImportError as e:
+        raise ConfigError(f"lmforge serve needs the serve extra: pip install 'lmforge[serve]' ({e})") from None
+    serve(cfg, args)
+
+
+def _export(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.export import main as export
+
+    try:
+        export(cfg, args)
+    except ImportError as e:
+        raise ConfigError(f"lmforge export needs the export extra: pip install 'lmforge[export]' ({e})") from None
+
+
 def _config(cfg: RunConfig, args: list[str]) -> None:
     print(to_yaml(cfg))
 
 
 # verb -> (function, one-line help, config sections its --help lists, takes a PATH)
 VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
-    "run": (_stages("report"), "the whole pipeline: docs, tokenizer, pack, train, eval, sample, report", (), False),
+    "run": (_stages("report"), "the whole pipeline: collect, clean, docs, tokenizer, pack, train, eval, sample, "
+            "report", (), False),
+    "collect": (_stages("collect"), "read files, datasets, databases and web pages into document shards "
+                "(runs/NAME/collect)", ("data", "collect"), False),
+    "clean": (_stages("clean"), "repair, filter, scrub, deduplicate and decontaminate the collected documents; "
+              "writes data_card.json (after collect)", ("data", "collect", "clean"), False),
     "prepare": (_stages("docs"), "read the training text and hold out validation documents", ("data",), False),
     "tokenize": (_stages("tokenizer"), "train the tokenizer (after prepare)", ("data", "tokenizer"), False),
     "pack": (_stages("pack"), "encode the text into token shards (after tokenize)", ("data", "tokenizer"), False),
@@ -76,6 +123,15 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
     "eval": (_eval, "score the run's validation text, or any text with --eval.text=FILE (PATH = run or checkpoint)",
              ("eval",), True),
     "generate": (_generate, "continue prompts with a trained model (PATH = run or checkpoint)", ("sample",), True),
+    "compare-archs": (_compare_archs, "train each architecture for the same time on the same data; table and plot",
+                      ("compare", "model", "train"), False),
+    "sweep": (_sweep, "hyperparameter search with Optuna over a --space FILE; resumes; writes best.yaml",
+              ("sweep", "model", "train"), False),
+    "harness": (_harness, "score eval.tasks with lm-evaluation-harness (PATH = run or checkpoint)", ("eval",), True),
+    "serve": (_serve, "OpenAI-compatible API, chat page at /, /health, /metrics (PATH = run, checkpoint or export)",
+              ("serve",), True),
+    "export": (_export, "write the model as --format hf|gguf|lmforge to --out PATH (PATH = run or checkpoint)",
+               ("export",), True),
     "config": (_config, "print the resolved config as YAML", (), False),
 }
 
@@ -92,8 +148,17 @@ def verb_help(verb: str) -> str:
     lines = [f"usage: lmforge {verb}{path} [--config FILE] [--name NAME] [--section.key=value ...]", "", text, "",
              "  --config FILE        YAML recipe (e.g. configs/demo.yaml); overrides come after it",
              "  --name NAME          run name: outputs go to runs/NAME (same as --name=NAME)"]
+    if verb == "compare-archs":
+        lines.append("  --budget-seconds S   training seconds per architecture (same as --compare.budget_seconds=S)")
+    if verb == "export":
+        lines.append("  --format FORMAT      hf, gguf or lmforge (same as --export.format=FORMAT)")
+        lines.append("  --out PATH           output folder or .gguf file (same as --export.out=PATH)")
     if verb == "generate":
         lines.append("  --prompt TEXT        a prompt to continue (repeatable; replaces sample.prompts)")
+    if verb in ("collect", "clean", "prepare", "run"):
+        lines.append("  --strict             stop at the first bad input (same as --collect.strict=true)")
+    if verb == "sweep":
+        lines.append("  --space FILE         search space YAML (same as --sweep.space=FILE); see docs/tuning.md")
     lines += ["", "config keys (--key=value; values are YAML: 3e-4, true, [a, b], null):"]
     for key, default, desc in field_help():
         if not sections or key.split(".")[0] in sections or "." not in key:
@@ -120,6 +185,10 @@ def parse(argv: list[str]) -> tuple[str, RunConfig, list[str]]:
             i += 1
             continue
         key, eq, value = arg[2:].partition("=")
+        if key == "strict" and not eq:  # a bare flag: `lmforge collect --strict`
+            overrides.append("collect.strict=true")
+            i += 1
+            continue
         if not eq:
             if i + 1 >= len(rest):
                 raise ConfigError(f"option --{key} needs a value")
@@ -127,8 +196,14 @@ def parse(argv: list[str]) -> tuple[str, RunConfig, list[str]]:
         i += 1
         if key == "config":
             config_file = value
+        elif key == "budget-seconds":
+            overrides.append(f"compare.budget_seconds={value}")
+        elif key in ("format", "out"):  # `lmforge export RUN --format hf --out DIR`
+            overrides.append(f"export.{key}={value}")
         elif key == "prompt":
             prompts.append(value)
+        elif key == "space":
+            overrides.append(f"sweep.space={value}")
         else:
             overrides.append(f"{key}={value}")
     if positional and not VERBS[verb][3]:

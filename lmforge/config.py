@@ -43,8 +43,9 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------- data
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description=(
-        "training text: files or folders of UTF-8 text (.txt, .md, .jsonl with a 'text' field, "
-        "optionally .gz/.xz); empty = the embedded Shakespeare corpus"))
+        "training text: files, folders or globs (.txt .md .html .epub .jsonl .csv .parquet, optionally "
+        ".gz/.xz/.bz2/.zst), read by the collect stage with collect.sources; both empty = the embedded "
+        "Shakespeare corpus"))
     val: list[str] = Field(default_factory=list, description=(
         "validation text given explicitly (same formats); empty = hold out documents of the training text"))
     split: Literal["docs", "tail"] = Field("docs", description=(
@@ -85,6 +86,10 @@ class TransformerConfig(Section):
 class RNNConfig(Section):
     hidden: int | None = Field(None, ge=1, description="recurrent hidden width; None = d_model")
     embed_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input embeddings")
+    bptt: int | None = Field(None, ge=1, description=(
+        "truncated backpropagation through time: in training, gradients flow back at most this many tokens "
+        "(the hidden state is carried forward but detached every bptt tokens); None = the whole sequence "
+        "(model.context). The forward values, and so evaluation and decoding, do not change"))
 
 
 class CNNConfig(Section):
@@ -99,7 +104,10 @@ class ModelConfig(Section):
     arch: Literal["transformer", "lstm", "gru", "cnn"] = Field("transformer", description=(
         "architecture from the model registry"))
     context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)")
-    d_model: int = Field(192, ge=8, description="embedding / residual width")
+    d_model: int = Field(192, ge=8, description="embedding / residual width (replaced when model.param_budget is set)")
+    param_budget: int | None = Field(None, ge=1, description=(
+        "size the model by its parameter count instead: d_model (and the RNN width) becomes the multiple of 8 "
+        "whose total parameter count, embeddings included, is closest to this; None = use d_model"))
     n_layers: int = Field(4, ge=1, description="number of blocks (layers)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability inside the model")
     tie_embeddings: bool = Field(True, description="share the input embedding and output projection weights")
@@ -113,10 +121,11 @@ class ModelConfig(Section):
     def _check(self) -> ModelConfig:
         t = self.transformer
         if self.arch == "transformer":
-            if self.d_model % t.n_heads:
+            # With a parameter budget the width is chosen later, as a multiple of 2 * n_heads.
+            if self.d_model % t.n_heads and self.param_budget is None:
                 raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
                                  f"model.transformer.n_heads ({t.n_heads})")
-            if (self.d_model // t.n_heads) % 2:
+            if (self.d_model // t.n_heads) % 2 and self.param_budget is None:
                 raise ValueError("model.d_model / model.transformer.n_heads must be even for rotary embeddings")
             if t.n_kv_heads is not None and t.n_heads % t.n_kv_heads:
                 raise ValueError(f"model.transformer.n_kv_heads ({t.n_kv_heads}) must divide "
@@ -124,6 +133,13 @@ class ModelConfig(Section):
         if self.arch == "cnn" and self.cnn.kernel_size > self.context:
             raise ValueError(f"model.cnn.kernel_size ({self.cnn.kernel_size}) is wider than "
                              f"model.context ({self.context})")
+        if self.arch in ("lstm", "gru"):
+            if self.rnn.bptt is not None and self.rnn.bptt > self.context:
+                raise ValueError(f"model.rnn.bptt ({self.rnn.bptt}) is longer than model.context ({self.context}); "
+                                 f"gradients cannot flow further back than one training sequence")
+            if self.rnn.hidden is not None and self.param_budget is not None:
+                raise ValueError(f"model.rnn.hidden ({self.rnn.hidden}) and model.param_budget "
+                                 f"({self.param_budget}) both fix the width; set only one of them")
         return self
 
 
@@ -161,6 +177,12 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)")
     progress: bool = Field(True, description="show a progress bar")
+    early_stop_patience: int = Field(0, ge=0, description=(
+        "stop when the validation loss has not improved by more than early_stop_min_delta for this many "
+        "evaluations in a row (0 = never stop early)"))
+    early_stop_min_delta: float = Field(0.0, ge=0.0, description=(
+        "smallest drop of the validation loss (nats/token) that counts as an improvement for early stopping"))
+    tasks_every: int = Field(0, ge=0, description="also run the eval.tasks every N steps during training (0 = never)")
 
 
 # --------------------------------------------------------------------------- eval
@@ -171,6 +193,9 @@ class EvalConfig(Section):
         "sliding-window stride in tokens; None = context (non-overlapping windows); smaller = more context per token"))
     batch_size: int = Field(16, ge=1, description="windows per forward pass")
     max_tokens: int | None = Field(None, ge=1, description="evaluate at most this many tokens (None = all)")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "evaluation tasks the eval stage runs: names of shipped tasks (speaker, minimal_pairs, cloze) "
+        "or task files (.yaml spec or .jsonl items); see lmforge/eval/tasks.py"))
 
 
 # ------------------------------------------------------------------------- sample
@@ -185,16 +210,261 @@ class SampleConfig(Section):
     seed: int = Field(1234, description="sampling seed")
 
 
+# -------------------------------------------------------------------------- sweep
+class SweepConfig(Section):
+    space: str | None = Field(None, description=(
+        "search space YAML (--space FILE): config field -> {type: float|int|categorical, low, high, log, step, "
+        "choices}; see docs/tuning.md"))
+    trials: int = Field(20, ge=1, description=(
+        "trial budget: stop when this many trials have finished (completed or pruned), earlier sessions included"))
+    timeout: float | None = Field(None, gt=0, description=(
+        "time budget of this session in seconds (None = none); the trial running at the deadline finishes"))
+    metric: Literal["val_bpb", "val_loss"] = Field("val_bpb", description=(
+        "what the sweep minimizes: the eval stage's validation bits per byte (comparable across tokenizers) "
+        "or loss; pruning compares the in-training estimates of the same quantity"))
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: tree-structured Parzen or random")
+    pruner: Literal["median", "halving"] | None = Field("median", description=(
+        "stop unpromising trials at a validation estimate: median rule or successive halving (None = never)"))
+    startup_trials: int = Field(5, ge=0, description=(
+        "trials that run unpruned before the median pruner acts, and that TPE samples at random"))
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this training step (median pruner)")
+    baseline: bool = Field(True, description=(
+        "make the first trial the base config's own values (where they lie inside the space)"))
+    storage: str | None = Field(None, description=(
+        "Optuna storage URL; None = sqlite:///<runs_dir>/<name>/sweep.db, so a rerun resumes the sweep"))
+
+
+# ------------------------------------------------------------------------ compare
+class CompareConfig(Section):
+    archs: list[str] = Field(default_factory=lambda: ["transformer", "lstm", "gru", "cnn"], min_length=1,
+                             description="architectures `lmforge compare-archs` trains, each under runs_dir/NAME-ARCH")
+    budget_seconds: float = Field(300.0, gt=0, description=(
+        "training time per architecture in seconds (--budget-seconds); evaluation and checkpoints do not count"))
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per-architecture config sections laid over this config, e.g. "
+        "{lstm: {model: {n_layers: 2}, train: {lr: 0.002}}}"))
+    val_points: int = Field(20, ge=1, description="validation estimates per run: points on the bits-per-byte curve")
+    decode_tokens: int = Field(200, ge=1, description="tokens generated greedily at batch 1 to time decoding")
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        known = ModelConfig.model_fields["arch"].annotation.__args__  # the Literal's choices
+        for where, names in (("compare.archs", self.archs), ("compare.recipes", list(self.recipes))):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{where}: unknown architecture '{name}' (choose from {', '.join(known)})")
+        if len(set(self.archs)) != len(self.archs):
+            raise ValueError(f"compare.archs lists an architecture twice: {self.archs}")
+        for arch, tree in self.recipes.items():
+            fixed = {"name", "runs_dir", "compare"} & set(tree)
+            if fixed or "arch" in (tree.get("model") or {}):
+                key = sorted(fixed)[0] if fixed else "model.arch"
+                raise ValueError(f"compare.recipes.{arch}.{key}: set by compare-archs itself, not by a recipe")
+        return self
+
+
+# ------------------------------------------------------------------------ collect
+class SourceConfig(Section):
+    """One place documents come from: set exactly one of path, dataset, sql, or urls / urls_file / sitemap."""
+
+    path: str | None = Field(None, description=(
+        "file, folder (read recursively) or glob: .txt .md .html .epub .jsonl .csv .tsv .parquet, "
+        "optionally compressed .gz/.xz/.bz2/.zst"))
+    include: list[str] = Field(default_factory=list, description=(
+        "folder filter: keep only files matching one of these globs (no '/' = file name, else path in the folder)"))
+    exclude: list[str] = Field(default_factory=list, description="folder filter: skip files matching these globs")
+    format: Literal["auto", "text", "html", "epub", "jsonl", "csv", "parquet"] = Field("auto", description=(
+        "file format; auto = from the file name"))
+    text_field: str = Field("text", description="JSONL / CSV / Parquet / dataset / SQL column holding the text")
+    id_field: str | None = Field(None, description="column holding a document id (None = file:line or row number)")
+    dataset: str | None = Field(None, description=(
+        "Hugging Face dataset on disk: a folder written by save_to_disk, or a folder of data files"))
+    split: str = Field("train", description="dataset split to read")
+    sql: str | None = Field(None, description=(
+        "SQLAlchemy database URL, e.g. sqlite:///notes.db or postgresql+psycopg://user@host/db"))
+    query: str | None = Field(None, description="SQL query whose rows are documents (with sql)")
+    urls: list[str] = Field(default_factory=list, description="web pages to fetch (http/https)")
+    urls_file: str | None = Field(None, description="file listing web pages, one URL per line (# comments)")
+    sitemap: str | None = Field(None, description="URL of a sitemap (or sitemap index) listing the pages to fetch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        """A bare string is a path, or a web page when it starts with http:// or https://."""
+        if isinstance(data, str):
+            return {"urls": [data]} if data.startswith(("http://", "https://")) else {"path": data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceConfig:
+        kinds = [k for k, on in (("path", self.path), ("dataset", self.dataset), ("sql", self.sql),
+                                 ("web", self.urls or self.urls_file or self.sitemap)) if on]
+        if len(kinds) != 1:
+            raise ValueError("each collect.sources entry needs exactly one of path, dataset, sql, "
+                             f"urls/urls_file/sitemap (got {', '.join(kinds) or 'none'})")
+        if (self.sql is None) != (self.query is None):
+            raise ValueError("collect.sources: sql and query go together")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "path" if self.path else "dataset" if self.dataset else "sql" if self.sql else "web"
+
+
+class WebConfig(Section):
+    user_agent: str = Field("lmforge/0.1 (language model data collection)", description=(
+        "User-Agent header, also the name matched against robots.txt"))
+    robots: bool = Field(True, description="obey robots.txt (disallowed pages are skipped and counted)")
+    delay_s: float = Field(1.0, ge=0.0, description=(
+        "minimum seconds between two requests to the same host (robots.txt Crawl-delay raises it)"))
+    timeout_s: float = Field(10.0, gt=0.0, description="seconds to wait for a connection or for data")
+    retries: int = Field(2, ge=0, description="retries after a timeout, connection error, 429 or 5xx")
+    backoff_s: float = Field(1.0, ge=0.0, description="first retry waits this long, then twice as long each time")
+    max_bytes: int = Field(5_000_000, ge=1024, description="pages larger than this are skipped ('too_large')")
+    max_pages: int = Field(0, ge=0, description="stop after this many pages per source (0 = no limit)")
+
+
+class CollectConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list, description=(
+        "where documents come from, besides the paths of data.train (both empty = the embedded corpus)"))
+    web: WebConfig = Field(default_factory=WebConfig, description="web fetching: politeness, retries, limits")
+    strict: bool = Field(False, description=(
+        "stop at the first bad input (malformed line, unreadable file, failed query, failed page); "
+        "false = skip it, count it and go on"))
+    shard_mb: float = Field(32.0, gt=0.0, description="size of the JSONL shards written (MB of text)")
+
+
+# -------------------------------------------------------------------------- clean
+class NormalizeConfig(Section):
+    html: bool = Field(True, description=(
+        "documents that are HTML markup (e.g. raw pages in JSONL) are reduced to their main text (trafilatura)"))
+    fix_unicode: bool = Field(True, description="repair mojibake and HTML entities with ftfy")
+    form: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalization form")
+    whitespace: bool = Field(True, description=(
+        "unify line endings and odd spaces, strip trailing spaces, at most one blank line in a row"))
+    control_chars: bool = Field(True, description="remove control characters (NUL etc.; tab and newline stay)")
+    lowercase: bool = Field(False, description="lowercase everything (classic recipe; off by default)")
+    special_chars: bool = Field(False, description=(
+        "remove characters other than letters, digits, whitespace and basic punctuation (classic recipe)"))
+
+
+class LinesConfig(Section):
+    navigation: bool = Field(True, description="remove menu / breadcrumb lines (short items between | » › · • >)")
+    boilerplate: bool = Field(True, description=(
+        "remove C4's boilerplate lines: javascript, cookie and privacy notices, terms of use"))
+    lorem_ipsum: bool = Field(True, description="remove lines containing 'lorem ipsum'")
+    min_words: int = Field(0, ge=0, description="remove lines with fewer words (C4 uses 3; 0 = keep all)")
+    terminal_punct: bool = Field(False, description="keep only lines ending in . ! ? or a quote (C4; off: verse)")
+
+
+class QualityConfig(Section):
+    gopher_quality: bool = Field(True, description=(
+        "Gopher (Rae et al. 2021) rules: word count, mean word length, symbols, bullets, ellipses, stop words"))
+    gopher_repetition: bool = Field(False, description=(
+        "Gopher repetition rules: duplicate lines, paragraphs, n-grams (off by default: plays repeat speaker names)"))
+    c4: bool = Field(False, description=(
+        "C4 (Raffel et al. 2020) page rules: curly brackets, lorem ipsum, fewer than 5 sentences"))
+    fineweb: bool = Field(False, description=(
+        "FineWeb (Penedo et al. 2024) rules: punctuated lines, short lines, duplicated-line characters"))
+    min_words: int = Field(50, ge=0, description="Gopher: fewest words in a document")
+    max_words: int = Field(100_000, ge=1, description="Gopher: most words in a document")
+    min_mean_word_len: float = Field(3.0, ge=0.0, description="Gopher: smallest mean word length")
+    max_mean_word_len: float = Field(10.0, gt=0.0, description="Gopher: largest mean word length")
+    max_symbol_ratio: float = Field(0.1, ge=0.0, description="Gopher: most '#' and '...' per word")
+    min_stop_words: int = Field(2, ge=0, description="Gopher: fewest of the, be, to, of, and, that, have, with")
+
+
+class LanguageConfig(Section):
+    enabled: bool = Field(True, description="identify each document's language with py3langid (meta.lang)")
+    keep: list[str] = Field(default_factory=lambda: ["en"], description=(
+        "ISO 639-1 codes to keep (empty = keep every language, still tagged)"))
+    min_score: float = Field(0.5, ge=0.0, le=1.0, description="drop documents whose best language is less sure")
+    max_chars: int = Field(2000, ge=100, description=(
+        "characters read from each document to decide (py3langid reads about 1 MB/s)"))
+
+
+class PIIConfig(Section):
+    emails: bool = Field(True, description="replace e-mail addresses")
+    phones: bool = Field(True, description="replace phone numbers (international and common national formats)")
+    ips: bool = Field(True, description="replace IPv4 and IPv6 addresses")
+    email_replacement: str = Field("email@example.com", description="what an e-mail address becomes")
+    phone_replacement: str = Field("<PHONE>", description="what a phone number becomes")
+    ip_replacement: str = Field("192.0.2.1", description="what an IP address becomes (an address reserved for docs)")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="drop documents whose normalised text was seen before")
+    near: bool = Field(True, description="drop near-duplicates (MinHash LSH)")
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard similarity that makes a near-copy")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    shingle_words: int = Field(5, ge=1, description="words per shingle")
+    decontaminate: list[str] = Field(default_factory=list, description=(
+        "evaluation files or folders: drop training documents sharing a long n-gram with them "
+        "(data.val and eval.text are added automatically)"))
+    ngram: int = Field(13, ge=3, description="decontamination n-gram length in words (13 as in GPT-3)")
+
+
+class CleanConfig(Section):
+    enabled: bool = Field(True, description="false = pass the collected documents through unchanged (still counted)")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="character-level repair")
+    lines: LinesConfig = Field(default_factory=LinesConfig, description="line-level filters")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="document quality filters")
+    language: LanguageConfig = Field(default_factory=LanguageConfig, description="language identification")
+    pii: PIIConfig = Field(default_factory=PIIConfig, description="personal data scrubbing")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="deduplication and decontamination")
+    workers: int = Field(0, ge=0, description="processes cleaning shards in parallel (0 = one per CPU, at most one per shard)")
+    rejects: bool = Field(True, description="write dropped documents with their reason to clean/rejects/")
+    rejects_max_chars: int = Field(0, ge=0, description="keep this many characters of a rejected text (0 = all)")
+
+
+# ------------------------------------------------------------------ serve / export
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description=(
+        "address to listen on; 127.0.0.1 = this machine only, 0.0.0.0 = every interface (set an api_key then)"))
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, printed at start)")
+    model_name: str | None = Field(None, description=(
+        "the model id clients send and /v1/models lists; None = the run's name"))
+    api_key: str | None = Field(None, description=(
+        "require 'Authorization: Bearer KEY' on /v1/*; None = the LMFORGE_API_KEY environment variable, "
+        "or no key when that is unset too"))
+    max_batch: int = Field(32, ge=1, description="sequences decoded together (continuous batching); n counts each")
+    max_waiting: int = Field(64, ge=0, description="requests queued beyond the batch; more are refused with 429")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
+    default_max_tokens: int = Field(256, ge=1, description=(
+        "completion length when a chat request gives no max_tokens (capped by the context that is left)"))
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+
+class ExportConfig(Section):
+    format: Literal["hf", "gguf", "lmforge"] = Field("hf", description=(
+        "'hf' = Hugging Face folder (transformers loads it; Transformer only), 'gguf' = llama.cpp file "
+        "(Transformer only), 'lmforge' = safetensors + config + tokenizer for any architecture"))
+    out: str | None = Field(None, description="output folder (for gguf: the .gguf file); None = RUN/export/FORMAT")
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field("f32", description=(
+        "GGUF weight type of the matrices (norms stay f32)"))
+    check: bool = Field(True, description=(
+        "after writing, load the export back and compare its logits with lmforge's (fails beyond the tolerance)"))
+
+
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name: outputs go to runs_dir/name")
     runs_dir: str = Field("runs", description="folder holding all runs")
     seed: int = Field(1337, description="global seed: data split, init, batch order, dropout")
     data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description=(
+        "collect stage: read files, datasets, databases and web pages into document shards"))
+    clean: CleanConfig = Field(default_factory=CleanConfig, description=(
+        "clean stage: repair, filter, scrub, deduplicate and decontaminate the collected documents"))
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="tokenizer training")
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture and size")
     train: TrainConfig = Field(default_factory=TrainConfig, description="pre-training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on held-out text")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="text generation")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="architecture bake-off (compare-archs)")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="hyperparameter search (lmforge sweep)")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible server (lmforge serve)")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="model export (lmforge export)")
 
     @property
     def run_dir(self) -> Path:
@@ -306,6 +576,8 @@ def _yaml_lines(cfg: BaseModel, indent: int) -> str:
             out.append(f"{pad}{name}:")
             out.append(_yaml_lines(value, indent + 1))
         else:
+            if isinstance(value, list):  # e.g. collect.sources: sections inside a list are written as mappings
+                value = [v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
             dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()
             out.append(pad + dumped.removeprefix("{").removesuffix("}"))
     return "\n".join(out)

@@ -1,6 +1,6 @@
 """``lmforge run``: the whole way from text to a reported model, stage by stage.
 
-    docs -> tokenizer -> pack -> train -> eval -> sample -> report
+    collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> sample -> report
 
 Each stage reads folders and writes its own folder under ``runs/<name>/`` with a
 ``manifest.json``: the config that shaped it, the fingerprints of its inputs,
@@ -14,6 +14,7 @@ picks up where it stopped; training itself resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -38,10 +39,28 @@ class Stage:
 
 
 # ------------------------------------------------------------------ stage bodies
+def _collect(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data import collect
+
+    return collect.main(cfg, run_dir / "collect")
+
+
+def _clean(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data import curate
+
+    return curate.main(cfg, run_dir / "collect", run_dir / "clean", up["collect"], up["_fp"]["collect"])
+
+
+def _clean_keys(cfg: RunConfig) -> dict:
+    from lmforge.data.curate import eval_files, file_signature
+
+    return {"clean": cfg.clean.model_dump(), "eval": file_signature(eval_files(cfg))}
+
+
 def _docs(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
     from lmforge.data import split
 
-    return split.main(cfg, run_dir / "docs")
+    return split.main(cfg, run_dir / "docs", inputs=[str(run_dir / "clean" / "docs")])
 
 
 def _tokenizer(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
@@ -62,7 +81,8 @@ def _train(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
 
     pack = up["pack"]
     bpt = pack["val"]["bytes"] / max(1, pack["val"]["tokens"])
-    return loop.main(cfg, run_dir, bytes_per_token=bpt, data_fingerprint=up["_fp"]["pack"])
+    return loop.main(cfg, run_dir, bytes_per_token=bpt, data_fingerprint=up["_fp"]["pack"],
+                     on_eval=up.get("_on_eval"))
 
 
 def _eval(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
@@ -92,7 +112,12 @@ def _train_keys(cfg: RunConfig) -> dict:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("docs", lambda c: {"data": c.data.model_dump(), "seed": c.seed, "inputs": _input_signature(c)}, (), _docs),
+    Stage("collect", lambda c: {"collect": c.collect.model_dump(), "train": c.data.train,
+                                "inputs": _input_signature(c, collect=True)}, (), _collect),
+    # clean=False: the clean stage keeps finished shards of an interrupted run and wipes its folder itself.
+    Stage("clean", _clean_keys, ("collect",), _clean, clean=False),
+    Stage("docs", lambda c: {"data": c.data.model_dump(), "seed": c.seed, "inputs": _input_signature(c)}, ("clean",),
+          _docs),
     Stage("tokenizer", lambda c: {"tokenizer": c.tokenizer.model_dump()}, ("docs",), _tokenizer),
     Stage("pack", lambda c: {"context": c.model.context, "shard_tokens": c.data.shard_tokens}, ("docs", "tokenizer"), _pack),
     Stage("train", _train_keys, ("pack",), _train, clean=False),
@@ -104,15 +129,27 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ORDER = list(STAGES)
 
 
-def _input_signature(cfg: RunConfig) -> list:
-    """Name, size and mtime of every input file: a changed file re-runs the pipeline from the start."""
+def _input_signature(cfg: RunConfig, collect: bool = False) -> list:
+    """Name, size and mtime of every input file: a changed file re-runs the pipeline from the start.
+
+    ``collect=True``: the files the collect stage reads (data.train and the local collect.sources).
+    """
+    names = [*cfg.data.train, *cfg.data.val]
+    if collect:
+        names = [*cfg.data.train, *(p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file) if p)]
     sig = []
-    for p in [*cfg.data.train, *cfg.data.val]:
-        path = Path(p)
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for f in files:
-            st = f.stat() if f.exists() else None
-            sig.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
+    for p in names:
+        for path in [Path(g) for g in sorted(glob.glob(p))] if glob.has_magic(p) else [Path(p)]:
+            files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+            sig += _file_stats(files)
+    return sig
+
+
+def _file_stats(files: list[Path]) -> list:
+    sig = []
+    for f in files:
+        st = f.stat() if f.exists() else None
+        sig.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
     return sig
 
 
@@ -136,12 +173,17 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     os.replace(tmp, folder / "manifest.json")  # atomic: a reader never sees half a manifest
 
 
-def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = ()) -> dict:
-    """Run every stage up to ``until``; returns the outputs of each stage by name."""
+def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
+        on_eval: Callable[[int, dict], bool] | None = None) -> dict:
+    """Run every stage up to ``until``; returns the outputs of each stage by name.
+
+    ``on_eval(step, val_metrics)`` is called at each validation estimate during training; returning
+    True stops training there, unfinished (``lmforge sweep`` prunes trials this way).
+    """
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    outputs: dict = {"_fp": {}, "_seconds": {}}
+    outputs: dict = {"_fp": {}, "_seconds": {}, "_on_eval": on_eval}
     for name in ORDER[: ORDER.index(until) + 1]:
         stage = STAGES[name]
         folder = run_dir / name

@@ -41,7 +41,7 @@ def folder(tmp_path: Path) -> Path:
     (root / "binary.txt").write_bytes(b"abc\x00\x01\x02")
     (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (root / ".hidden.txt").write_text("secret", encoding="utf-8")
-    (root / "table.csv").write_text("a,b\n", encoding="utf-8")
+    (root / "table.xlsx").write_text("a,b\n", encoding="utf-8")  # a type no reader knows
     return root
 
 
@@ -53,7 +53,7 @@ def test_folder_reads_supported_files_in_sorted_order(folder: Path) -> None:
                                       "# béta ✓\n"]
     assert docs[0].meta == {"path": str(folder / "a.txt"), "bytes": 11}
     assert docs[0].source == str(folder / "a.txt")
-    assert docs[2].meta == {"k": 1}
+    assert docs[2].meta == {"k": 1, "path": str(folder / "d.jsonl"), "line": 1}  # provenance is always kept
     assert docs[3].meta == {"path": str(folder / "d.jsonl"), "line": 3}
     assert docs[4].source == "web"
     assert stats.documents == 6
@@ -67,8 +67,8 @@ def test_explicit_binary_or_unsupported_file_is_an_error(folder: Path) -> None:
         list(read_documents([str(folder / "binary.txt")]))
     with pytest.raises(DataError, match="latin1.txt is not valid UTF-8"):
         list(read_documents([str(folder / "latin1.txt")]))
-    with pytest.raises(DataError, match="table.csv: unsupported file type"):
-        list(read_documents([str(folder / "table.csv")]))
+    with pytest.raises(DataError, match="table.xlsx: unsupported file type"):
+        list(read_documents([str(folder / "table.xlsx")]))
 
 
 def test_explicit_file_id_is_its_stem(folder: Path) -> None:

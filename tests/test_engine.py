@@ -76,6 +76,9 @@ class TinyLM(nn.Module):
     def reorder_state(self, state: Tensor, index: Tensor) -> Tensor:
         return state.index_select(0, index)
 
+    def concat_states(self, states: list[Tensor]) -> Tensor:
+        return torch.cat(states)
+
 
 TOK = ByteTokenizer()
 
@@ -138,8 +141,9 @@ def test_penalties_follow_openai_semantics():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("max_new_tokens", 0), ("n", 0),
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("max_new_tokens", -1), ("n", 0),
     ("stop", [""]), ("presence_penalty", 3.0), ("frequency_penalty", float("nan")), ("stop_token_ids", [-1]),
+    ("logprobs", 21), ("prompt_logprobs", -1),
 ])
 def test_bad_params_name_the_field(field, value):
     params = SamplingParams(**{field: value})
@@ -300,6 +304,7 @@ def test_stream_never_emits_the_start_of_a_stop_string():
 
 def test_stable_length():
     assert _stable_length("abc\ufffd", []) == 3
+    assert _stable_length("abc\ufffd\ufffd\ufffd", []) == 5  # only the last one can still complete
     assert _stable_length("abc ST", ["STOP"]) == 4
     assert _stable_length("abc S", ["STOP", "SX"]) == 4
     assert _stable_length("abcST", ["T"]) == 5  # a one-character stop string is found, never held

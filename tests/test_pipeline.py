@@ -38,9 +38,10 @@ def test_run_writes_every_artifact(tiny_run: Path):
     bytes_per_token = pack["val"]["bytes"] / pack["val"]["tokens"]
     uniform_bpb = math.log2(320) / bytes_per_token
     assert summary["val_bpb"] < uniform_bpb
-    for stage in ("docs", "tokenizer", "pack", "train", "eval", "sample", "report"):
+    for stage in ("collect", "clean", "docs", "tokenizer", "pack", "train", "eval", "sample", "report"):
         assert (tiny_run / stage / "manifest.json").is_file(), stage
     assert (tiny_run / "report" / "card.html").stat().st_size > 1000
+    assert "cleaning.kept documents" in (tiny_run / "report" / "card.md").read_text()
     assert (tiny_run / "report" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sonnets" in json.loads((tiny_run / "docs" / "manifest.json").read_text())["outputs"]["val_ids"]
     samples = json.loads((tiny_run / "sample" / "samples.json").read_text())
@@ -50,11 +51,11 @@ def test_run_writes_every_artifact(tiny_run: Path):
 
 def test_rerun_skips_finished_stages(tiny_run: Path, small_corpus: Path, capsys):
     before = {s: json.loads((tiny_run / s / "manifest.json").read_text())["finished_at"]
-              for s in ("docs", "tokenizer", "pack", "train", "eval", "sample")}
+              for s in ("collect", "clean", "docs", "tokenizer", "pack", "train", "eval", "sample")}
     cli_main(["run", "--config", str(TINY), f"--runs_dir={tiny_run.parent}", f"--data.train=[{small_corpus}]"])
     after = {s: json.loads((tiny_run / s / "manifest.json").read_text())["finished_at"] for s in before}
     assert before == after
-    assert capsys.readouterr().out.count("up to date, skipped") == 6
+    assert capsys.readouterr().out.count("up to date, skipped") == 8
 
 
 def test_exact_resume_in_a_new_process(tmp_path: Path, small_corpus: Path):

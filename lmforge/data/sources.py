@@ -1,45 +1,67 @@
-"""Document readers: text files, folders and JSONL, plain or compressed, streamed.
+"""Document readers for files and folders, plain or compressed, streamed.
 
-Every reader yields :class:`Document` records ``{id, text, source, meta}``, one
-at a time, so a corpus larger than memory still works. Supported inputs:
+Every reader yields :class:`Document` records ``{id, text, source, meta}``, one at
+a time, so a corpus larger than memory still works. File formats, chosen by name
+(or forced with ``FileOptions.format``):
 
-- ``.txt``, ``.md``, ``.text`` (optionally ``.gz`` / ``.xz``): one document per file;
-- ``.jsonl`` (optionally ``.gz`` / ``.xz``): one document per line, with a ``text``
-  field and optional ``id``, ``source`` and ``meta``;
-- folders: every supported file below them, recursively, in sorted path order.
+- ``.txt .text .md .markdown .rst``: one document per file;
+- ``.html .htm .xhtml``: one document per page, main text extracted with trafilatura;
+- ``.epub``: one document per book, chapters in reading order (see ``readers/markup.py``);
+- ``.jsonl .ndjson``, ``.csv .tsv``, ``.parquet``: one document per line or row, text
+  from ``FileOptions.text_field`` (see ``readers/records.py``);
+- any of them compressed with ``.gz``, ``.xz``, ``.bz2`` or ``.zst``;
+- folders: every supported file below them, recursively, in sorted path order,
+  optionally filtered by ``include`` / ``exclude`` globs; a path may also be a glob.
 
 Usage::
 
     stats = ReadStats()
-    for doc in iter_sources(["notes/", "extra.jsonl.gz"], stats):
+    for doc in read_documents(["notes/", "extra.jsonl.gz"], stats, FileOptions(strict=False)):
         ...
     print(stats.documents, stats.skipped)   # e.g. 12 {'binary': 1, 'hidden': 2}
 
-``iter_sources([])`` streams the embedded Shakespeare corpus (42 works).
+``iter_sources([])`` streams the embedded Shakespeare corpus (42 works). Databases,
+Hugging Face datasets and web pages have their own readers in ``lmforge/data/readers/``;
+the collect stage (``lmforge/data/collect.py``) drives them all.
 
 Files inside a folder that are hidden, binary (NUL bytes), not UTF-8 or of an
-unsupported type are skipped and counted in ``ReadStats.skipped`` by reason; the
-same problems in a file named explicitly raise :class:`DataError` naming it.
+unsupported type are skipped and counted in ``ReadStats.skipped`` by reason. With
+``strict=True`` (the default for direct calls) the same problems in a file named
+explicitly, an unreadable file or a malformed line raise :class:`DataError` naming
+the file and line; with ``strict=False`` they are skipped and counted as well.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import fnmatch
+import glob
 import gzip
+import io
 import json
 import lzma
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 EMBEDDED_CORPUS: Path = Path(__file__).parent / "corpus" / "shakespeare.jsonl.xz"
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl",)
-COMPRESSION_SUFFIXES = (".gz", ".xz")
-# Bytes inspected to tell text from binary before a JSONL file is streamed (git uses the same idea).
+FORMATS: dict[str, tuple[str, ...]] = {
+    "text": (".txt", ".text", ".md", ".markdown", ".rst"),
+    "html": (".html", ".htm", ".xhtml"),
+    "epub": (".epub",),
+    "jsonl": (".jsonl", ".ndjson"),
+    "csv": (".csv", ".tsv"),
+    "parquet": (".parquet",),
+}
+TEXT_SUFFIXES = FORMATS["text"]
+JSONL_SUFFIXES = FORMATS["jsonl"]
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
+# Bytes inspected to tell text from binary before a line-based file is streamed (git uses the same idea).
 SNIFF_BYTES = 8192
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
 
 class DataError(ValueError):
@@ -58,7 +80,7 @@ class Document:
     def to_json(self) -> str:
         """One JSON line (no trailing newline); non-ASCII text is kept as is."""
         return json.dumps({"id": self.id, "text": self.text, "source": self.source, "meta": self.meta},
-                          ensure_ascii=False)
+                          ensure_ascii=False, default=str)
 
     @classmethod
     def from_json(cls, line: str) -> Document:
@@ -67,7 +89,7 @@ class Document:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"not a JSON document line: {e}") from None
-        return _record_to_document(obj, default_id="", default_source="")
+        return record_to_document(obj, default_id="", default_source="")
 
 
 @dataclass
@@ -79,42 +101,68 @@ class ReadStats:
     skipped: dict[str, int] = field(default_factory=dict)
     # A few skipped paths per reason, so a user can find them without a listing of thousands.
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # Called with (reason, where) for every skip: the collect stage writes them all to its rejects file.
+    sink: Callable[[str, str], None] | None = field(default=None, repr=False, compare=False)
 
-    def skip(self, reason: str, path: Path | str) -> None:
+    def skip(self, reason: str, where: Path | str) -> None:
+        """Count one skipped entry; ``where`` is a path, ``path:line`` or a message naming it."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
         if len(shown) < 5:
-            shown.append(str(path))
+            shown.append(str(where))
+        if self.sink is not None:
+            self.sink(reason, str(where))
 
     def merge(self, other: ReadStats) -> None:
         self.files += other.files
         self.documents += other.documents
         for reason, n in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
-            self.examples.setdefault(reason, []).extend(other.examples.get(reason, [])[:5])
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(other.examples.get(reason, [])[: max(0, 5 - len(shown))])
 
 
-def _record_to_document(obj: Any, default_id: str, default_source: str) -> Document:
+@dataclass
+class FileOptions:
+    """How files are chosen and read (the file-related fields of a collect source)."""
+
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    format: str = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    strict: bool = True
+
+    def wanted(self, rel: str) -> bool:
+        """Whether a file at ``rel`` (posix path inside its folder) passes the include / exclude globs."""
+        def hit(patterns: list[str]) -> bool:
+            # A pattern without '/' names files at any depth, like .gitignore; one with '/' names a path.
+            return any(fnmatch.fnmatch(rel if "/" in p else rel.rsplit("/", 1)[-1], p) for p in patterns)
+        return (not self.include or hit(self.include)) and not hit(self.exclude)
+
+
+def record_to_document(obj: Any, default_id: str, default_source: str, text_field: str = "text",
+                       id_field: str | None = None) -> Document:
     """Validate one parsed JSON record; messages are completed with file:line by the caller."""
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
-    text = obj.get("text")
+    text = obj.get(text_field)
     if text is None:
-        raise DataError("missing 'text' field")
+        raise DataError(f"missing '{text_field}' field")
     if not isinstance(text, str):
-        raise DataError(f"'text' must be a string, got {type(text).__name__}")
+        raise DataError(f"'{text_field}' must be a string, got {type(text).__name__}")
     meta = obj.get("meta", {})
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
         raise DataError(f"'meta' must be an object, got {type(meta).__name__}")
-    doc_id = obj.get("id", default_id)
+    doc_id = obj.get(id_field or "id", default_id)
     source = obj.get("source", default_source)
     return Document(id=str(doc_id), text=text, source=str(source), meta=meta)
 
 
-def _split_suffix(name: str) -> tuple[str, str, str]:
-    """``'a.b.jsonl.gz'`` -> ``('a.b', '.jsonl', '.gz')``; unsupported types give an empty kind."""
+def split_suffix(name: str) -> tuple[str, str, str]:
+    """``'a.b.jsonl.gz'`` -> ``('a.b', 'jsonl', '.gz')``; an unsupported type gives an empty format."""
     lower = name.lower()
     compression = ""
     for c in COMPRESSION_SUFFIXES:
@@ -122,21 +170,35 @@ def _split_suffix(name: str) -> tuple[str, str, str]:
             compression = c
             name, lower = name[: -len(c)], lower[: -len(c)]
             break
-    for kind in TEXT_SUFFIXES + JSONL_SUFFIXES:
-        if lower.endswith(kind) and len(lower) > len(kind):
-            return name[: -len(kind)], kind, compression
+    for fmt, suffixes in FORMATS.items():
+        for suffix in suffixes:
+            if lower.endswith(suffix) and len(lower) > len(suffix):
+                return name[: -len(suffix)], fmt, compression
     return name, "", compression
 
 
-def _open_binary(path: Path, compression: str) -> IO[bytes]:
+def open_binary(path: Path, compression: str) -> IO[bytes]:
+    """``path`` opened for reading bytes, decompressing on the fly; the caller closes it."""
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".xz":
         return lzma.open(path, "rb")
+    if compression == ".bz2":
+        return bz2.open(path, "rb")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package "
+                            "(pip install 'lmforge[data]')") from None
+        # The buffered wrapper gives line iteration, which the bare zstd stream lacks.
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,  # noqa: SIM115
+                                                         read_across_frames=True)
+        return io.BufferedReader(raw)
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def _binary_reason(data: bytes, final: bool) -> str | None:
+def binary_reason(data: bytes, final: bool) -> str | None:
     """'binary' for NUL bytes, 'not_utf8' for invalid UTF-8, None for text."""
     if b"\x00" in data:
         return "binary"
@@ -148,24 +210,29 @@ def _binary_reason(data: bytes, final: bool) -> str | None:
     return None
 
 
-_REASON_TEXT = {
+REASON_TEXT = {
     "binary": "looks binary (contains NUL bytes)",
     "not_utf8": "is not valid UTF-8 text",
 }
 
 
-def _read_text_file(path: Path, base: str, compression: str, explicit: bool,
-                    stats: ReadStats) -> Iterator[Document]:
-    try:
-        with _open_binary(path, compression) as f:
-            data = f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    reason = _binary_reason(data, final=True)
+def problem(stats: ReadStats, opts: FileOptions, reason: str, message: str) -> None:
+    """A bad entry: raise it under ``strict``, else skip it with a count (the message is the example)."""
+    if opts.strict:
+        raise DataError(message)
+    stats.skip(reason, message)
+
+
+def _read_text_file(path: Path, base: str, compression: str, explicit: bool, stats: ReadStats,
+                    opts: FileOptions) -> Iterator[Document]:
+    with open_binary(path, compression) as f:
+        data = f.read()
+    reason = binary_reason(data, final=True)
     if reason is not None:
         if explicit:
-            raise DataError(f"{path} {_REASON_TEXT[reason]}; pass UTF-8 text files")
-        stats.skip(reason, path)
+            problem(stats, opts, reason, f"{path} {REASON_TEXT[reason]}; pass UTF-8 text files")
+        else:
+            stats.skip(reason, path)
         return
     stats.files += 1
     stats.documents += 1
@@ -173,57 +240,29 @@ def _read_text_file(path: Path, base: str, compression: str, explicit: bool,
                    meta={"path": str(path), "bytes": len(data)})
 
 
-def _read_jsonl_file(path: Path, base: str, compression: str, explicit: bool,
-                     stats: ReadStats) -> Iterator[Document]:
+def _read_file(path: Path, base: str, explicit: bool, stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
+    from lmforge.data.readers import markup, records
+
+    _, fmt, compression = split_suffix(path.name)
+    fmt = fmt if opts.format == "auto" else opts.format
+    readers = {"text": _read_text_file, "html": markup.read_html_file, "epub": markup.read_epub_file,
+               "jsonl": records.read_jsonl_file, "csv": records.read_csv_file, "parquet": records.read_parquet_file}
+    if fmt not in readers:
+        if explicit:
+            supported = ", ".join(s for suffixes in FORMATS.values() for s in suffixes)
+            problem(stats, opts, "unsupported_type", f"{path}: unsupported file type; expected one of "
+                    f"{supported} (optionally compressed with {', '.join(COMPRESSION_SUFFIXES)})")
+        else:
+            stats.skip("unsupported_type", path)
+        return
     try:
-        with _open_binary(path, compression) as f:
-            reason = _binary_reason(f.read(SNIFF_BYTES), final=False)
-            if reason is not None:
-                if explicit:
-                    raise DataError(f"{path} {_REASON_TEXT[reason]}; pass UTF-8 JSON lines")
-                stats.skip(reason, path)
-                return
-            f.seek(0)
-            stats.files += 1
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
-                if not line.strip():
-                    continue  # blank lines (often a trailing one) carry no document
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                try:
-                    doc = _record_to_document(obj, default_id=f"{base}:{lineno}", default_source=str(path))
-                except DataError as e:
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                if "meta" not in obj:
-                    doc.meta = {"path": str(path), "line": lineno}
-                stats.documents += 1
-                yield doc
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+        yield from readers[fmt](path, base, compression, explicit, stats, opts)
+    except READ_ERRORS as e:
+        problem(stats, opts, "unreadable", f"{path}: cannot read ({e})")
 
 
-def _read_file(path: Path, base: str, explicit: bool, stats: ReadStats) -> Iterator[Document]:
-    _, kind, compression = _split_suffix(path.name)
-    if kind in TEXT_SUFFIXES:
-        yield from _read_text_file(path, base, compression, explicit, stats)
-    elif kind in JSONL_SUFFIXES:
-        yield from _read_jsonl_file(path, base, compression, explicit, stats)
-    elif explicit:
-        supported = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
-        raise DataError(f"{path}: unsupported file type; expected one of {supported} "
-                        f"(optionally compressed with {', '.join(COMPRESSION_SUFFIXES)})")
-    else:
-        stats.skip("unsupported_type", path)
-
-
-def _walk(folder: Path, stats: ReadStats) -> list[tuple[str, Path]]:
-    """All non-hidden files below ``folder`` as ``(relative posix path, path)``, sorted by that path."""
+def _walk(folder: Path, stats: ReadStats, opts: FileOptions) -> list[tuple[str, Path]]:
+    """The non-hidden files below ``folder`` that pass the globs, as ``(relative posix path, path)``, sorted."""
     found: list[tuple[str, Path]] = []
     pending = [folder]
     # Symlinked folders are followed; remembering resolved folders keeps a link cycle from looping forever.
@@ -233,7 +272,8 @@ def _walk(folder: Path, stats: ReadStats) -> list[tuple[str, Path]]:
         try:
             entries = list(current.iterdir())
         except OSError as e:
-            raise DataError(f"{current}: cannot list folder ({e})") from None
+            problem(stats, opts, "unreadable", f"{current}: cannot list folder ({e})")
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 stats.skip("hidden", entry)
@@ -243,29 +283,46 @@ def _walk(folder: Path, stats: ReadStats) -> list[tuple[str, Path]]:
                     seen.add(real)
                     pending.append(entry)
             elif entry.is_file():
-                found.append((entry.relative_to(folder).as_posix(), entry))
+                rel = entry.relative_to(folder).as_posix()
+                if opts.wanted(rel):
+                    found.append((rel, entry))
+                else:
+                    stats.skip("excluded", entry)
     found.sort(key=lambda item: item[0])
     return found
 
 
-def read_documents(paths: list[str], stats: ReadStats | None = None) -> Iterator[Document]:
-    """Stream the documents of files and folders, in the order given (folders in sorted path order).
+def _expand(raw: str) -> list[Path]:
+    """A path as given, or the sorted matches of a glob pattern when no such path exists."""
+    path = Path(raw).expanduser()
+    if path.exists() or not glob.has_magic(raw):
+        if not path.exists():
+            raise DataError(f"data path not found: {raw}")
+        return [path]
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not matches:
+        raise DataError(f"no file matches the pattern {raw}")
+    return matches
+
+
+def read_documents(paths: list[str], stats: ReadStats | None = None,
+                   options: FileOptions | None = None) -> Iterator[Document]:
+    """Stream the documents of files, folders and globs, in the order given (folders in sorted path order).
 
     Pass a :class:`ReadStats` to learn what was read and skipped; it is filled while the
     generator runs and is complete once it is exhausted.
     """
     stats = stats if stats is not None else ReadStats()
+    opts = options or FileOptions()
     for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise DataError(f"data path not found: {raw}")
-        if path.is_dir():
-            for rel, file in _walk(path, stats):
-                base, _, _ = _split_suffix(rel)
-                yield from _read_file(file, base, explicit=False, stats=stats)
-        else:
-            base, _, _ = _split_suffix(path.name)
-            yield from _read_file(path, base, explicit=True, stats=stats)
+        for path in _expand(raw):
+            if path.is_dir():
+                for rel, file in _walk(path, stats, opts):
+                    base, _, _ = split_suffix(rel)
+                    yield from _read_file(file, base, explicit=False, stats=stats, opts=opts)
+            else:
+                base, _, _ = split_suffix(path.name)
+                yield from _read_file(path, base, explicit=True, stats=stats, opts=opts)
 
 
 def embedded_corpus() -> Iterator[Document]:

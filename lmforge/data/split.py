@@ -150,8 +150,13 @@ def _write_explicit(cfg: RunConfig, train: _JsonlSink, val: _JsonlSink, stats: R
         raise DataError(f"no validation text in {', '.join(cfg.data.val)}")
 
 
-def main(cfg: RunConfig, out_dir: Path) -> dict:
-    """Write ``train.jsonl`` and ``val.jsonl`` under ``out_dir``; return the counts."""
+def main(cfg: RunConfig, out_dir: Path, inputs: list[str] | None = None) -> dict:
+    """Write ``train.jsonl`` and ``val.jsonl`` under ``out_dir``; return the counts.
+
+    ``inputs`` (in ``lmforge run``: the clean stage's ``docs/`` folder) replaces ``data.train``.
+    """
+    if inputs is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": list(inputs)})})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = ReadStats()

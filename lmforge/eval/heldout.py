@@ -4,9 +4,11 @@ The stage scores the run's whole validation split (every token, sliding window
 of ``eval.stride``) and a same-sized slice of the training split, so the report
 shows train and validation side by side. ``lmforge eval RUN --eval.text=FILE``
 scores any UTF-8 files or folders instead, so models with different tokenizers
-can be compared on the same text through bits per byte::
+can be compared on the same text through bits per byte. With ``eval.tasks`` the
+stage also runs those evaluation tasks (:mod:`lmforge.eval.tasks`)::
 
     lmforge eval runs/demo --eval.text=my_notes.txt
+    lmforge eval --config configs/demo.yaml --eval.tasks=[speaker,minimal_pairs,cloze]
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ def main(cfg: RunConfig, run_dir: Path, pack_stats: dict) -> dict:
     train = evaluate_tokens(tm.model, _split_tokens(run_dir / "pack", "train", limit=len(val_tokens)), **kw)
     train_bpt = pack_stats["train"]["bytes"] / max(1, pack_stats["train"]["tokens"])
     train["bpb"] = train["loss"] / math.log(2) / train_bpt
-    return {"step": tm.step, "val": val, "train": train, "gap": val["loss"] - train["loss"]}
+    result = {"step": tm.step, "val": val, "train": train, "gap": val["loss"] - train["loss"]}
+    if cfg.eval.tasks:  # one record per task: the run card shows them as a table; per-item results in eval/tasks/
+        from lmforge.eval.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(tm.model, tm.tokenizer, context, cfg.eval.tasks,
+                                         out_dir=run_dir / "eval" / "tasks", batch_size=cfg.eval.batch_size)
+    return result
 
 
 def evaluate_files(tm: TrainedModel, paths: list[str], cfg: RunConfig) -> dict:

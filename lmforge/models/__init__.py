@@ -20,6 +20,7 @@ from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.base import LanguageModel
 from lmforge.models.cnn import GatedCNN
 from lmforge.models.rnn import GRUModel, LSTMModel
+from lmforge.models.sizing import fit_to_budget
 from lmforge.models.transformer import Transformer
 
 REGISTRY: dict[str, type[LanguageModel]] = {
@@ -33,7 +34,8 @@ REGISTRY: dict[str, type[LanguageModel]] = {
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """Build the registry model named by ``cfg.arch``, initialized from torch's current RNG state.
 
-    Raises :class:`~lmforge.config.ConfigError` (a ``ValueError``) when
+    With ``model.param_budget`` set, the width is chosen first (:func:`~lmforge.models.sizing.fit_to_budget`);
+    the built model's ``cfg`` holds the chosen ``d_model``. Raises :class:`~lmforge.config.ConfigError` (a ``ValueError``) when
     ``model.vocab_size`` is 0 or ``model.arch`` is not in the registry.
     """
     if cfg.vocab_size <= 0:
@@ -43,7 +45,7 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
         )
     if cfg.arch not in REGISTRY:
         raise ConfigError(f"model.arch '{cfg.arch}' is not one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[cfg.arch](cfg)
+    return REGISTRY[cfg.arch](fit_to_budget(cfg))
 
 
-__all__ = ["REGISTRY", "GRUModel", "GatedCNN", "LSTMModel", "LanguageModel", "Transformer", "build_model"]
+__all__ = ["REGISTRY", "GRUModel", "GatedCNN", "LSTMModel", "LanguageModel", "Transformer", "build_model", "fit_to_budget"]

@@ -9,8 +9,11 @@ interface, so no code outside ``lmforge/models`` branches on the architecture:
 - ``init_weights()``: deterministic given torch's RNG; the constructor calls it.
 - ``num_params()`` and ``flops_per_token()`` (training flops, for MFU).
 - ``new_state(B)`` / ``step(idx, state) -> (logits, state)`` / ``reorder_state``
-  / ``max_state_len``: incremental decoding. Feeding a sequence through ``step``
-  in chunks of any sizes gives the logits of one ``forward`` over the whole of it.
+  / ``concat_states`` / ``max_state_len``: incremental decoding. Feeding a
+  sequence through ``step`` in chunks of any sizes gives the logits of one
+  ``forward`` over the whole of it. States of different lengths can be
+  concatenated into one batch and stepped together (the serving engine's
+  continuous batching), each row continuing exactly as it would alone.
 
 Example::
 
@@ -129,6 +132,15 @@ class LanguageModel(nn.Module, ABC):
     @abstractmethod
     def reorder_state(self, state: Any, index: Tensor) -> Any:
         """A state holding only the batch rows ``index`` (int64, any order, repeats allowed)."""
+
+    @abstractmethod
+    def concat_states(self, states: list[Any]) -> Any:
+        """One state holding the rows of ``states`` in order; they may have seen different numbers of tokens.
+
+        Stepping the result with one token per row gives each row the logits it
+        would get stepped alone (for a bounded state, every row stays within
+        ``max_state_len``). The inputs stay valid.
+        """
 
     @property
     def max_state_len(self) -> int | None:

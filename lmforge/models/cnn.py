@@ -137,3 +137,8 @@ class GatedCNN(LanguageModel):
     def reorder_state(self, state: ConvState, index: Tensor) -> ConvState:
         index = index.to(state.buffers[0].device)
         return ConvState([b.index_select(0, index) for b in state.buffers])
+
+    def concat_states(self, states: list[ConvState]) -> ConvState:
+        if not states:
+            raise ValueError("concat_states needs at least one state")
+        return ConvState([torch.cat(layer) for layer in zip(*(s.buffers for s in states), strict=True)])

@@ -91,8 +91,17 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        """Rotate ``x`` of shape ``(B, H, T, head_dim)`` holding positions ``[start, start + T)``."""
+    def forward(self, x: Tensor, start: int | Tensor) -> Tensor:
+        """Rotate ``x`` of shape ``(B, H, T, head_dim)`` holding positions ``[start, start + T)``.
+
+        ``start`` may instead be a ``(B, T)`` int64 tensor of each row's own positions (rows of a
+        decode batch at different lengths); the caller keeps them below ``max_len``, since checking
+        here would synchronize with the device on every layer.
+        """
+        if isinstance(start, Tensor):
+            cos = self.cos[start].to(x.dtype)[:, None]  # (B, 1, T, head_dim), broadcast over H
+            sin = self.sin[start].to(x.dtype)[:, None]
+            return x * cos + rotate_half(x) * sin
         t = x.shape[-2]
         if start + t > self.max_len:
             raise ValueError(f"positions up to {start + t} exceed the rotary table of {self.max_len} positions")

@@ -7,9 +7,12 @@ between layers) -> output dropout -> projection back to ``d_model`` -> ``lm_head
 (tied to the embedding when ``model.tie_embeddings``).
 
 Training uses truncated backpropagation through time: every ``forward`` starts
-from a zero state, so the training sequence length (``model.context``) is the
-truncation window. Decoding carries ``(h, c)`` (LSTM) or ``h`` (GRU) forward and
-is unbounded in length.
+from a zero state, so gradients never reach past the training sequence
+(``model.context`` tokens); with ``model.rnn.bptt`` they are cut shorter, every
+``bptt`` tokens, while the hidden state itself carries on through the whole
+sequence. Cutting gradients changes no forward value, so evaluation and decoding
+are the same with or without it. Decoding carries ``(h, c)`` (LSTM) or ``h``
+(GRU) forward and is unbounded in length.
 
 Usage::
 
@@ -22,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,11 +78,24 @@ class RecurrentLM(LanguageModel):
         x = self.emb_drop(self.tok_emb(idx))  # (B, T, d_model)
         if self.in_proj is not None:
             x = self.in_proj(x)  # (B, T, hidden)
-        y, new = self.rnn(x, None if state is None else state.as_torch())  # y: (B, T, hidden)
+        y, new = self._recur(x, None if state is None else state.as_torch())  # y: (B, T, hidden)
         y = self.out_drop(y)
         if self.out_proj is not None:
             y = self.out_proj(y)  # (B, T, d_model)
         return self.lm_head(y), new  # (B, T, V)
+
+    def _recur(self, x: Tensor, init: Tensor | tuple[Tensor, Tensor] | None) -> tuple[Tensor, Any]:
+        """The recurrent stack over ``x`` (B, T, hidden); with ``model.rnn.bptt``, truncated when training."""
+        bptt = self.cfg.rnn.bptt
+        if bptt is None or x.shape[1] <= bptt or not (self.training and torch.is_grad_enabled()):
+            return self.rnn(x, init)  # one fused call over the whole sequence
+        outs, state = [], init
+        for start in range(0, x.shape[1], bptt):
+            y, state = self.rnn(x[:, start : start + bptt], state)  # y: (B, <=bptt, hidden)
+            outs.append(y)
+            # The next chunk starts from this state's values but cannot send gradients back through it.
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        return torch.cat(outs, dim=1), state
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         self._check_idx(idx)
@@ -117,6 +134,12 @@ class RecurrentLM(LanguageModel):
         index = index.to(state.h.device)
         c = None if state.c is None else state.c.index_select(1, index)
         return RNNState(state.h.index_select(1, index), c)
+
+    def concat_states(self, states: list[RNNState]) -> RNNState:
+        if not states:
+            raise ValueError("concat_states needs at least one state")
+        c = None if states[0].c is None else torch.cat([s.c for s in states if s.c is not None], dim=1)
+        return RNNState(torch.cat([s.h for s in states], dim=1), c)
 
 
 class LSTMModel(RecurrentLM):

@@ -42,28 +42,41 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
 @dataclass
 class _Frontier:
-    """How far the shared cache buffers have been written; lets states share buffers safely."""
+    """Which state last wrote into the shared cache buffers (by its stamp); lets states share buffers safely."""
 
-    pos: int
+    stamp: int = 0
 
 
 @dataclass
 class KVCache:
     """Decode state: per layer, preallocated keys and values ``(B, n_kv_heads, context, head_dim)``.
 
-    ``pos`` tokens have been seen. States returned by successive ``step`` calls
-    share the buffers (no copy per token); stepping a state that is not the
-    newest one (branching) first copies the buffers, so every state stays valid.
+    ``lens`` (B,) int64 on the CPU counts the tokens each row has seen; rows may
+    differ (requests that joined a decode batch at different lengths), and row
+    ``b`` keeps its keys in columns ``[0, lens[b])``. States returned by
+    successive ``step`` calls share the buffers (no copy per token); stepping a
+    state that is not the newest one (branching) first copies the buffers, so
+    every state stays valid.
     """
 
     k: list[Tensor]
     v: list[Tensor]
-    pos: int = 0
-    frontier: _Frontier = field(default_factory=lambda: _Frontier(0))
+    lens: Tensor
+    frontier: _Frontier = field(default_factory=_Frontier)
+    stamp: int = 0
 
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
+
+
+@dataclass
+class _Ragged:
+    """Where the new tokens of rows at different lengths go, computed once per step for every layer."""
+
+    positions: Tensor  # (B, T) int64: absolute position of each new token
+    span: int  # key columns to attend over: the longest row after this step
+    mask: Tensor  # (B, 1, T, span) bool, True = attend: column j <= the query's position
 
 
 class Attention(nn.Module):
@@ -84,30 +97,44 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
 
-    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
+                pos: int | _Ragged = 0) -> Tensor:
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, pos), rotary(k, pos)
 
         mask: Tensor | None = None
         causal = True
-        if cache is not None:
+        if isinstance(pos, _Ragged):
+            # Rows at different lengths: each writes its new keys at its own columns and sees only its own.
+            assert cache is not None, "per-row positions exist only while decoding"
+            q, k = rotary(q, pos.positions), rotary(k, pos.positions)
             k_buf, v_buf = cache
-            k_buf[:, :, pos : pos + t] = k.to(k_buf.dtype)
-            v_buf[:, :, pos : pos + t] = v.to(v_buf.dtype)
-            k = k_buf[:, :, : pos + t].to(q.dtype)  # (B, nkv, pos+T, hd)
-            v = v_buf[:, :, : pos + t].to(q.dtype)
-            if pos > 0:
-                causal = False
-                if t > 1:
-                    # Query i sits at absolute position pos + i and may see keys 0 .. pos + i.
-                    q_pos = torch.arange(pos, pos + t, device=x.device)[:, None]  # (T, 1)
-                    k_pos = torch.arange(pos + t, device=x.device)[None, :]  # (1, pos+T)
-                    mask = k_pos <= q_pos  # (T, pos+T), True = attend
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, t)  # (B, T)
+            # Advanced indices on dims 0 and 2 put (B, T) first: the slot shape is (B, T, nkv, hd).
+            k_buf[rows, :, pos.positions] = k.transpose(1, 2).to(k_buf.dtype)
+            v_buf[rows, :, pos.positions] = v.transpose(1, 2).to(v_buf.dtype)
+            k = k_buf[:, :, : pos.span].to(q.dtype)  # (B, nkv, span, hd)
+            v = v_buf[:, :, : pos.span].to(q.dtype)
+            mask, causal = pos.mask, False
+        else:
+            q, k = rotary(q, pos), rotary(k, pos)
+            if cache is not None:
+                k_buf, v_buf = cache
+                k_buf[:, :, pos : pos + t] = k.to(k_buf.dtype)
+                v_buf[:, :, pos : pos + t] = v.to(v_buf.dtype)
+                k = k_buf[:, :, : pos + t].to(q.dtype)  # (B, nkv, pos+T, hd)
+                v = v_buf[:, :, : pos + t].to(q.dtype)
+                if pos > 0:
+                    causal = False
+                    if t > 1:
+                        # Query i sits at absolute position pos + i and may see keys 0 .. pos + i.
+                        q_pos = torch.arange(pos, pos + t, device=x.device)[:, None]  # (T, 1)
+                        k_pos = torch.arange(pos + t, device=x.device)[None, :]  # (1, pos+T)
+                        mask = k_pos <= q_pos  # (T, pos+T), True = attend
 
         extra = {}
         if self.n_kv_heads != self.n_heads:
@@ -148,7 +175,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
+                pos: int | _Ragged = 0) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rotary, cache, pos))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -209,35 +237,52 @@ class Transformer(LanguageModel):
         shape = (batch_size, attn.n_kv_heads, self.cfg.context, attn.head_dim)
         k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
         v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
-        return KVCache(k, v, 0, _Frontier(0))
+        return KVCache(k, v, torch.zeros(batch_size, dtype=torch.long))
 
     def step(self, idx: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         self._check_idx(idx)
         b, t = idx.shape
         if b != state.batch_size:
             raise ValueError(f"idx has {b} rows but the decode state holds {state.batch_size}")
-        if state.pos + t > self.cfg.context:
+        longest = int(state.lens.max()) if b else 0
+        if longest + t > self.cfg.context:
             raise ValueError(
-                f"decode state holds {state.pos} tokens; {t} more would make {state.pos + t}, "
+                f"decode state holds {longest} tokens; {t} more would make {longest + t}, "
                 f"past model.context ({self.cfg.context}): re-prefill a shorter window"
             )
         k, v, frontier = state.k, state.v, state.frontier
-        if state.pos != frontier.pos:
-            # A newer state already wrote past this one's position in the shared buffers: branch on a copy.
+        if state.stamp != frontier.stamp:
+            # A newer state already wrote into the shared buffers: branch on a copy.
             k, v = [t_.clone() for t_ in k], [t_.clone() for t_ in v]
-            frontier = _Frontier(state.pos)
+            frontier = _Frontier(state.stamp)
+        pos: int | _Ragged = longest
+        if b and bool((state.lens != longest).any()):
+            pos = self._ragged(state.lens, t, longest + t, idx.device)
         x = self.tok_emb(idx)  # (B, T_new, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, (k[i], v[i]), state.pos)
+            x = layer(x, self.rotary, (k[i], v[i]), pos)
         logits = self.lm_head(self.norm(x))  # (B, T_new, V)
-        frontier.pos = state.pos + t
-        return logits, KVCache(k, v, state.pos + t, frontier)
+        frontier.stamp += 1
+        return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
+
+    @staticmethod
+    def _ragged(lens: Tensor, t: int, span: int, device: torch.device) -> _Ragged:
+        positions = (lens[:, None] + torch.arange(t)[None, :]).to(device)  # (B, T)
+        columns = torch.arange(span, device=device)  # (span,)
+        mask = columns[None, None, :] <= positions[:, :, None]  # (B, T, span)
+        return _Ragged(positions, span, mask[:, None])
 
     def reorder_state(self, state: KVCache, index: Tensor) -> KVCache:
-        index = index.to(state.k[0].device)
-        k = [t.index_select(0, index) for t in state.k]
-        v = [t.index_select(0, index) for t in state.v]
-        return KVCache(k, v, state.pos, _Frontier(state.pos))
+        k = [t.index_select(0, index.to(t.device)) for t in state.k]
+        v = [t.index_select(0, index.to(t.device)) for t in state.v]
+        return KVCache(k, v, state.lens.index_select(0, index.cpu()))
+
+    def concat_states(self, states: list[KVCache]) -> KVCache:
+        if not states:
+            raise ValueError("concat_states needs at least one state")
+        k = [torch.cat([s.k[i] for s in states]) for i in range(len(self.layers))]
+        v = [torch.cat([s.v[i] for s in states]) for i in range(len(self.layers))]
+        return KVCache(k, v, torch.cat([s.lens for s in states]))
 
 
 # ------------------------------------------------------------------ Hugging Face

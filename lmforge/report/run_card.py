@@ -39,11 +39,23 @@ def build_summary(cfg: RunConfig, outputs: dict) -> dict:
         "device": tr["device"],
         "total_seconds": round(sum(outputs["_seconds"].values()), 2),
         "stage_seconds": dict(outputs["_seconds"]),
-        "model": {"arch": cfg.model.arch, "params": tr["params"], "d_model": cfg.model.d_model,
+        # d_model from training: with model.param_budget the width is chosen there.
+        "model": {"arch": cfg.model.arch, "params": tr["params"], "d_model": tr.get("d_model", cfg.model.d_model),
                   "n_layers": cfg.model.n_layers, "context": cfg.model.context,
                   "vocab_size": outputs["tokenizer"].get("vocab_size"),
                   "flops_per_token": tr["flops_per_token"]},
     }
+
+
+def _data_stats(outputs: dict) -> dict:
+    """The docs stage's split counts, plus the data card's summary (collected, kept, dropped by reason)."""
+    stats = dict(outputs["docs"])
+    card = Path(outputs.get("clean", {}).get("data_card", ""))
+    if card.is_file():
+        from lmforge.report.data_card import card_summary
+
+        stats["cleaning"] = card_summary(json.loads(card.read_text(encoding="utf-8")))
+    return stats
 
 
 def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
@@ -54,7 +66,7 @@ def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
         config_yaml=to_yaml(cfg),
         summary=summary,
         metrics=read_metrics(run_dir / "train" / "metrics.jsonl"),
-        data_stats=outputs["docs"],
+        data_stats=_data_stats(outputs),
         tokenizer_stats=outputs["tokenizer"],
         eval_stats=outputs["eval"],
         samples=outputs["sample"]["samples"],

@@ -26,17 +26,21 @@ import torch
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.loader import TokenLoader
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.models import build_model
+from lmforge.eval.tasks import TaskProbe
+from lmforge.models import build_model, fit_to_budget
 from lmforge.runtime import Runtime
 from lmforge.train.checkpoint import Checkpointer, read_state
+from lmforge.train.early_stop import EarlyStopper, OnEval
 from lmforge.train.metrics import MetricsLogger, Throughput, peak_flops
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.preemption import Preemption
 from lmforge.trained import tokenizer_digest
 
 # Config keys that may change between a run and its resumption without
 # invalidating the checkpoints: how long to train and how to display it.
 RESUMABLE_CHANGES = {"steps", "max_seconds", "eval_every", "eval_batches", "log_every", "ckpt_every",
-                     "keep_last", "resume", "stop_at", "device", "threads", "tensorboard", "progress", "compile"}
+                     "keep_last", "resume", "stop_at", "device", "threads", "tensorboard", "progress", "compile",
+                     "tasks_every"}
 
 
 def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
@@ -66,7 +70,8 @@ def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int,
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / count}
 
 
-def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, data_fingerprint: str = "") -> dict:
+def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, data_fingerprint: str = "",
+         on_eval: OnEval | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     t_start = time.time()
     cfg = cfg.model_copy(deep=True)  # vocab_size is filled in below; the caller's config stays as given
@@ -78,6 +83,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     elif cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size})")
+    cfg.model = fit_to_budget(cfg.model)  # a parameter budget becomes the width saved with every checkpoint
     model = build_model(cfg.model).to(rt.device)
     optimizer = build_optimizer(model, tc, rt.device.type)
     data_dir = run_dir / "pack"
@@ -90,6 +96,8 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     ckpt = Checkpointer(out_dir / "ckpt", keep_last=tc.keep_last, every=tc.ckpt_every)
     fingerprint = train_fingerprint(cfg, data_fingerprint)
     tok_digest = tokenizer_digest(run_dir / "tokenizer" / "tokenizer.json")
+    stopper = EarlyStopper(tc.early_stop_patience, tc.early_stop_min_delta, on_eval)  # may end the run at an eval
+    probe = TaskProbe(cfg.eval.tasks, tc.tasks_every, tok, context, enabled=rt.is_main)  # tasks every N steps
 
     # --------------------------------------------------------------- resume
     step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -107,6 +115,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         step, tokens_seen = state["step"], state["tokens_seen"]
         train_seconds = state["train_seconds"]
         train_loader.load_state_dict(state["loader"])
+        stopper.load_state_dict(state.get("early_stop", {}))
         print(f"resumed from {path} at step {step}")
     elif not tc.resume and (out_dir / "ckpt").exists():
         shutil.rmtree(out_dir / "ckpt")  # an explicit fresh start: old checkpoints must not be resumed later
@@ -119,6 +128,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     tokens_per_step = batch * context * tc.grad_accum * rt.world_size
     fwd = torch.compile(model) if tc.compile else model
     model.train()
+    preempt = Preemption().install()  # SIGTERM / Ctrl-C: checkpoint at the step boundary, exit cleanly
 
     # ----------------------------------------------------------------- loop
     stopped_by = "steps"
@@ -145,7 +155,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         train_seconds += dt
         meter.update(tokens_per_step, dt)
         out_of_time = tc.max_seconds is not None and train_seconds >= tc.max_seconds
-        interrupted = tc.stop_at is not None and step >= tc.stop_at
+        interrupted = (tc.stop_at is not None and step >= tc.stop_at) or preempt.requested is not None
         last_step = step == tc.steps or out_of_time or interrupted
 
         if step % tc.log_every == 0 or last_step:
@@ -157,12 +167,14 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
             tps = meter.tokens_per_s()
             logger.log(step, "train", {"loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                                        "tokens_per_s": tps, "mfu": meter.mfu(tps, flops_per_token, peak),
-                                       "tokens": tokens_seen})
+                                       "tokens": tokens_seen, "seconds": train_seconds})
         if (tc.eval_every and step % tc.eval_every == 0) or last_step:
             last_val = estimate_val_loss(model, val_args, tc.eval_batches, rt)
             if bytes_per_token:
                 last_val["bpb"] = last_val["loss"] / math.log(2) / bytes_per_token
-            logger.log(step, "val", last_val)
+            logger.log(step, "val", {**last_val, "seconds": train_seconds})
+            last_step = stopper.update(step, last_val) or last_step
+        probe.maybe_run(step, model, logger)
         logger.advance(step, {"loss": f"{train_loss:.3f}",
                               "val": f"{last_val.get('loss', float('nan')):.3f}",
                               "tok/s": f"{meter.tokens_per_s():,.0f}"})
@@ -171,17 +183,21 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
                 "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                 "loader": train_loader.state_dict(), "fingerprint": fingerprint,
                 "config": cfg.model_dump(), "val": last_val, "tokenizer_sha256": tok_digest,
+                "early_stop": stopper.state_dict(),
             })
-        if out_of_time or interrupted:
-            stopped_by = "time" if out_of_time else "stop_at"
+        if out_of_time or interrupted or stopper.reason:
+            stopped_by = stopper.reason or ("time" if out_of_time else preempt.requested or "stop_at")
             break
+    preempt.restore()
     logger.close()
     tps = tokens_seen / train_seconds if train_seconds else 0.0
     return {
-        "steps": step, "stopped_by": stopped_by, "complete": stopped_by != "stop_at", "tokens_seen": tokens_seen,
+        "steps": step, "stopped_by": stopped_by, "complete": stopped_by not in ("stop_at", "pruned", "SIGTERM", "SIGINT"),
+        "tokens_seen": tokens_seen, **stopper.summary(),
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - t_start, 2),
         "tokens_per_s": round(tps, 1), "mfu": meter.mfu(tps, flops_per_token, peak),
-        "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak,
+        "params": model.num_params(), "params_non_embedding": model.num_params(exclude_embeddings=True),
+        "d_model": cfg.model.d_model, "flops_per_token": flops_per_token, "peak_flops": peak,
         "last_val": last_val, "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
     }
 

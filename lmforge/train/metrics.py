@@ -235,8 +235,11 @@ def _cpu_model() -> str:
 
 def _measure(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
     """Best FLOP/s of an ``n x n @ n x n`` matmul over about ``seconds`` of repeats."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global one would shift a training run's dropout masks
+    # depending on whether the figure was cached yet, breaking exact resume.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     is_cuda = device.type == "cuda"
     inner = 10 if is_cuda else 1  # a GPU matmul is shorter than the launch/sync overhead of timing it alone
 

@@ -1,0 +1,201 @@
+"""Document quality filters in the manner of Gopher, C4 and FineWeb, as pure cleaning steps.
+
+Each filter reads a document's text and returns ``None`` to keep it or
+``(reason, detail)`` to drop it; ``lmforge/data/clean.py`` wraps them as steps.
+The thresholds are the published ones:
+
+- Gopher quality (Rae et al. 2021, "Scaling Language Models: Methods, Analysis &
+  Insights from Training Gopher", appendix A.1.1): 50 to 100,000 words; mean word
+  length 3 to 10 characters; at most 0.1 '#' or ellipses per word; at most 90% of
+  lines starting with a bullet and 30% ending with an ellipsis; at least 80% of words
+  with a letter; at least 2 of the stop words *the, be, to, of, and, that, have, with*.
+  The first four are configurable in ``clean.quality``.
+- Gopher repetition (same paper, table A1): duplicate lines <= 30% of lines and
+  <= 20% of characters, the same for paragraphs; the most frequent 2/3/4-gram covers
+  <= 20/18/16% of the characters; duplicated 5..10-grams cover <= 15..10%.
+- C4 (Raffel et al. 2020, section 2.2), page rules: no curly bracket, no "lorem
+  ipsum", at least 5 sentences. Its line rules (terminal punctuation, at least 3
+  words, "javascript") are the line filters of ``clean.lines``.
+- FineWeb (Penedo et al. 2024, section 3.3): more than 12% of lines end in
+  punctuation, less than 67% of lines are shorter than 30 characters, and less than
+  10% of the characters are in duplicated lines.
+
+Words are whitespace-separated tokens, as in Gopher. Repeated n-grams are found with
+64-bit hashes in numpy, so a 100 KB document takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from lmforge.config import QualityConfig
+
+Verdict = "tuple[str, str] | None"  # (reason, detail) to drop the document, None to keep it
+
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+BULLETS = ("\u2022", "\u2023", "\u25e6", "\u2043", "\u25cf", "\u25aa", "\u25cb", "-", "*", "\u00b7", "\u2013")
+ELLIPSES = ("...", "\u2026")
+TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", "\u2026")
+
+# Gopher table A1.
+DUP_LINE_FRAC, DUP_LINE_CHARS = 0.30, 0.20
+DUP_PARA_FRAC, DUP_PARA_CHARS = 0.30, 0.20
+TOP_NGRAM_CHARS = ((2, 0.20), (3, 0.18), (4, 0.16))
+DUP_NGRAM_CHARS = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+# Gopher A.1.1 rules that are not configurable.
+MAX_BULLET_LINES, MAX_ELLIPSIS_LINES, MIN_ALPHA_WORDS = 0.9, 0.3, 0.8
+# C4 and FineWeb.
+C4_MIN_SENTENCES = 5
+FW_MIN_PUNCT_LINES, FW_MAX_SHORT_LINES, FW_SHORT_LINE_CHARS, FW_MAX_DUP_LINE_CHARS = 0.12, 0.67, 30, 0.10
+
+# A whitespace-separated token without a single letter (digits, symbols, punctuation only).
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
+_PARAGRAPHS = re.compile(r"\n\s*\n")
+_SENTENCE_END = re.compile(r"[.!?]+(?:[\"'\u201d\u2019)]*)(?:\s|$)")
+# Fixed odd multipliers: n-gram hash = sum(word id * M[k]) mod 2**64, the same in every process.
+_MULT = np.random.default_rng(20240601).integers(1, 2**63, size=16, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def _nonblank_lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def duplicate_fractions(items: list[str]) -> tuple[float, float]:
+    """(share of items equal to an earlier one, share of their characters), both 0 for no items."""
+    seen: set[str] = set()
+    dups = dup_chars = total = 0
+    for item in items:
+        total += len(item)
+        if item in seen:
+            dups += 1
+            dup_chars += len(item)
+        else:
+            seen.add(item)
+    return (dups / len(items), dup_chars / max(total, 1)) if items else (0.0, 0.0)
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """64-bit hashes of the n-grams of a sequence of integer ids (length ``len(ids) - n + 1``)."""
+    m = len(ids) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    ids = ids.astype(np.uint64)
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrap-around multiplication is the point
+        for k in range(n):
+            h += ids[k: k + m] * _MULT[k]
+    return h
+
+
+def gopher_repetition(text: str) -> Verdict:
+    lines = _nonblank_lines(text)
+    frac, chars = duplicate_fractions(lines)
+    if frac > DUP_LINE_FRAC:
+        return ("duplicate_lines", f"{frac:.0%} of lines repeat")
+    if chars > DUP_LINE_CHARS:
+        return ("duplicate_line_chars", f"{chars:.0%} of characters in repeated lines")
+    frac, chars = duplicate_fractions([p.strip() for p in _PARAGRAPHS.split(text) if p.strip()])
+    if frac > DUP_PARA_FRAC:
+        return ("duplicate_paragraphs", f"{frac:.0%} of paragraphs repeat")
+    if chars > DUP_PARA_CHARS:
+        return ("duplicate_paragraph_chars", f"{chars:.0%} of characters in repeated paragraphs")
+    words = text.split()
+    if len(words) < 2:
+        return None
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    total = int(lengths.sum())
+    for n, limit in TOP_NGRAM_CHARS:
+        h = ngram_hashes(ids, n)
+        if len(h) == 0:
+            break
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] > 1:
+            share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
+            if share > limit:
+                return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
+    for n, limit in DUP_NGRAM_CHARS:
+        h = ngram_hashes(ids, n)
+        if len(h) == 0:
+            break
+        repeat = np.ones(len(h), dtype=bool)
+        repeat[np.unique(h, return_index=True)[1]] = False  # first occurrences are not duplicates
+        # Mark every word inside a repeated n-gram once (characters are not counted twice).
+        marks = np.zeros(len(words) + 1, dtype=np.int64)
+        starts = np.flatnonzero(repeat)
+        np.add.at(marks, starts, 1)
+        np.add.at(marks, starts + n, -1)
+        covered = np.cumsum(marks[:-1]) > 0
+        share = int(lengths[covered].sum()) / total
+        if share > limit:
+            return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
+    return None
+
+
+def gopher_quality(q: QualityConfig) -> Callable[[str], Verdict]:
+    def gopher_quality(text: str) -> Verdict:
+        words = text.split()
+        n = len(words)
+        if n < q.min_words:
+            return ("too_few_words", f"{n} words")
+        if n > q.max_words:
+            return ("too_many_words", f"{n} words")
+        mean = len("".join(words)) / n
+        if not q.min_mean_word_len <= mean <= q.max_mean_word_len:
+            return ("mean_word_length", f"{mean:.1f} characters")
+        symbols = text.count("#") + sum(text.count(e) for e in ELLIPSES)
+        if symbols / n > q.max_symbol_ratio:
+            return ("symbols", f"{symbols / n:.2f} '#' or ellipses per word")
+        lines = _nonblank_lines(text)
+        bullets = sum(line.lstrip().startswith(BULLETS) for line in lines) / len(lines)
+        if bullets > MAX_BULLET_LINES:
+            return ("bullet_lines", f"{bullets:.0%} of lines are bullets")
+        ellipsis = sum(line.rstrip().endswith(ELLIPSES) for line in lines) / len(lines)
+        if ellipsis > MAX_ELLIPSIS_LINES:
+            return ("ellipsis_lines", f"{ellipsis:.0%} of lines end in an ellipsis")
+        alpha = 1.0 - len(_NO_LETTER_WORD.findall(text)) / n
+        if alpha < MIN_ALPHA_WORDS:
+            return ("few_alphabetic_words", f"{alpha:.0%} of words have a letter")
+        if q.min_stop_words:
+            found = 0
+            for w in words:
+                if w.lower().strip(".,;:!?\"'()") in STOP_WORDS:
+                    found += 1
+                    if found >= q.min_stop_words:
+                        break
+            else:
+                return ("few_stop_words", f"{found} English stop words")
+        return None
+    return gopher_quality
+
+
+def c4_page(text: str) -> Verdict:
+    if "{" in text:
+        return ("curly_bracket", "contains '{' (code)")
+    if "lorem ipsum" in text.lower():
+        return ("lorem_ipsum", "placeholder text")
+    sentences = len(_SENTENCE_END.findall(text))
+    if sentences < C4_MIN_SENTENCES:
+        return ("too_few_sentences", f"{sentences} sentences")
+    return None
+
+
+def fineweb(text: str) -> Verdict:
+    lines = [line.strip() for line in _nonblank_lines(text)]
+    if not lines:
+        return ("no_lines", "no text lines")
+    punct = sum(line.endswith(TERMINAL) for line in lines) / len(lines)
+    if punct <= FW_MIN_PUNCT_LINES:
+        return ("few_punctuated_lines", f"{punct:.0%} of lines end in punctuation")
+    short = sum(len(line) <= FW_SHORT_LINE_CHARS for line in lines) / len(lines)
+    if short >= FW_MAX_SHORT_LINES:
+        return ("short_lines", f"{short:.0%} of lines are short")
+    _, chars = duplicate_fractions(lines)
+    if chars >= FW_MAX_DUP_LINE_CHARS:
+        return ("duplicate_line_chars", f"{chars:.0%} of characters in repeated lines")
+    return None

@@ -1,0 +1,347 @@
+"""Continuous batching: requests join a running decode batch, step together, and leave when done.
+
+A :class:`Request` is one prompt to complete ``params.n`` times. :class:`DecodeBatch`
+holds the running rows (one per sample) in one merged model state:
+
+- ``add(request)`` prefills the prompt alone (batch 1), copies that state to ``n``
+  rows (``reorder_state`` with repeats) and appends them (``concat_states``); the
+  new rows may be at other lengths than the running ones.
+- ``step()`` picks one token for every row (each request with its own sampling
+  parameters and seeded generator), records it, finishes rows that hit a stop
+  token, a stop string or ``max_new_tokens``, drops finished rows from the state
+  (``reorder_state``) and runs one model step for the rest.
+- ``remove(request)`` drops a cancelled request's rows at once.
+
+When a row's bounded state (a Transformer's KV cache) is full, that row alone is
+re-prefilled from the last half of its window and joins again, so generation
+never fails because of the context length. Only the model's decoding contract
+is used: no state is ever looked inside.
+
+Example (the engine and the server's scheduler drive it this way)::
+
+    batch = DecodeBatch(model, tokenizer, device)
+    batch.add(Request(prompt_ids, params, eot_id=tok.eot_id))
+    while batch.rows:
+        for req in batch.step():
+            for delta in req.take_deltas(tok): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.serve.sampling import MIN_TEMPERATURE, RowParams, SamplingParams, sample_rows, stable_length
+
+FinishReason = Literal["stop", "length"]
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+_SETTLE_EVERY = 16  # tokens decoded again per step at most, before the text is settled and cached
+
+
+class Detokenizer(Protocol):
+    """What the batch needs from a tokenizer (lmforge.data.tokenizer.Tokenizer provides it)."""
+
+    eot_id: int
+    vocab_size: int
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class Completion:
+    """One finished continuation.
+
+    ``token_ids`` are the sampled tokens (a stop token id is not included; the
+    tokens of a stop string are, while ``text`` is cut before it). ``logprobs``
+    holds, for each of ``token_ids``, its log-probability under the model
+    (log-softmax of the raw logits, before penalties, temperature, top-k, top-p);
+    ``top_logprobs`` the most likely alternatives when ``params.logprobs`` asked.
+    ``prompt_ids`` are the prompt tokens the model saw (after truncation);
+    ``prompt_logprobs`` their log-probabilities (None for the first) when
+    ``params.prompt_logprobs`` is set.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float]
+    prompt_truncated: bool = False
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+
+@dataclass
+class Delta:
+    """New output of one sample since the last :meth:`Request.take_deltas`: settled text and its tokens."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[TopLogprobs]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class _Sample:
+    """One completion under construction (one batch row while it runs)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    text: str = ""  # the final text, set when finished
+    finish_reason: FinishReason | None = None
+    held: int = 0  # tokens the row's state has seen since its last (re)prefill
+    settled_ids: int = 0  # token_ids[:settled_ids] decode to settled_text and end on a whole character
+    settled_text: str = ""
+    sent_chars: int = 0  # text already handed out as deltas
+    sent_tokens: int = 0
+    closed: bool = False  # the final delta was handed out
+
+    def current_text(self, tok: Detokenizer) -> str:
+        """The text so far, decoding only the tokens after the settled prefix."""
+        tail = tok.decode(self.token_ids[self.settled_ids:])
+        if len(self.token_ids) - self.settled_ids >= _SETTLE_EVERY and not tail.endswith("\ufffd"):
+            # Token boundaries on whole characters are safe cut points for byte-level decoders.
+            self.settled_ids, self.settled_text = len(self.token_ids), self.settled_text + tail
+            return self.settled_text
+        return self.settled_text + tail
+
+
+class Request:
+    """One prompt to complete ``params.n`` times; its results accumulate here as the batch steps."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, eot_id: int,
+                 truncated: bool = False) -> None:
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.params = params
+        self.truncated = truncated
+        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eot_id])
+        seed = params.seed
+        if seed is None:  # draw one from torch's global RNG so torch.manual_seed still fixes the result
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        # On the CPU whatever the model's device: it only draws one uniform per row and step.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.samples = [_Sample() for _ in range(params.n)]
+        self.counts: Tensor | None = None  # (n, V) generated-token counts, for penalties
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+    def finish(self, s: _Sample, reason: FinishReason, tok: Detokenizer, text: str | None = None) -> None:
+        s.finish_reason = reason
+        s.text = s.current_text(tok) if text is None else text
+
+    def take_deltas(self, tok: Detokenizer) -> list[Delta]:
+        """What each sample produced since the last call; text that may still change is held back.
+
+        Text that could still turn into a stop string, or that ends in an incomplete
+        UTF-8 character, waits until it is settled, so the pieces joined equal the
+        final text. A sample's last delta carries its ``finish_reason``.
+        """
+        out = []
+        for i, s in enumerate(self.samples):
+            if s.closed:
+                continue
+            if s.finish_reason is not None:
+                text, s.closed = s.text[s.sent_chars:], True
+            else:
+                current = s.current_text(tok)
+                stable = stable_length(current, self.params.stop)
+                if stable <= s.sent_chars:
+                    continue  # nothing settled yet: its tokens ride along with the next delta
+                text = current[s.sent_chars:stable]
+            k = s.sent_tokens
+            out.append(Delta(i, text, s.token_ids[k:], s.logprobs[k:], s.top_logprobs[k:], s.finish_reason))
+            s.sent_chars += len(text)
+            s.sent_tokens = len(s.token_ids)
+        return out
+
+    def completions(self) -> list[Completion]:
+        out = []
+        for s in self.samples:
+            assert s.finish_reason is not None, "completions() is called once every sample has finished"
+            out.append(Completion(
+                text=s.text, token_ids=s.token_ids, finish_reason=s.finish_reason, prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(s.token_ids), logprobs=s.logprobs, prompt_truncated=self.truncated,
+                top_logprobs=s.top_logprobs, prompt_ids=self.prompt_ids, prompt_logprobs=self.prompt_logprobs,
+                prompt_top_logprobs=self.prompt_top_logprobs))
+        return out
+
+
+def _top(logp: Tensor, k: int) -> list[TopLogprobs]:
+    """The k most likely tokens of each row of ``logp`` (N, V)."""
+    values, ids = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
+class DecodeBatch:
+    """The running rows of every admitted request, in one model state; see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer: Detokenizer, device: torch.device) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.limit: int | None = getattr(model, "max_state_len", None)
+        self.rows: list[tuple[Request, int]] = []  # batch row -> (request, sample index)
+        self.state = None
+        self.last: Tensor | None = None  # (rows, V): next-token logits of each row
+
+    @property
+    def requests(self) -> list[Request]:
+        return list({id(r): r for r, _ in self.rows}.values())
+
+    def clear(self) -> None:
+        self.rows, self.state, self.last = [], None, None
+
+    # ---------------------------------------------------------------- joining
+    def _prefill(self, ids: list[int]) -> tuple[Tensor, object]:
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model.step(idx, self.model.new_state(1))  # logits (1, T, V)
+
+    def _append(self, rows: list[tuple[Request, int]], state: object, last: Tensor) -> None:
+        if self.rows:
+            self.state = self.model.concat_states([self.state, state])
+            self.last = torch.cat([self.last, last])
+        else:
+            self.state, self.last = state, last
+        self.rows += rows
+
+    @torch.inference_mode()
+    def add(self, req: Request) -> None:
+        """Prefill ``req`` and add its ``n`` rows (none when it only scores its prompt)."""
+        logits, state = self._prefill(req.prompt_ids)
+        k = req.params.prompt_logprobs
+        if k is not None:
+            ids = torch.tensor(req.prompt_ids[1:], device=self.device)
+            logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): position i predicts token i+1
+            req.prompt_logprobs = [None, *logp.gather(-1, ids[:, None]).squeeze(-1).tolist()]
+            req.prompt_top_logprobs = [None, *(_top(logp, k) if k else [[] for _ in ids.tolist()])]
+        n = req.params.n
+        if req.params.max_new_tokens == 0:
+            for s in req.samples:
+                req.finish(s, "length", self.tokenizer, "")
+            return
+        if req.params.penalized:
+            req.counts = torch.zeros(n, logits.size(-1), device=self.device)
+        for s in req.samples:
+            s.held = len(req.prompt_ids)
+        replicas = torch.zeros(n, dtype=torch.long, device=self.device)  # the n samples share the prompt
+        state = self.model.reorder_state(state, replicas) if n > 1 else state
+        self._append([(req, i) for i in range(n)], state, logits[:, -1, :].expand(n, -1))
+
+    def remove(self, req: Request) -> None:
+        """Drop ``req``'s rows from the batch (a cancelled request frees its slots at once)."""
+        keep = [i for i, (r, _) in enumerate(self.rows) if r is not req]
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.state = self.model.reorder_state(self.state, index)
+        assert self.last is not None
+        self.last = self.last.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+
+    # ---------------------------------------------------------------- stepping
+    def _pick(self, last: Tensor) -> Tensor:
+        """One token per row (B,), every row under its own request's parameters, in one vectorized call.
+
+        Each sampling request draws its rows' uniforms from its own generator, in sample
+        order, so its tokens do not depend on what else shares the batch.
+        """
+        params = [req.params for req, _ in self.rows]
+        if all(p.greedy for p in params):
+            return last.argmax(dim=-1)
+        uniforms = [0.0] * len(self.rows)
+        counts = torch.zeros_like(last) if any(p.penalized for p in params) else None  # (B, V)
+        groups: dict[int, tuple[Request, list[int]]] = {}
+        for row, (req, _) in enumerate(self.rows):
+            groups.setdefault(id(req), (req, []))[1].append(row)
+        for req, rows in groups.values():
+            rows.sort(key=lambda r: self.rows[r][1])
+            if req.params.temperature >= MIN_TEMPERATURE:
+                for row, u in zip(rows, torch.rand(len(rows), generator=req.generator).tolist(), strict=True):
+                    uniforms[row] = u
+            if counts is not None and req.counts is not None:
+                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+                counts[index] = req.counts[torch.tensor([self.rows[r][1] for r in rows], device=self.device)]
+        u = torch.tensor(uniforms, device=self.device)
+        return sample_rows(last, RowParams.of(params, self.device), u, counts)
+
+    def _check_stop_strings(self, req: Request, s: _Sample) -> bool:
+        """Finish ``s`` if its text now contains a stop string; the text is cut before the earliest one."""
+        text = s.current_text(self.tokenizer)
+        hits = [i for i in (text.find(x) for x in req.params.stop) if i >= 0]
+        if hits:
+            req.finish(s, "stop", self.tokenizer, text[: min(hits)])
+        return bool(hits)
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One token for every running row; returns the requests that took part (some may have finished)."""
+        if not self.rows:
+            return []
+        assert self.last is not None
+        touched = self.requests
+        tokens = self._pick(self.last)  # (B,)
+        logp = torch.log_softmax(self.last.float(), dim=-1)  # (B, V)
+        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        k_top = max(r.params.logprobs or 0 for r in touched)
+        top = _top(logp, k_top) if k_top else None
+        keep, refill = [], []
+        for row, ((req, i), tok) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            s, p = req.samples[i], req.params
+            if tok in req.stop_ids:
+                req.finish(s, "stop", self.tokenizer)
+                continue
+            s.token_ids.append(tok)
+            s.logprobs.append(chosen[row])
+            if p.logprobs is not None:
+                s.top_logprobs.append(top[row][: p.logprobs] if top is not None else [])
+            if req.counts is not None:
+                req.counts[i, tok] += 1
+            if p.stop and self._check_stop_strings(req, s):
+                continue
+            if len(s.token_ids) >= p.max_new_tokens:
+                req.finish(s, "length", self.tokenizer)
+                continue
+            (refill if self.limit is not None and s.held + 1 > self.limit else keep).append(row)
+
+        rows, index = self.rows, torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._keep(keep)
+        if keep:
+            logits, self.state = self.model.step(tokens[index][:, None], self.state)  # (B, 1) -> (B, 1, V)
+            self.last = logits[:, -1, :]
+            for req, i in self.rows:
+                req.samples[i].held += 1
+        for row in refill:
+            # The state is full: this row starts over from the last half window and joins again.
+            req, i = rows[row]
+            s = req.samples[i]
+            assert self.limit is not None  # only bounded states are refilled
+            window = (req.prompt_ids + s.token_ids)[-max(1, self.limit // 2):]
+            logits, state = self._prefill(window)
+            s.held = len(window)
+            self._append([(req, i)], state, logits[:, -1, :])
+        return touched

@@ -1,0 +1,1 @@
+"""Hyperparameter search: search spaces, the Optuna sweep, its results (``lmforge sweep``)."""

@@ -1,0 +1,99 @@
+"""Decode states of different lengths batched together (``concat_states``), for every registry model.
+
+Run: ``.venv/bin/pytest tests/test_decode_batching.py``. This is the model side of the
+serving engine's continuous batching: requests prefilled alone at different prompt
+lengths join one batch, step together, leave it, and each row's logits stay those of
+a full ``forward`` over its own sequence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.models import REGISTRY, build_model
+
+V, CONTEXT = 53, 24
+
+
+def make(arch: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=V, context=CONTEXT, d_model=32, n_layers=2,
+                      transformer={"n_heads": 4, "n_kv_heads": 2}, cnn={"kernel_size": 3, "dilation_growth": 2})
+    return build_model(cfg).eval()
+
+
+def sequences(lengths: list[int], extra: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, V, (1, n + extra), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_rows_of_different_lengths_step_like_forward(arch):
+    model = make(arch)
+    lengths, extra = [7, 2, 11], 5
+    seqs = sequences(lengths, extra)
+    with torch.inference_mode():
+        full = [model(s)[0] for s in seqs]  # each (1, n + extra, V)
+        states = []
+        for s, n in zip(seqs, lengths, strict=True):
+            logits, st = model.step(s[:, :n], model.new_state(1))
+            torch.testing.assert_close(logits, full[len(states)][:, :n], atol=1e-5, rtol=0)
+            states.append(st)
+        state = model.concat_states(states)
+        for i in range(extra):
+            idx = torch.cat([s[:, n + i : n + i + 1] for s, n in zip(seqs, lengths, strict=True)])  # (3, 1)
+            logits, state = model.step(idx, state)
+            for row, n in enumerate(lengths):
+                torch.testing.assert_close(logits[row, -1], full[row][0, n + i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_rows_join_and_leave_mid_decode(arch):
+    """A row leaves (reorder_state), a new one joins (concat_states): the others are unaffected."""
+    model = make(arch)
+    a, b, c = sequences([5, 9, 3], extra=6)
+    with torch.inference_mode():
+        ref = {name: model(s)[0][0] for name, s in (("a", a), ("b", b), ("c", c))}
+        _, sa = model.step(a[:, :5], model.new_state(1))
+        _, sb = model.step(b[:, :9], model.new_state(1))
+        state = model.concat_states([sa, sb])
+        logits, state = model.step(torch.cat([a[:, 5:6], b[:, 9:10]]), state)
+        torch.testing.assert_close(logits[:, 0], torch.stack([ref["a"][5], ref["b"][9]]), atol=1e-5, rtol=0)
+        state = model.reorder_state(state, torch.tensor([1]))  # a leaves
+        _, sc = model.step(c[:, :3], model.new_state(1))
+        state = model.concat_states([state, sc])  # c joins: rows are now b (11 seen) and c (3 seen)
+        for i in range(3):
+            logits, state = model.step(torch.cat([b[:, 10 + i : 11 + i], c[:, 3 + i : 4 + i]]), state)
+            torch.testing.assert_close(logits[:, 0], torch.stack([ref["b"][10 + i], ref["c"][3 + i]]),
+                                       atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_concat_leaves_inputs_usable(arch):
+    model = make(arch)
+    (s,) = sequences([6], extra=2)
+    with torch.inference_mode():
+        _, alone = model.step(s[:, :6], model.new_state(1))
+        both = model.concat_states([alone, alone])  # repeats are allowed, like reorder_state's
+        pair, _ = model.step(s[:, 6:7].repeat(2, 1), both)
+        single, _ = model.step(s[:, 6:7], alone)
+    torch.testing.assert_close(pair[0], single[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair[1], single[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one"):
+        model.concat_states([])
+
+
+def test_transformer_ragged_rows_can_take_several_tokens_and_respect_the_context():
+    model = make("transformer")
+    a, b = sequences([4, 10], extra=4)
+    with torch.inference_mode():
+        _, sa = model.step(a[:, :4], model.new_state(1))
+        _, sb = model.step(b[:, :10], model.new_state(1))
+        logits, state = model.step(torch.cat([a[:, 4:8], b[:, 10:14]]), model.concat_states([sa, sb]))
+        torch.testing.assert_close(logits[0], model(a)[0][0, 4:8], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[1], model(b)[0][0, 10:14], atol=1e-5, rtol=0)
+        assert state.lens.tolist() == [8, 14]
+        with pytest.raises(ValueError, match="past model.context"):
+            model.step(torch.zeros(2, CONTEXT - 13, dtype=torch.long), state)  # 14 + 11 > 24 for row b
