@@ -1,0 +1,93 @@
+"""Typed configuration: one section per stage, YAML recipes, dotted overrides.
+
+A run is described by one :class:`RunConfig`. Each pipeline stage reads its own
+section (``data``, ``collect``, ``clean``, ``tokenizer``, ``model``, ``train``,
+``eval``, ``sample``, ...). Values come, in order of precedence, from the class
+defaults, a YAML recipe (``--config configs/demo.yaml``) and
+``--section.key=value`` overrides::
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=1e-3", "model.arch=lstm"])
+
+Every field carries a description: it is the ``--help`` text and the comment
+written beside the resolved ``config.yaml`` of each run. Unknown keys and values
+out of range raise :class:`ConfigError` naming the key.
+
+- ``base``: ConfigError and the Section base class
+- ``sections``: the spine's sections and those of the sweep, compare, serve and export verbs
+- ``cleaning``: the collect and clean sections
+- ``run``: RunConfig, loading, overrides, YAML and help text
+"""
+
+from lmforge.config.base import (
+    ConfigError,
+    Section,
+)
+from lmforge.config.cleaning import (
+    CleanConfig,
+    CollectConfig,
+    DedupConfig,
+    LanguageConfig,
+    LinesConfig,
+    NormalizeConfig,
+    PIIConfig,
+    QualityConfig,
+    SourceConfig,
+    WebConfig,
+)
+from lmforge.config.run import (
+    RunConfig,
+    field_help,
+    load_config,
+    parse_override,
+    save_config,
+    to_yaml,
+)
+from lmforge.config.sections import (
+    CNNConfig,
+    CompareConfig,
+    DataConfig,
+    EvalConfig,
+    ExportConfig,
+    ModelConfig,
+    RNNConfig,
+    SampleConfig,
+    ServeConfig,
+    SweepConfig,
+    TokenizerConfig,
+    TrainConfig,
+    TransformerConfig,
+)
+
+__all__ = [
+    "CNNConfig",
+    "CleanConfig",
+    "CollectConfig",
+    "CompareConfig",
+    "ConfigError",
+    "DataConfig",
+    "DedupConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "LanguageConfig",
+    "LinesConfig",
+    "ModelConfig",
+    "NormalizeConfig",
+    "PIIConfig",
+    "QualityConfig",
+    "RNNConfig",
+    "RunConfig",
+    "SampleConfig",
+    "Section",
+    "ServeConfig",
+    "SourceConfig",
+    "SweepConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "TransformerConfig",
+    "WebConfig",
+    "field_help",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "to_yaml",
+]

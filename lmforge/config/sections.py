@@ -1,0 +1,263 @@
+"""Config sections of the spine and its verbs: data, tokenizer, model, train, eval, sample, sweep,
+compare, serve and export. Each field's description is its ``--help`` text."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.config.base import Section
+
+
+# --------------------------------------------------------------------------- data
+class DataConfig(Section):
+    train: list[str] = Field(default_factory=list, description=(
+        "training text: files, folders or globs (.txt .md .html .epub .jsonl .csv .parquet, optionally "
+        ".gz/.xz/.bz2/.zst), read by the collect stage with collect.sources; both empty = the embedded "
+        "Shakespeare corpus"))
+    val: list[str] = Field(default_factory=list, description=(
+        "validation text given explicitly (same formats); empty = hold out documents of the training text"))
+    split: Literal["docs", "tail"] = Field("docs", description=(
+        "how validation is held out when data.val is empty: 'docs' = whole documents (works) chosen by "
+        "seed; 'tail' = the last val_fraction of the concatenated text, split by characters (nanoGPT style)"))
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description=(
+        "share of the text held out for validation (of documents for split=docs, of characters for tail)"))
+    val_docs: list[str] = Field(default_factory=list, description=(
+        "document ids to hold out (e.g. [hamlet, sonnets]); overrides val_fraction for split=docs"))
+    shard_tokens: int = Field(100_000_000, ge=1024, description=(
+        "tokens per packed shard file; a shard closes at the first document boundary past it"))
+
+
+# ---------------------------------------------------------------------- tokenizer
+class TokenizerConfig(Section):
+    kind: Literal["bpe", "char"] = Field("bpe", description=(
+        "'bpe' = byte-level BPE (round-trips any UTF-8); 'char' = one token per character seen in training, "
+        "unseen characters fall back to UTF-8 bytes"))
+    vocab_size: int = Field(2048, ge=64, le=1_000_000, description=(
+        "BPE vocabulary size including special tokens (ignored for kind=char)"))
+    path: str | None = Field(None, description=(
+        "use this existing tokenizer.json (or folder holding one) instead of training a new one"))
+    min_frequency: int = Field(2, ge=1, description="BPE: minimum count for a merge to be learned")
+
+
+# -------------------------------------------------------------------------- model
+class TransformerConfig(Section):
+    n_heads: int = Field(4, ge=1, description="attention heads")
+    n_kv_heads: int | None = Field(None, ge=1, description=(
+        "key/value heads for grouped-query attention; None = n_heads (must divide n_heads)"))
+    ffn_hidden: int | None = Field(None, ge=1, description=(
+        "SwiGLU hidden width; None = 8/3 * d_model rounded up to a multiple of 32 (Llama's rule)"))
+    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys (not Llama-compatible; export refuses)")
+
+
+class RNNConfig(Section):
+    hidden: int | None = Field(None, ge=1, description="recurrent hidden width; None = d_model")
+    embed_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input embeddings")
+    bptt: int | None = Field(None, ge=1, description=(
+        "truncated backpropagation through time: in training, gradients flow back at most this many tokens "
+        "(the hidden state is carried forward but detached every bptt tokens); None = the whole sequence "
+        "(model.context). The forward values, and so evaluation and decoding, do not change"))
+
+
+class CNNConfig(Section):
+    kernel_size: int = Field(4, ge=1, description="causal convolution width in tokens")
+    dilation_growth: int = Field(1, ge=1, description=(
+        "dilation of layer i is growth**(i % dilation_cycle); 1 = no dilation"))
+    dilation_cycle: int = Field(4, ge=1, description="layers after which the dilation pattern repeats")
+    expansion: int = Field(2, ge=1, description="gated linear unit width = expansion * d_model")
+
+
+class ModelConfig(Section):
+    arch: Literal["transformer", "lstm", "gru", "cnn"] = Field("transformer", description=(
+        "architecture from the model registry"))
+    context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)")
+    d_model: int = Field(192, ge=8, description="embedding / residual width (replaced when model.param_budget is set)")
+    param_budget: int | None = Field(None, ge=1, description=(
+        "size the model by its parameter count instead: d_model (and the RNN width) becomes the multiple of 8 "
+        "whose total parameter count, embeddings included, is closest to this; None = use d_model"))
+    n_layers: int = Field(4, ge=1, description="number of blocks (layers)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability inside the model")
+    tie_embeddings: bool = Field(True, description="share the input embedding and output projection weights")
+    init_std: float = Field(0.02, gt=0, description="standard deviation of the normal weight init")
+    vocab_size: int = Field(0, ge=0, description="vocabulary size; 0 = take it from the tokenizer")
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig, description="Transformer options")
+    rnn: RNNConfig = Field(default_factory=RNNConfig, description="LSTM / GRU options")
+    cnn: CNNConfig = Field(default_factory=CNNConfig, description="gated CNN options")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        t = self.transformer
+        if self.arch == "transformer":
+            # With a parameter budget the width is chosen later, as a multiple of 2 * n_heads.
+            if self.d_model % t.n_heads and self.param_budget is None:
+                raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
+                                 f"model.transformer.n_heads ({t.n_heads})")
+            if (self.d_model // t.n_heads) % 2 and self.param_budget is None:
+                raise ValueError("model.d_model / model.transformer.n_heads must be even for rotary embeddings")
+            if t.n_kv_heads is not None and t.n_heads % t.n_kv_heads:
+                raise ValueError(f"model.transformer.n_kv_heads ({t.n_kv_heads}) must divide "
+                                 f"model.transformer.n_heads ({t.n_heads})")
+        if self.arch == "cnn" and self.cnn.kernel_size > self.context:
+            raise ValueError(f"model.cnn.kernel_size ({self.cnn.kernel_size}) is wider than "
+                             f"model.context ({self.context})")
+        if self.arch in ("lstm", "gru"):
+            if self.rnn.bptt is not None and self.rnn.bptt > self.context:
+                raise ValueError(f"model.rnn.bptt ({self.rnn.bptt}) is longer than model.context ({self.context}); "
+                                 f"gradients cannot flow further back than one training sequence")
+            if self.rnn.hidden is not None and self.param_budget is not None:
+                raise ValueError(f"model.rnn.hidden ({self.rnn.hidden}) and model.param_budget "
+                                 f"({self.param_budget}) both fix the width; set only one of them")
+        return self
+
+
+# -------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    max_seconds: float | None = Field(None, gt=0, description=(
+        "stop after this much training time even if steps remain (None = no time limit)"))
+    stop_at: int | None = Field(None, ge=1, description=(
+        "end this invocation after this step with a checkpoint, as if interrupted; the LR schedule still "
+        "spans train.steps, and a later run resumes from there"))
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final learning rate as a fraction of lr")
+    schedule: Literal["cosine", "wsd", "constant", "linear"] = Field("cosine", description=(
+        "after warmup: cosine decay, warmup-stable-decay, constant, or linear decay"))
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying at the end")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only; not norms, biases)")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
+    eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)")
+    eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate")
+    log_every: int = Field(10, ge=1, description="write a metrics line every N steps")
+    ckpt_every: int = Field(250, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk (older ones are deleted)")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the run if one exists")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "autocast dtype; auto = bfloat16 on CUDA that supports it, float32 on CPU (bf16 is ~100x slower there)"))
+    compile: bool = Field(False, description="torch.compile the model (slow to start; pays off on GPUs)")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)")
+    progress: bool = Field(True, description="show a progress bar")
+    early_stop_patience: int = Field(0, ge=0, description=(
+        "stop when the validation loss has not improved by more than early_stop_min_delta for this many "
+        "evaluations in a row (0 = never stop early)"))
+    early_stop_min_delta: float = Field(0.0, ge=0.0, description=(
+        "smallest drop of the validation loss (nats/token) that counts as an improvement for early stopping"))
+    tasks_every: int = Field(0, ge=0, description="also run the eval.tasks every N steps during training (0 = never)")
+
+
+# --------------------------------------------------------------------------- eval
+class EvalConfig(Section):
+    text: list[str] = Field(default_factory=list, description=(
+        "files or folders to evaluate with `lmforge eval` (empty = the run's validation text)"))
+    stride: int | None = Field(None, ge=1, description=(
+        "sliding-window stride in tokens; None = context (non-overlapping windows); smaller = more context per token"))
+    batch_size: int = Field(16, ge=1, description="windows per forward pass")
+    max_tokens: int | None = Field(None, ge=1, description="evaluate at most this many tokens (None = all)")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "evaluation tasks the eval stage runs: names of shipped tasks (speaker, minimal_pairs, cloze) "
+        "or task files (.yaml spec or .jsonl items); see lmforge/eval/tasks.py"))
+
+
+# ------------------------------------------------------------------------- sample
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "KING HENRY:"],
+                               description="prompts to continue")
+    max_new_tokens: int = Field(200, ge=1, description="tokens to generate per prompt")
+    temperature: float = Field(0.8, ge=0.0, description="sampling temperature (0 = greedy)")
+    top_k: int | None = Field(50, ge=1, description="keep the k most likely tokens (None = all)")
+    top_p: float | None = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling mass (None = off)")
+    stop: list[str] = Field(default_factory=list, description="stop when any of these strings is produced")
+    seed: int = Field(1234, description="sampling seed")
+
+
+# -------------------------------------------------------------------------- sweep
+class SweepConfig(Section):
+    space: str | None = Field(None, description=(
+        "search space YAML (--space FILE): config field -> {type: float|int|categorical, low, high, log, step, "
+        "choices}; see docs/tuning.md"))
+    trials: int = Field(20, ge=1, description=(
+        "trial budget: stop when this many trials have finished (completed or pruned), earlier sessions included"))
+    timeout: float | None = Field(None, gt=0, description=(
+        "time budget of this session in seconds (None = none); the trial running at the deadline finishes"))
+    metric: Literal["val_bpb", "val_loss"] = Field("val_bpb", description=(
+        "what the sweep minimizes: the eval stage's validation bits per byte (comparable across tokenizers) "
+        "or loss; pruning compares the in-training estimates of the same quantity"))
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: tree-structured Parzen or random")
+    pruner: Literal["median", "halving"] | None = Field("median", description=(
+        "stop unpromising trials at a validation estimate: median rule or successive halving (None = never)"))
+    startup_trials: int = Field(5, ge=0, description=(
+        "trials that run unpruned before the median pruner acts, and that TPE samples at random"))
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this training step (median pruner)")
+    baseline: bool = Field(True, description=(
+        "make the first trial the base config's own values (where they lie inside the space)"))
+    storage: str | None = Field(None, description=(
+        "Optuna storage URL; None = sqlite:///<runs_dir>/<name>/sweep.db, so a rerun resumes the sweep"))
+
+
+# ------------------------------------------------------------------------ compare
+class CompareConfig(Section):
+    archs: list[str] = Field(default_factory=lambda: ["transformer", "lstm", "gru", "cnn"], min_length=1,
+                             description="architectures `lmforge compare-archs` trains, each under runs_dir/NAME-ARCH")
+    budget_seconds: float = Field(300.0, gt=0, description=(
+        "training time per architecture in seconds (--budget-seconds); evaluation and checkpoints do not count"))
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per-architecture config sections laid over this config, e.g. "
+        "{lstm: {model: {n_layers: 2}, train: {lr: 0.002}}}"))
+    val_points: int = Field(20, ge=1, description="validation estimates per run: points on the bits-per-byte curve")
+    decode_tokens: int = Field(200, ge=1, description="tokens generated greedily at batch 1 to time decoding")
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        known = ModelConfig.model_fields["arch"].annotation.__args__  # the Literal's choices
+        for where, names in (("compare.archs", self.archs), ("compare.recipes", list(self.recipes))):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{where}: unknown architecture '{name}' (choose from {', '.join(known)})")
+        if len(set(self.archs)) != len(self.archs):
+            raise ValueError(f"compare.archs lists an architecture twice: {self.archs}")
+        for arch, tree in self.recipes.items():
+            fixed = {"name", "runs_dir", "compare"} & set(tree)
+            if fixed or "arch" in (tree.get("model") or {}):
+                key = sorted(fixed)[0] if fixed else "model.arch"
+                raise ValueError(f"compare.recipes.{arch}.{key}: set by compare-archs itself, not by a recipe")
+        return self
+
+
+# ------------------------------------------------------------------ serve / export
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description=(
+        "address to listen on; 127.0.0.1 = this machine only, 0.0.0.0 = every interface (set an api_key then)"))
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, printed at start)")
+    model_name: str | None = Field(None, description=(
+        "the model id clients send and /v1/models lists; None = the run's name"))
+    api_key: str | None = Field(None, description=(
+        "require 'Authorization: Bearer KEY' on /v1/*; None = the LMFORGE_API_KEY environment variable, "
+        "or no key when that is unset too"))
+    max_batch: int = Field(32, ge=1, description="sequences decoded together (continuous batching); n counts each")
+    max_waiting: int = Field(64, ge=0, description="requests queued beyond the batch; more are refused with 429")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
+    default_max_tokens: int = Field(256, ge=1, description=(
+        "completion length when a chat request gives no max_tokens (capped by the context that is left)"))
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+
+class ExportConfig(Section):
+    format: Literal["hf", "gguf", "lmforge"] = Field("hf", description=(
+        "'hf' = Hugging Face folder (transformers loads it; Transformer only), 'gguf' = llama.cpp file "
+        "(Transformer only), 'lmforge' = safetensors + config + tokenizer for any architecture"))
+    out: str | None = Field(None, description="output folder (for gguf: the .gguf file); None = RUN/export/FORMAT")
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field("f32", description=(
+        "GGUF weight type of the matrices (norms stay f32)"))
+    check: bool = Field(True, description=(
+        "after writing, load the export back and compare its logits with lmforge's (fails beyond the tolerance)"))
