@@ -80,23 +80,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
 def _explain(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, _known_keys(RunConfig), n=1)
+            close = difflib.get_close_matches(loc, [key for key, _, _ in field_help()], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             lines.append(f"unknown config key '{loc}'{hint}")
         elif e["type"] == "value_error":
