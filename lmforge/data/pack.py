@@ -22,8 +22,8 @@ EOT also marks every boundary inside the token stream.
 
 Usage::
 
-    stats = main(cfg, Path("runs/demo/docs"), Path("runs/demo/tokenizer"), Path("runs/demo/tokens"))
-    tokens = read_shard(list_shards(Path("runs/demo/tokens"), "train")[0])   # np.memmap
+    stats = main(cfg, Path("runs/demo/docs"), Path("runs/demo/tokenizer"), Path("runs/demo/pack"))
+    tokens = read_shard(list_shards(Path("runs/demo/pack"), "train")[0])   # np.memmap
     # embedded corpus, bpe 2048: train ~1.7 M tokens in 1 shard, ~2.7 bytes per token
 """
 

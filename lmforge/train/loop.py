@@ -25,6 +25,7 @@ import torch
 
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.loader import TokenLoader
+from lmforge.data.pack import list_shards, shard_info
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.tasks import TaskProbe
 from lmforge.models import build_model, fit_to_budget
@@ -203,6 +204,4 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
 
 
 def _val_tokens(data_dir: Path) -> int:
-    from lmforge.data.pack import list_shards, shard_info
-
     return sum(shard_info(p)["tokens"] for p in list_shards(data_dir, "val"))
