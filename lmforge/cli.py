@@ -10,6 +10,7 @@ verbs run the stages they depend on first, skipping those already done.
     lmforge generate runs/demo --prompt "ROMEO:"      # sample
     lmforge sweep --config configs/demo.yaml --space configs/sweep-space.yaml   # tune hyperparameters
     lmforge compare-archs --config configs/compare-archs.yaml --budget-seconds 300   # bake-off
+    lmforge compare runs/a runs/b --out runs/compare-ab  # finished runs side by side
     lmforge <verb> --help                             # every option of that verb
 """
 
@@ -35,7 +36,7 @@ def _stages(until: str) -> Callable[[RunConfig, list[str]], None]:
         from lmforge.pipeline import run
 
         outputs = run(cfg, until=until)
-        if until == "report" and "_stopped" not in outputs:
+        if until == "report" and "_stopped" not in outputs and "report" in outputs:  # ranks > 0 only train
             s = outputs["report"]["summary"]
             print(f"\nval loss {s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | bits/byte {s['val_bpb']:.4f} | "
                   f"acc {s['val_acc']:.3f} | {s['tokens_seen']:,} tokens in {s['train_seconds']:.0f}s "
@@ -51,9 +52,9 @@ def _eval(cfg: RunConfig, args: list[str]) -> None:
         print(json.dumps(run(cfg, until="eval")["eval"], indent=2))
         return
     from lmforge.eval.heldout import evaluate_files
-    from lmforge.trained import TrainedModel
+    from lmforge.export.native import load_any
 
-    tm = TrainedModel.load(args[0] if args else cfg.run_dir)
+    tm = load_any(args[0] if args else cfg.run_dir)  # also an export or a Hugging Face folder
     result = evaluate_files(tm, cfg.eval.text, cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "per_doc"}, indent=2))
 
@@ -70,6 +71,15 @@ def _compare_archs(cfg: RunConfig, args: list[str]) -> None:
     result = compare(cfg)
     print("\n" + Path(result["files"]["md"]).read_text(encoding="utf-8"))
     print(f"table: {result['files']['md']} (and .json)\nplot:  {result['files']['png']}")
+
+
+def _compare(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.report.compare_runs import main as compare_runs
+
+    result = compare_runs(cfg, args)
+    print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
+    print(f"table:  {result['files']['md']} (and .json)\npage:   {result['files']['html']}\n"
+          f"curves: {result['files']['png']}")
 
 
 def _sweep(cfg: RunConfig, args: list[str]) -> None:
@@ -103,13 +113,26 @@ def _export(cfg: RunConfig, args: list[str]) -> None:
         raise ConfigError(f"lmforge export needs the export extra: pip install 'lmforge[export]' ({e})") from None
 
 
+def _finetune(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.finetune.run import main as finetune
+    from lmforge.report.card_finetune import summary_lines
+
+    print("\n".join(summary_lines(finetune(cfg, cfg.run_dir), cfg.run_dir / "finetune")))
+
+
+def _chat(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.serve.repl import main as chat
+
+    chat(cfg, args[0] if args else str(cfg.run_dir))
+
+
 def _config(cfg: RunConfig, args: list[str]) -> None:
     print(to_yaml(cfg))
 
 
 # verb -> (function, one-line help, config sections its --help lists, takes a PATH)
 VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
-    "run": (_stages("report"), "the whole pipeline: collect, clean, docs, tokenizer, pack, train, eval, sample, "
+    "run": (_stages("report"), "the whole pipeline: collect, clean, docs, tokenizer, pack, train, eval, finetune, sample, "
             "report", (), False),
     "collect": (_stages("collect"), "read files, datasets, databases and web pages into document shards "
                 "(runs/NAME/collect)", ("data", "collect"), False),
@@ -123,6 +146,8 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
     "eval": (_eval, "score the run's validation text, or any text with --eval.text=FILE (PATH = run or checkpoint)",
              ("eval",), True),
     "generate": (_generate, "continue prompts with a trained model (PATH = run or checkpoint)", ("sample",), True),
+    "compare": (_compare, "finished runs side by side: config differences, results, overlaid curves "
+                "(PATH = run folders or names; --out DIR)", ("compare",), True),
     "compare-archs": (_compare_archs, "train each architecture for the same time on the same data; table and plot",
                       ("compare", "model", "train"), False),
     "sweep": (_sweep, "hyperparameter search with Optuna over a --space FILE; resumes; writes best.yaml",
@@ -132,6 +157,10 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
               ("serve",), True),
     "export": (_export, "write the model as --format hf|gguf|lmforge to --out PATH (PATH = run or checkpoint)",
                ("export",), True),
+    "finetune": (_finetune, "fine-tune a pretrained model (--init PATH) on chat or text, fully or with LoRA; "
+                 "resumes", ("finetune", "train"), False),
+    "chat": (_chat, "chat with a model in the terminal; /reset, /exit (PATH = run, checkpoint or export)",
+             ("sample",), True),
     "config": (_config, "print the resolved config as YAML", (), False),
 }
 
@@ -148,6 +177,9 @@ def verb_help(verb: str) -> str:
     lines = [f"usage: lmforge {verb}{path} [--config FILE] [--name NAME] [--section.key=value ...]", "", text, "",
              "  --config FILE        YAML recipe (e.g. configs/demo.yaml); overrides come after it",
              "  --name NAME          run name: outputs go to runs/NAME (same as --name=NAME)"]
+    if verb == "compare":
+        lines[0] = "usage: lmforge compare RUN [RUN ...] [--out DIR] [--runs_dir DIR]"
+        lines.append("  --out DIR            where the report goes (same as --compare.out=DIR; default runs_dir/compare)")
     if verb == "compare-archs":
         lines.append("  --budget-seconds S   training seconds per architecture (same as --compare.budget_seconds=S)")
     if verb == "export":
@@ -157,6 +189,9 @@ def verb_help(verb: str) -> str:
         lines.append("  --prompt TEXT        a prompt to continue (repeatable; replaces sample.prompts)")
     if verb in ("collect", "clean", "prepare", "run"):
         lines.append("  --strict             stop at the first bad input (same as --collect.strict=true)")
+    if verb == "finetune":
+        lines.append("  --init PATH          model to start from: run, checkpoint, export or Hugging Face folder "
+                     "(same as --finetune.init=PATH)")
     if verb == "sweep":
         lines.append("  --space FILE         search space YAML (same as --sweep.space=FILE); see docs/tuning.md")
     lines += ["", "config keys (--key=value; values are YAML: 3e-4, true, [a, b], null):"]
@@ -198,10 +233,14 @@ def parse(argv: list[str]) -> tuple[str, RunConfig, list[str]]:
             config_file = value
         elif key == "budget-seconds":
             overrides.append(f"compare.budget_seconds={value}")
+        elif key == "out" and verb == "compare":  # `lmforge compare RUN RUN --out DIR`
+            overrides.append(f"compare.out={value}")
         elif key in ("format", "out"):  # `lmforge export RUN --format hf --out DIR`
             overrides.append(f"export.{key}={value}")
         elif key == "prompt":
             prompts.append(value)
+        elif key == "init":  # `lmforge finetune --init runs/demo`
+            overrides.append(f"finetune.init={value}")
         elif key == "space":
             overrides.append(f"sweep.space={value}")
         else:

@@ -1,6 +1,6 @@
 """``lmforge run``: the whole way from text to a reported model, stage by stage.
 
-    collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> sample -> report
+    collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> finetune -> sample -> report
 
 Each stage reads folders and writes its own folder under ``runs/<name>/`` with a
 ``manifest.json``: the config that shaped it, the fingerprints of its inputs,
@@ -103,6 +103,26 @@ def _report(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
     return run_card.main(cfg, run_dir, up)
 
 
+def _finetune(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    if not cfg.finetune.enabled:
+        return {"skipped": "finetune.enabled is false"}
+    from lmforge.finetune import run as finetune
+
+    # The eval stage scored this run's own model the same way: it is the base unless finetune.init names another.
+    return finetune.main(cfg, run_dir, base_val=None if cfg.finetune.init else up["eval"]["val"])
+
+
+def _finetune_keys(cfg: RunConfig) -> dict:
+    from lmforge.finetune.setup import data_files, file_digest
+
+    if not cfg.finetune.enabled:
+        return {"enabled": False}
+    ft = cfg.finetune
+    return {"finetune": ft.model_dump(), "data": file_digest([*data_files(ft)[0], *data_files(ft)[1]]),
+            "train": cfg.train.model_dump(include={"device", "weight_decay", "grad_clip", "beta1", "beta2", "eps"}),
+            "eval": cfg.eval.model_dump(include={"stride", "max_tokens", "batch_size"}), "seed": cfg.seed}
+
+
 def _train_keys(cfg: RunConfig) -> dict:
     from lmforge.train.loop import RESUMABLE_CHANGES
 
@@ -122,8 +142,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("pack", lambda c: {"context": c.model.context, "shard_tokens": c.data.shard_tokens}, ("docs", "tokenizer"), _pack),
     Stage("train", _train_keys, ("pack",), _train, clean=False),
     Stage("eval", lambda c: {"eval": c.eval.model_dump(exclude={"text"})}, ("pack", "train"), _eval),
+    # clean=False: an interrupted fine-tuning run resumes from its checkpoints, like train.
+    Stage("finetune", _finetune_keys, ("pack", "train", "eval"), _finetune, clean=False),
     Stage("sample", lambda c: {"sample": c.sample.model_dump()}, ("train",), _sample),
-    Stage("report", lambda c: {"always": time.time()}, ("docs", "tokenizer", "pack", "train", "eval", "sample"),
+    Stage("report", lambda c: {"always": time.time()}, ("docs", "tokenizer", "pack", "train", "eval", "finetune", "sample"),
           _report),
 ]}
 ORDER = list(STAGES)
@@ -180,13 +202,30 @@ def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
     ``on_eval(step, val_metrics)`` is called at each validation estimate during training; returning
     True stops training there, unfinished (``lmforge sweep`` prunes trials this way).
     """
+    from lmforge.runtime import barrier, join  # torch: imported only when a pipeline runs
+
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    rank, world = join(cfg.train)  # under torchrun, rank 0 alone prepares the data, evaluates and reports
+    if world > 1 and ORDER.index(until) >= ORDER.index("train"):
+        from lmforge.train.distributed import plan_batches
+
+        plan_batches(cfg.train, world)  # a global batch the ranks cannot share fails before any work
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     outputs: dict = {"_fp": {}, "_seconds": {}, "_on_eval": on_eval}
     for name in ORDER[: ORDER.index(until) + 1]:
         stage = STAGES[name]
         folder = run_dir / name
+        if world > 1 and name == "train":
+            barrier()  # rank 0's data is ready; the other ranks take its stages' outputs from their manifests
+            for done in ORDER[: ORDER.index(name)] if rank else ():
+                manifest = read_manifest(run_dir / done) or {}
+                outputs[done], outputs["_fp"][done] = manifest.get("outputs"), manifest.get("fingerprint")
+        elif rank > 0:
+            if "train" in outputs:  # the other ranks only train
+                break
+            continue
         fp = _fingerprint(stage, cfg, outputs["_fp"])
         manifest = read_manifest(folder)
         if manifest and manifest.get("fingerprint") == fp and name not in force:
@@ -194,7 +233,11 @@ def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
             outputs[name], outputs["_seconds"][name] = manifest["outputs"], manifest["seconds"]
             outputs["_fp"][name] = fp
             continue
+        for tmp in folder.glob(".manifest.json.*"):  # a manifest cut short by a kill: never read, only removed
+            tmp.unlink()
         if stage.clean and folder.exists():
+            why = "the partial output of an interrupted run" if manifest is None else "its outdated output"
+            print(f"[{name}] removing {why} ({folder})")
             shutil.rmtree(folder)
         print(f"[{name}] running")
         t0 = time.time()
@@ -204,11 +247,12 @@ def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
             print(f"[{name}] stopped early after {seconds:.1f}s; run the same command again to resume")
             outputs["_stopped"] = name
             return outputs
-        write_manifest(folder, {
-            "stage": name, "format": FORMAT_VERSION, "fingerprint": fp, "config": stage.keys(cfg),
-            "inputs": {u: outputs["_fp"][u] for u in stage.upstream}, "outputs": result,
-            "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        if rank == 0:
+            write_manifest(folder, {
+                "stage": name, "format": FORMAT_VERSION, "fingerprint": fp, "config": stage.keys(cfg),
+                "inputs": {u: outputs["_fp"][u] for u in stage.upstream}, "outputs": result,
+                "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
         outputs[name], outputs["_fp"][name], outputs["_seconds"][name] = result, fp, seconds
         print(f"[{name}] done in {seconds:.1f}s")
     return outputs

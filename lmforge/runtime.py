@@ -1,24 +1,36 @@
 """Where and how the computation runs: device, precision, seeds, threads, ranks.
 
 This module is the only reader of the distributed environment variables
-(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` set by torchrun). Everything else asks
-it through :class:`Runtime`::
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set by
+torchrun). Under torchrun it joins the process group (NCCL on CUDA, gloo on CPU) once,
+pins each rank to the GPU of its ``LOCAL_RANK`` and leaves the group when the process
+exits; a missing or unreachable rendezvous is a :class:`ConfigError` naming what is
+wrong. Everything else asks it through :class:`Runtime`::
 
-    rt = Runtime.setup(cfg.train, seed=cfg.seed)
+    rt = Runtime.setup(cfg.train, seed=cfg.seed)   # e.g. torchrun --nproc_per_node=2 -m lmforge train
     model.to(rt.device)
     with rt.autocast():
         logits, loss = model(x, y)
+
+Every rank is seeded with the same ``seed``, so every rank builds the same initial
+weights (FSDP shards them as they are); the training loop then gives each rank its own
+random stream (:mod:`lmforge.train.distributed`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
+import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lmforge.config import ConfigError, TrainConfig
 
@@ -56,6 +68,84 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
+
+
+def ranks() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun's environment; ``(0, 0, 1)`` outside it."""
+    rank, local_rank, world_size = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size}): launch with torchrun, which sets both")
+    return rank, local_rank, world_size
+
+
+def join(cfg: TrainConfig) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (once per process); returns ``(rank, world_size)``.
+
+    NCCL when training on CUDA (each rank on the GPU of its ``LOCAL_RANK``), gloo otherwise. Waits at most
+    ``train.dist_timeout`` seconds for the other ranks; failures are one-line :class:`ConfigError` messages.
+    """
+    rank, local_rank, world_size = ranks()
+    if world_size == 1 or dist.is_initialized():
+        return rank, world_size
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: there is no rendezvous to "
+                          f"join; launch with torchrun (e.g. torchrun --nproc_per_node={world_size} -m lmforge train "
+                          f"...), which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    device = pick_device(cfg.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _reach(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), cfg.dist_timeout, rank, world_size)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=cfg.dist_timeout))
+    except (RuntimeError, ValueError) as e:  # DistStoreError (timeout, refused) and friends
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"rank {rank} of {world_size} could not join the process group at {where} within "
+                          f"train.dist_timeout={cfg.dist_timeout:g}s ({reason}); start every rank (torchrun "
+                          f"--nnodes/--nproc_per_node) and check that all of them can reach that address") from None
+    atexit.register(leave)
+    return rank, world_size
+
+
+def _reach(host: str, port: int, timeout: float, rank: int, world_size: int) -> None:
+    """Wait until the rendezvous store accepts connections (torch's own failure is a page of C++ log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"rank {rank} of {world_size} could not reach the rendezvous at {host}:{port} "
+                                  f"within train.dist_timeout={timeout:g}s ({e.strerror or e}); start rank 0 (torchrun "
+                                  f"--nnodes/--nproc_per_node) and check that every node can reach that address") from None
+            time.sleep(0.2)  # rank 0 may simply not be up yet
+
+
+def leave() -> None:
+    """Destroy the process group if one is up (registered to run at exit by :func:`join`)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for outside torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -74,9 +164,8 @@ class Runtime:
 
     @classmethod
     def setup(cls, cfg: TrainConfig, seed: int) -> Runtime:
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank, world_size = ranks()
+        join(cfg)
         device = pick_device(cfg.device)
         if device.type == "cuda" and world_size > 1:
             device = torch.device("cuda", local_rank)
@@ -87,7 +176,7 @@ class Runtime:
             # TF32 matmuls: same convergence as fp32 in practice, several times the throughput.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        seed_everything(seed + rank)
+        seed_everything(seed)  # the same on every rank: identical initial weights (see the module docstring)
         return cls(device=device, dtype=pick_dtype(cfg.dtype, device), rank=rank,
                    local_rank=local_rank, world_size=world_size)
 

@@ -56,6 +56,12 @@ class TrainedModel:
             raise CheckpointError(f"{tok_path} is not the tokenizer {ckpt_path} was trained with (digest differs)")
         tokenizer = Tokenizer.load(tok_path)
         model = build_model(cfg.model)
+        if state.get("lora"):  # a LoRA fine-tune: adapters are loaded with the weights, then merged into them
+            from lmforge.finetune.adapters import attach_from_state, merge_lora
+
+            attach_from_state(model, state["lora"])
         checkpoint.load(ckpt_path, model, optimizer=None, restore_rng=False)
+        if state.get("lora"):
+            merge_lora(model)
         model.to(device).eval()
         return cls(model=model, tokenizer=tokenizer, cfg=cfg, path=ckpt_path, step=int(state["step"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import re
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,24 @@ def test_explicit_validation_and_single_document_fallback(ten_docs: Path, tmp_pa
     assert one["split"] == "tail" and "note" in one
     assert (one["train_docs"], one["val_docs"]) == (1, 1)
     assert one["val_chars"] == len("document number 9 " * 10) - int(len("document number 9 " * 10) * 0.9)
+
+
+def test_empty_validation_set_is_an_error_naming_the_file(ten_docs: Path, tmp_path: Path, capsys) -> None:
+    from lmforge.cli import main as cli_main
+
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank"
+    empty.write_text("", encoding="utf-8")
+    blank.mkdir()
+    (blank / "spaces.txt").write_text("  \n\t\n", encoding="utf-8")
+    for val in (empty, blank):
+        with pytest.raises(DataError, match=f"^no validation text in {re.escape(str(val))}$"):
+            split.main(_cfg(train=[str(ten_docs)], val=[str(val)]), tmp_path / "out")
+        assert not (tmp_path / "out" / "val.jsonl").exists()
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["prepare", f"--runs_dir={tmp_path}", f"--data.train=[{ten_docs}]", f"--data.val=[{empty}]",
+                  "--clean.enabled=false"])
+    assert stop.value.code == 1
+    assert f"error: no validation text in {empty}\n" in capsys.readouterr().err
 
 
 def test_empty_corpus_is_an_error(tmp_path: Path) -> None:

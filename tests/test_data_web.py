@@ -133,6 +133,7 @@ def test_sitemap_crawl_counts_every_page(site: Site) -> None:
     assert "fetched_at" in by_url["a.html"].meta
     assert stats.skipped == {"robots_disallowed": 1, "http_404": 1, "timeout": 1, "too_large": 1,
                              "unsupported_content": 1, "duplicate_url": 1}
+    assert stats.examples["timeout"] == [f"{site.base}/slow.html: no answer within 0.4s (after 2 tries)"]
     paths = [p for p, _ in site.requests]
     assert paths.count("/robots.txt") == 1 and "/private/secret.html" not in paths
     assert paths.count("/slow.html") == 2  # one retry after the timeout

@@ -17,10 +17,17 @@ from lmforge.models import REGISTRY, build_model
 V, CONTEXT = 53, 24
 
 
+# The GPT-2 style transformer (learned positions, per-row in a ragged batch) is checked like an architecture.
+GPT2 = {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True}
+ARCHS = [*sorted(REGISTRY), "transformer-gpt2"]
+
+
 def make(arch: str):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=V, context=CONTEXT, d_model=32, n_layers=2,
-                      transformer={"n_heads": 4, "n_kv_heads": 2}, cnn={"kernel_size": 3, "dilation_growth": 2})
+    options = GPT2 if arch == "transformer-gpt2" else {}
+    cfg = ModelConfig(arch=arch.split("-")[0], vocab_size=V, context=CONTEXT, d_model=32, n_layers=2,
+                      transformer={"n_heads": 4, "n_kv_heads": 2, **options},
+                      cnn={"kernel_size": 3, "dilation_growth": 2})
     return build_model(cfg).eval()
 
 
@@ -29,7 +36,7 @@ def sequences(lengths: list[int], extra: int) -> list[torch.Tensor]:
     return [torch.randint(0, V, (1, n + extra), generator=g) for n in lengths]
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_rows_of_different_lengths_step_like_forward(arch):
     model = make(arch)
     lengths, extra = [7, 2, 11], 5
@@ -49,7 +56,7 @@ def test_rows_of_different_lengths_step_like_forward(arch):
                 torch.testing.assert_close(logits[row, -1], full[row][0, n + i], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_rows_join_and_leave_mid_decode(arch):
     """A row leaves (reorder_state), a new one joins (concat_states): the others are unaffected."""
     model = make(arch)
@@ -70,7 +77,7 @@ def test_rows_join_and_leave_mid_decode(arch):
                                        atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_concat_leaves_inputs_usable(arch):
     model = make(arch)
     (s,) = sequences([6], extra=2)

@@ -97,3 +97,24 @@ def test_qk_norm_is_refused():
 def test_non_transformer_is_refused():
     with pytest.raises(ConfigError, match=r"model\.arch is 'lstm'"):
         hf_llama_config(ModelConfig(arch="lstm", vocab_size=V))
+
+
+def test_biases_map_onto_llama_attention_and_mlp_bias():
+    ours = our_model(2, tie=False, bias=True)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))  # biases start at 0: make a dropped one visible
+    hf = hf_model(ours)
+    assert hf.config.attention_bias and hf.config.mlp_bias
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(input_ids=idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("option", [{"norm": "layernorm"}, {"pos": "learned"}, {"mlp": "relu2"}])
+def test_non_llama_variants_are_refused(option):
+    ours = our_model(None, tie=True, **option)
+    key, value = next(iter(option.items()))
+    with pytest.raises(ConfigError, match=rf"model\.transformer\.{key} is '{value}'"):
+        to_hf_llama_state_dict(ours)

@@ -17,7 +17,12 @@ from lmforge.models import REGISTRY, LanguageModel, build_model
 from lmforge.models.transformer import ffn_hidden_size
 
 V, T = 50, 16
-ARCHS = sorted(REGISTRY)
+# Transformer variants go through every contract test too: "transformer-NAME" = the transformer with these options.
+VARIANTS = {
+    "transformer-gpt2": {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True},
+    "transformer-relu2": {"mlp": "relu2"},
+}
+ARCHS = sorted(REGISTRY) + sorted(VARIANTS)
 
 
 def tiny_cfg(arch: str, **over) -> ModelConfig:
@@ -31,6 +36,8 @@ def tiny_cfg(arch: str, **over) -> ModelConfig:
         rnn={"hidden": 48},  # differs from d_model so the width projections are exercised
         cnn={"kernel_size": 3, "dilation_growth": 2},
     )
+    if arch in VARIANTS:
+        base.update(arch="transformer", transformer={**base["transformer"], **VARIANTS[arch]})
     base.update(over)
     return ModelConfig(**base)
 
@@ -198,6 +205,29 @@ def test_transformer_flops_formula():
     assert model.flops_per_token() == 6 * n_matmul + 12 * 2 * d * T
 
 
+def test_transformer_variant_shapes_and_flops():
+    gpt2, relu2 = make("transformer-gpt2"), make("transformer-relu2")
+    d, h, kv = 32, 4 * 32, 2 * (32 // 4)  # the 2-matrix MLPs default to 4 * d_model
+    n_matmul = 2 * (d * d + d * kv + d * kv + d * d + 2 * d * h) + d * V
+    assert gpt2.flops_per_token() == relu2.flops_per_token() == 6 * n_matmul + 12 * 2 * d * T
+    sd = gpt2.state_dict()
+    assert sd["pos_emb.weight"].shape == (T, d) and sd["layers.0.mlp.up.weight"].shape == (h, d)
+    assert torch.equal(sd["layers.0.attn_norm.weight"], torch.ones(d)) and sd["norm.bias"].eq(0).all()
+    assert sd["layers.1.attn.q.bias"].shape == (d,) and "layers.0.mlp.gate.weight" not in sd
+    assert isinstance(gpt2.layers[0].mlp_norm, torch.nn.LayerNorm)
+    # The defaults stay Llama's, with exactly the parameter names older checkpoints hold.
+    default = make("transformer").state_dict()
+    assert not any("bias" in k or k.startswith("pos_emb") for k in default)
+    assert "layers.0.mlp.gate.weight" in default
+    # Learned positions move the logits (position matters), rotary tables are absent.
+    idx = tokens(1)
+    with torch.no_grad():
+        before = gpt2(idx)[0]
+        gpt2.pos_emb.weight.add_(0.5)
+        assert not torch.allclose(before, gpt2(idx)[0])
+    assert not hasattr(gpt2.rotary, "cos")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dropout_only_in_training(arch):
     model = make(arch, dropout=0.5)
@@ -212,7 +242,8 @@ def test_vocab_size_zero_is_refused(arch):
     with pytest.raises(ValueError, match=r"model\.vocab_size is 0"):
         build_model(tiny_cfg(arch, vocab_size=0))
     with pytest.raises(ValueError, match=r"model\.vocab_size is 0"):
-        REGISTRY[arch](tiny_cfg(arch, vocab_size=0))
+        cfg = tiny_cfg(arch, vocab_size=0)
+        REGISTRY[cfg.arch](cfg)
 
 
 def test_transformer_state_is_bounded_by_context():

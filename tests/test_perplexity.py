@@ -173,3 +173,22 @@ def test_user_errors_are_clear():
         evaluate_tokens(Bigram(5), [1, 2, 9], context=2)
     with pytest.raises(ValueError, match="positive byte count"):
         bits_per_byte(1.0, 0)
+
+
+def test_evaluating_files_without_text_names_them(tmp_path):
+    from types import SimpleNamespace
+
+    from lmforge.config import RunConfig
+    from lmforge.data.sources import DataError
+    from lmforge.eval.heldout import evaluate_files
+
+    tm = SimpleNamespace(model=Uniform(257), tokenizer=ByteTokenizer(), cfg=SimpleNamespace(model=SimpleNamespace(
+        context=4)), path=tmp_path / "ckpt", step=3)
+    cfg = RunConfig.model_validate({"train": {"progress": False}})
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=f"nothing to evaluate: no text in {tmp_path / 'empty.txt'}$"):
+        evaluate_files(tm, [str(tmp_path / "empty.txt")], cfg)
+    (tmp_path / "notes.txt").write_text("abc", encoding="utf-8")  # an empty file beside text: the text is scored
+    result = evaluate_files(tm, [str(tmp_path)], cfg)
+    assert (result["docs"], result["tokens"], result["bytes"]) == (1, 3, 3)
+    assert result["bpb"] == pytest.approx(math.log2(257), rel=1e-6)

@@ -18,7 +18,8 @@ from .conftest import ROOT, TINY, run_cli
 
 def _args(runs: Path, corpus: Path, name: str) -> list[str]:
     return ["train", "--config", str(TINY), f"--runs_dir={runs}", f"--data.train=[{corpus}]", f"--name={name}",
-            "--train.steps=300", "--train.log_every=1", "--train.ckpt_every=0", "--train.eval_every=0"]
+            "--train.steps=300", "--train.log_every=1", "--train.ckpt_every=0", "--train.eval_every=0",
+            "--train.threads=1"]  # one thread: two on two shared cores are many times slower
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path: Path, small_corpus: Path):

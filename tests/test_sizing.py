@@ -101,3 +101,14 @@ def test_bptt_model_decodes_like_its_forward(arch):
             logits, state = model.step(chunk, state)
             parts.append(logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_budget_counts_the_gpt2_variant_parts():
+    gpt2 = {"n_heads": 3, "norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True}
+    sized = fit_to_budget(budget_cfg("transformer", 150_000, transformer=gpt2))
+    d, hidden = sized.d_model, 4 * sized.d_model
+    # Per layer: q, k, v, o with biases, the 2-matrix MLP with biases, two LayerNorms (weight + bias);
+    # plus the token and position embeddings (head tied) and the final LayerNorm.
+    per_layer = 4 * (d * d + d) + (d * hidden + hidden) + (hidden * d + d) + 2 * 2 * d
+    assert count_params(sized) == 2 * per_layer + V * d + 32 * d + 2 * d
+    assert abs(count_params(sized) - 150_000) <= 0.25 * 150_000

@@ -15,6 +15,7 @@ out of range raise :class:`ConfigError` naming the key.
 - ``base``: ConfigError and the Section base class
 - ``sections``: the spine's sections and those of the sweep, compare, serve and export verbs
 - ``cleaning``: the collect and clean sections
+- ``finetune``: the finetune section and its LoRA options
 - ``run``: RunConfig, loading, overrides, YAML and help text
 """
 
@@ -34,6 +35,7 @@ from lmforge.config.cleaning import (
     SourceConfig,
     WebConfig,
 )
+from lmforge.config.finetune import FinetuneConfig, LoraConfig
 from lmforge.config.run import (
     RunConfig,
     field_help,
@@ -67,9 +69,11 @@ __all__ = [
     "DataConfig",
     "DedupConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "ExportConfig",
     "LanguageConfig",
     "LinesConfig",
+    "LoraConfig",
     "ModelConfig",
     "NormalizeConfig",
     "PIIConfig",

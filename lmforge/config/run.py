@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from lmforge.config.base import ConfigError, Section
 from lmforge.config.cleaning import CleanConfig, CollectConfig
+from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.sections import (
     CompareConfig,
     DataConfig,
@@ -42,6 +43,8 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture and size")
     train: TrainConfig = Field(default_factory=TrainConfig, description="pre-training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on held-out text")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(
+        "fine-tuning a pretrained model on text or conversations (lmforge finetune; the finetune stage)"))
     sample: SampleConfig = Field(default_factory=SampleConfig, description="text generation")
     compare: CompareConfig = Field(default_factory=CompareConfig, description="architecture bake-off (compare-archs)")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="hyperparameter search (lmforge sweep)")

@@ -47,10 +47,20 @@ class TransformerConfig(Section):
     n_kv_heads: int | None = Field(None, ge=1, description=(
         "key/value heads for grouped-query attention; None = n_heads (must divide n_heads)"))
     ffn_hidden: int | None = Field(None, ge=1, description=(
-        "SwiGLU hidden width; None = 8/3 * d_model rounded up to a multiple of 32 (Llama's rule)"))
-    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
-    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+        "MLP hidden width; None = 8/3 * d_model rounded up to a multiple of 32 for swiglu (Llama's rule), "
+        "4 * d_model for gelu and relu2 (GPT-2's)"))
+    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base (pos=rope)")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm / LayerNorm epsilon")
     qk_norm: bool = Field(False, description="RMSNorm on queries and keys (not Llama-compatible; export refuses)")
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description=(
+        "block and final norms: 'rmsnorm' (Llama) or 'layernorm' with a bias (GPT-2)"))
+    pos: Literal["rope", "learned"] = Field("rope", description=(
+        "positions: 'rope' = rotary (Llama) or 'learned' = an absolute embedding per position up to "
+        "model.context, added to the token embedding (GPT-2)"))
+    mlp: Literal["swiglu", "gelu", "relu2"] = Field("swiglu", description=(
+        "MLP: 'swiglu' = gated SiLU, 3 matrices (Llama); 'gelu' = 2 matrices with tanh-approximated GELU "
+        "(GPT-2); 'relu2' = 2 matrices with squared ReLU"))
+    bias: bool = Field(False, description="biases in the attention and MLP linear layers (GPT-2 has them, Llama not)")
 
 
 class RNNConfig(Section):
@@ -95,7 +105,7 @@ class ModelConfig(Section):
             if self.d_model % t.n_heads and self.param_budget is None:
                 raise ValueError(f"model.d_model ({self.d_model}) must be divisible by "
                                  f"model.transformer.n_heads ({t.n_heads})")
-            if (self.d_model // t.n_heads) % 2 and self.param_budget is None:
+            if t.pos == "rope" and (self.d_model // t.n_heads) % 2 and self.param_budget is None:
                 raise ValueError("model.d_model / model.transformer.n_heads must be even for rotary embeddings")
             if t.n_kv_heads is not None and t.n_heads % t.n_kv_heads:
                 raise ValueError(f"model.transformer.n_kv_heads ({t.n_kv_heads}) must divide "
@@ -122,7 +132,17 @@ class TrainConfig(Section):
         "end this invocation after this step with a checkpoint, as if interrupted; the LR schedule still "
         "spans train.steps, and a later run resumes from there"))
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    grad_accum: int = Field(1, ge=1, description=(
+        "micro-batches accumulated per optimizer step; the global batch is batch_size * grad_accum sequences "
+        "whatever the number of ranks (docs/scale.md)"))
+    micro_batch: int | None = Field(None, ge=1, description=(
+        "sequences per forward pass on each rank under torchrun; None = the largest divisor of the rank's share "
+        "(batch_size * grad_accum / ranks) not above batch_size; the accumulation steps follow"))
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "under torchrun: 'ddp' = a full model copy per rank (DistributedDataParallel), 'fsdp' = parameters, "
+        "gradients and optimizer state sharded across ranks (FSDP2), for models too big for one device"))
+    dist_timeout: float = Field(1800.0, gt=0, description=(
+        "seconds a rank waits for the others (rendezvous, barriers, collectives) before failing"))
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final learning rate as a fraction of lr")
     schedule: Literal["cosine", "wsd", "constant", "linear"] = Field("cosine", description=(
@@ -133,6 +153,12 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description=(
+        "adamw for every parameter, or muon: Muon for the hidden 2-D weights and AdamW for embeddings, "
+        "head, norms and biases"))
+    muon_lr_scale: float = Field(1.0, gt=0, description=(
+        "muon: the Muon half's learning rate as a multiple of lr (its update is already scaled to AdamW's size)"))
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="muon: Nesterov momentum of the Muon half")
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
     eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)")
     eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate")
@@ -143,7 +169,8 @@ class TrainConfig(Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "autocast dtype; auto = bfloat16 on CUDA that supports it, float32 on CPU (bf16 is ~100x slower there)"))
-    compile: bool = Field(False, description="torch.compile the model (slow to start; pays off on GPUs)")
+    compile: bool | None = Field(None, description=(
+        "torch.compile the model (slow to start; pays off on GPUs); None = on for CUDA, off elsewhere"))
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)")
     progress: bool = Field(True, description="show a progress bar")
@@ -153,6 +180,14 @@ class TrainConfig(Section):
     early_stop_min_delta: float = Field(0.0, ge=0.0, description=(
         "smallest drop of the validation loss (nats/token) that counts as an improvement for early stopping"))
     tasks_every: int = Field(0, ge=0, description="also run the eval.tasks every N steps during training (0 = never)")
+    max_bad_steps: int = Field(5, ge=1, description=(
+        "a step whose loss or gradient norm is NaN/inf (or spikes, see spike_factor) is skipped without an "
+        "update; stop the run after this many in a row (docs/reliability.md)"))
+    spike_factor: float | None = Field(None, gt=1.0, description=(
+        "also skip a step whose loss exceeds this multiple of the running mean loss (None = off)"))
+    on_save_error: Literal["stop", "continue"] = Field("stop", description=(
+        "when a checkpoint cannot be written (disk full, read-only folder): 'stop' the run, or 'continue' "
+        "without that checkpoint, warning each time (the last step's checkpoint must always be written)"))
 
 
 # --------------------------------------------------------------------------- eval
@@ -188,7 +223,7 @@ class SweepConfig(Section):
     trials: int = Field(20, ge=1, description=(
         "trial budget: stop when this many trials have finished (completed or pruned), earlier sessions included"))
     timeout: float | None = Field(None, gt=0, description=(
-        "time budget of this session in seconds (None = none); the trial running at the deadline finishes"))
+        "wall-clock budget of this sweep invocation in seconds (None = none); the trial running at the deadline finishes"))
     metric: Literal["val_bpb", "val_loss"] = Field("val_bpb", description=(
         "what the sweep minimizes: the eval stage's validation bits per byte (comparable across tokenizers) "
         "or loss; pruning compares the in-training estimates of the same quantity"))
@@ -215,6 +250,8 @@ class CompareConfig(Section):
         "{lstm: {model: {n_layers: 2}, train: {lr: 0.002}}}"))
     val_points: int = Field(20, ge=1, description="validation estimates per run: points on the bits-per-byte curve")
     decode_tokens: int = Field(200, ge=1, description="tokens generated greedily at batch 1 to time decoding")
+    out: str | None = Field(None, description=(
+        "lmforge compare: folder for the side-by-side table and curves (--out); None = runs_dir/compare"))
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:

@@ -253,6 +253,12 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
     for sub in (work / "a", work / "c", out / "rejects", out / "docs"):
         sub.mkdir(parents=True, exist_ok=True)
     (work / "key").write_text(key)
+    partial = sorted(p for sub in (work / "a", work / "c", out / "rejects", out / "docs") for p in sub.glob("*.tmp"))
+    for p in partial:  # files of a shard whose pass a kill interrupted; the pass runs again from its start
+        p.unlink()
+    if partial:
+        print(f"[clean] removed {len(partial)} half-written file(s) of an interrupted run: "
+              f"{', '.join(p.name for p in partial)}")
 
     ngrams = eval_ngrams(files, clean.dedup.ngram) if files else np.zeros(0, np.uint64)
     workers = clean.workers or os.cpu_count() or 1

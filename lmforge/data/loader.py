@@ -4,15 +4,18 @@ An epoch cuts every shard into windows of ``context + 1`` tokens that start at
 ``offset + i * context`` (consecutive windows share one token: the last target of
 one is the first input of the next). ``offset`` is drawn per epoch from the seed, so
 successive epochs see different cut points. All windows of all shards are shuffled
-with ``np.random.default_rng([seed, epoch])``; rank ``r`` of ``world_size`` takes
-every ``world_size``-th window (the last ``n_windows % world_size`` are dropped so
-all ranks take the same number), and a batch is the next ``batch_size`` windows of
-the rank, running into the next epoch when one ends.
+with ``np.random.default_rng([seed, epoch])``, and the epochs follow one another as
+one global stream of windows. Rank ``r`` of ``world_size`` serves the stream's
+positions ``r, r + world_size, r + 2 * world_size, ...`` (running from one epoch into
+the next without dropping a window), and a batch is the rank's next ``batch_size``
+windows. So ``world_size`` ranks with batches of ``b`` together consume exactly the
+windows one process with batches of ``world_size * b`` would, step for step.
 
 The shards are memory-mapped: memory holds one int64 per window for the shuffle,
-not the tokens. ``state_dict()`` is the position (epoch, cursor) plus what must not
-change for it to mean the same thing; it is the same on every rank, so the state
-saved by rank 0 resumes all ranks. Usage::
+not the tokens. ``state_dict()`` is the global position (epoch, cursor: windows of the
+stream all ranks together have consumed) plus what must not change for it to mean the
+same thing. It is the same on every rank and does not depend on ``world_size``, so the
+state saved by rank 0 resumes any number of ranks. Usage::
 
     loader = TokenLoader(Path("runs/demo/tokens"), "train", batch_size=16, context=256, seed=1337)
     x, y = loader.next_batch()          # (B, T) int64 each; y[:, t] == x[:, t + 1]
@@ -70,34 +73,31 @@ class TokenLoader:
         if self.n_windows < world_size:
             raise DataError(f"the {split} split has {self.n_windows} windows of context+1 = {context + 1} tokens, "
                             f"fewer than the {world_size} ranks; add text or lower model.context")
-        self.windows_per_rank = self.n_windows // world_size
 
-        self._epoch = 0
-        self._cursor = 0  # windows of this epoch this rank has already served
+        self._pos = rank  # position in the global stream (epoch * n_windows + index) of this rank's next window
         self._plan_epoch = -1
         self._offset = 0
-        self._mine = np.zeros(0, dtype=np.int64)
+        self._order = np.zeros(0, dtype=np.int64)
 
     # ------------------------------------------------------------------ sampling
     @property
     def epoch(self) -> int:
-        """The epoch the next window comes from (0-based)."""
-        return self._epoch
+        """The epoch this rank's next window comes from (0-based)."""
+        return self._pos // self.n_windows
 
     @property
     def tokens_per_epoch(self) -> int:
         """Target tokens all ranks together train on in one epoch."""
-        return self.windows_per_rank * self.world_size * self.context
+        return self.n_windows * self.context
 
-    def _plan(self) -> None:
-        """This rank's windows for the current epoch, in order (rebuilt only when the epoch changes)."""
-        if self._plan_epoch == self._epoch:
+    def _plan(self, epoch: int) -> None:
+        """The shuffled window order and cut offset of ``epoch`` (rebuilt only when the epoch changes)."""
+        if self._plan_epoch == epoch:
             return
-        rng = np.random.default_rng([self.seed, self._epoch])
+        rng = np.random.default_rng([self.seed, epoch])
         self._offset = int(rng.integers(0, self.context))
-        order = rng.permutation(self.n_windows)
-        self._mine = order[self.rank: self.windows_per_rank * self.world_size: self.world_size]
-        self._plan_epoch = self._epoch
+        self._order = rng.permutation(self.n_windows)
+        self._plan_epoch = epoch
 
     def _locate(self, window: int) -> tuple[int, int]:
         """Global window number -> (shard, start token) under this epoch's offset."""
@@ -107,33 +107,51 @@ class TokenLoader:
 
     def epoch_windows(self) -> list[tuple[int, int]]:
         """(shard, start) of every window this rank serves in the current epoch, in serving order."""
-        self._plan()
-        return [self._locate(int(w)) for w in self._mine]
+        epoch = self.epoch
+        self._plan(epoch)
+        first = (self.rank - epoch * self.n_windows) % self.world_size  # this rank's first index in the epoch
+        return [self._locate(int(w)) for w in self._order[first:: self.world_size]]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, each (B, T) int64, targets shifted one token left of the inputs."""
         span = self.context + 1
         buf = np.empty((self.batch_size, span), dtype=np.int64)  # (B, T + 1)
         for b in range(self.batch_size):
-            self._plan()
-            shard, start = self._locate(int(self._mine[self._cursor]))
+            epoch, index = divmod(self._pos, self.n_windows)
+            self._plan(epoch)
+            shard, start = self._locate(int(self._order[index]))
             buf[b] = self._data[shard][start: start + span]
-            self._cursor += 1
-            if self._cursor == self.windows_per_rank:  # roll over at once, so epoch names the next window's
-                self._epoch += 1
-                self._cursor = 0
+            self._pos += self.world_size
         x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
         return x, y
 
+    def windows_from(self, epoch: int, cursor: int, n: int) -> list[list]:
+        """``[shard file, start token]`` of the ``n`` windows served from position (epoch, cursor).
+
+        Names a batch after the fact (e.g. one that gave a NaN loss); the loader's position is unchanged.
+        """
+        found, pos = [], epoch * self.n_windows + cursor + self.rank  # (epoch, cursor) as state_dict() gives it
+        for _ in range(n):
+            e, index = divmod(pos, self.n_windows)
+            self._plan(e)  # the plan is a cache keyed by epoch: next_batch re-plans if this moved it
+            shard, start = self._locate(int(self._order[index]))
+            found.append([self.paths[shard].name, start])
+            pos += self.world_size
+        return found
+
     # ------------------------------------------------------------------- resume
     def _identity(self) -> dict:
-        return {"split": self.split, "seed": self.seed, "context": self.context, "world_size": self.world_size,
-                "n_windows": self.n_windows}
+        return {"split": self.split, "seed": self.seed, "context": self.context, "n_windows": self.n_windows}
 
     def state_dict(self) -> dict:
-        """The position (JSON-serializable) and what must match for it to resume the same sequence."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "cursor": self._cursor, **self._identity()}
+        """The global position (JSON-serializable) and what must match for it to resume the same sequence.
+
+        Every rank has served as many windows as the others, so ``_pos - rank`` is the same on all of them:
+        the number of stream windows consumed, whatever the number of ranks.
+        """
+        epoch, cursor = divmod(self._pos - self.rank, self.n_windows)
+        return {"version": STATE_VERSION, "epoch": epoch, "cursor": cursor, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; raises :class:`DataError` if it belongs to different data or settings."""
@@ -142,9 +160,9 @@ class TokenLoader:
         for key, now in self._identity().items():
             if state.get(key) != now:
                 raise DataError(f"loader state does not match this run: {key} was {state.get(key)!r}, now {now!r} "
-                                "(the data, seed, model.context or number of ranks changed since the checkpoint)")
+                                "(the data, seed or model.context changed since the checkpoint)")
         epoch, cursor = state.get("epoch"), state.get("cursor")
         if not isinstance(epoch, int) or not isinstance(cursor, int) or epoch < 0 \
-                or not 0 <= cursor < self.windows_per_rank:
+                or not 0 <= cursor < self.n_windows:
             raise DataError(f"loader state has an invalid position: epoch={epoch!r}, cursor={cursor!r}")
-        self._epoch, self._cursor = epoch, cursor
+        self._pos = epoch * self.n_windows + cursor + self.rank

@@ -66,7 +66,7 @@ class _JsonlSink:
 
 def _nonempty(docs: Iterable[Document], stats: ReadStats) -> Iterator[Document]:
     for doc in docs:
-        if doc.text:
+        if doc.text.strip():  # whitespace alone is no text to train on or to validate with
             yield doc
         else:
             stats.skip("empty", doc.source or doc.id)

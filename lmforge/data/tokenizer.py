@@ -9,7 +9,9 @@ Two kinds, both lossless on any UTF-8 text (``decode(encode(s)) == s``):
   with byte fallback), like nanoGPT's shakespeare_char but never failing.
 
 Special tokens have fixed ids 0..7 (:data:`SPECIAL_TOKENS`); ``<|endoftext|>`` marks
-document boundaries. Text that merely spells a special token (``"<|im_end|>"`` in a
+document boundaries. A tokenizer imported with a Hugging Face model keeps that model's
+own end-of-text / begin / pad tokens (``specials``), saved beside ``tokenizer.json`` as
+``special_tokens_map.json``; code asks for ``eot_id`` / ``pad_id``, never for fixed ids. Text that merely spells a special token (``"<|im_end|>"`` in a
 document) is encoded as ordinary text, so data cannot inject control tokens; code
 that needs a special token uses its id. The kind is not a separate field: it is
 read back from the saved ``tokenizer.json`` (a BPE with byte fallback and no merges
@@ -54,21 +56,35 @@ MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
 BPT_SAMPLE_BYTES = 1_000_000  # validation text measured for bytes_per_token
 
 
-class Tokenizer:
-    """A thin wrapper over ``tokenizers.Tokenizer`` with lmforge's conventions."""
+SPECIALS_FILE = "special_tokens_map.json"  # Hugging Face's name; written only for non-lmforge special tokens
+DEFAULT_SPECIALS = {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD}
 
-    def __init__(self, inner: tokenizers.Tokenizer, origin: str = "tokenizer") -> None:
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` with lmforge's conventions.
+
+    ``specials`` names the end-of-text (``eos_token``), begin (``bos_token``) and padding
+    (``pad_token``) tokens; by default lmforge's own. ``eot_id``, ``bos_id`` and ``pad_id`` are
+    their ids (a missing bos or pad falls back to the end-of-text token).
+    """
+
+    def __init__(self, inner: tokenizers.Tokenizer, origin: str = "tokenizer",
+                 specials: dict[str, str | None] | None = None) -> None:
         self.inner = inner
         # Added (special) tokens are otherwise matched inside the input text; this makes text
         # that spells "<|endoftext|>" encode as the ordinary characters it is.
         self.inner.encode_special_tokens = True
         self.kind = _detect_kind(inner)
-        eot = inner.token_to_id(EOT)
+        self.specials: dict[str, str | None] = {**DEFAULT_SPECIALS, **(specials or {})}
+        eos = self.specials["eos_token"]
+        eot = None if eos is None else inner.token_to_id(eos)
         if eot is None:
-            raise DataError(f"{origin}: the tokenizer has no {EOT} token (lmforge needs it to mark document ends)")
+            raise DataError(f"{origin}: the tokenizer has no {eos} token (lmforge needs it to mark document ends)")
         self.eot_id: int = eot
-        pad = inner.token_to_id(PAD)
-        self.pad_id: int = eot if pad is None else pad
+        bos, pad = (self.specials[k] for k in ("bos_token", "pad_token"))
+        bos_id, pad_id = (None if t is None else inner.token_to_id(t) for t in (bos, pad))
+        self.bos_id: int = eot if bos_id is None else bos_id
+        self.pad_id: int = eot if pad_id is None else pad_id
 
     @property
     def vocab_size(self) -> int:
@@ -92,9 +108,14 @@ class Tokenizer:
         return self.inner.id_to_token(token_id)
 
     def save(self, directory: Path | str) -> Path:
-        """Write ``directory/tokenizer.json`` (atomically) and return its path."""
+        """Write ``directory/tokenizer.json`` (atomically) and return its path.
+
+        An imported tokenizer's own special tokens go beside it in ``special_tokens_map.json``.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if self.specials != DEFAULT_SPECIALS:
+            (directory / SPECIALS_FILE).write_text(json.dumps(self.specials, indent=2) + "\n", encoding="utf-8")
         path = directory / "tokenizer.json"
         tmp = directory / "tokenizer.json.tmp"
         tmp.write_text(self.inner.to_str(pretty=True), encoding="utf-8")
@@ -113,7 +134,30 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
-        return cls(inner, origin=str(p))
+        return cls(inner, origin=str(p), specials=read_specials(p.parent))
+
+
+def read_specials(folder: Path) -> dict[str, str | None]:
+    """``eos_token`` / ``bos_token`` / ``pad_token`` named in ``folder``'s ``special_tokens_map.json`` or
+    ``tokenizer_config.json`` (Hugging Face's files; the first that names a token wins; empty if none).
+
+    Hugging Face writes each either as the token's text or as ``{"content": text, ...}``.
+    """
+    out: dict[str, str | None] = {}
+    for path in (folder / SPECIALS_FILE, folder / "tokenizer_config.json"):
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path} is not readable JSON ({e})") from None
+        for key in DEFAULT_SPECIALS:
+            if not isinstance(raw, dict) or key not in raw:
+                continue
+            value = raw[key].get("content") if isinstance(raw[key], dict) else raw[key]
+            if value is None or isinstance(value, str):  # null = the model has no such token
+                out.setdefault(key, value)
+    return out
 
 
 def _detect_kind(inner: tokenizers.Tokenizer) -> str:

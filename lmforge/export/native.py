@@ -10,7 +10,7 @@ LSTM, GRU and CNN models are exported here instead, and lmforge (``serve``,
 The folder holds ``model.safetensors`` (tied weights stored once),
 ``lmforge.json`` (format marker, the run's resolved config, the training step)
 and ``tokenizer.json``. :func:`load_any` is what the server uses to open a run,
-a checkpoint, an lmforge export or a Hugging Face export of an lmforge model.
+a checkpoint, an lmforge export or a Hugging Face model folder.
 """
 
 from __future__ import annotations
@@ -64,13 +64,11 @@ def load_native(folder: Path, device: str | torch.device = "cpu") -> TrainedMode
 
 
 def load_any(path: Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """A run folder, checkpoint, lmforge export or Hugging Face export of an lmforge Transformer."""
-    path = Path(path)
-    if (path / MARKER).is_file():
-        return load_native(path, device)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        from lmforge.export.hf import load_hf
+    """A run folder, checkpoint, lmforge export or Hugging Face folder (Llama-family or GPT-2).
 
-        return load_hf(path, device)
-    return TrainedModel.load(path, device)
+    The same loader fine-tuning starts from: :func:`lmforge.finetune.init.load_pretrained`.
+    """
+    from lmforge.finetune.init import load_pretrained  # it imports this module
+
+    return load_pretrained(path, device)
 

@@ -87,9 +87,9 @@ class LanguageModel(nn.Module, ABC):
         residual_std = std / math.sqrt(max(1, len(self.residual_projections())))
         seen: set[int] = set()
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-                seen.add(id(module.weight))
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()  # weight ones (and a LayerNorm's bias zeros)
+                seen.update(id(p) for p in module.parameters(recurse=False))
                 continue
             for name, p in module.named_parameters(recurse=False):
                 if id(p) in seen:

@@ -6,6 +6,10 @@ No biases. With ``model.transformer.qk_norm`` off (the default) the weights map
 one to one onto Hugging Face's ``LlamaForCausalLM`` through
 :func:`to_hf_llama_state_dict` and :func:`hf_llama_config` (used by the export).
 
+``model.transformer.{norm,pos,mlp,bias}`` select GPT-2's pieces instead (LayerNorm,
+learned absolute positions ``pos_emb``, a 2-matrix GELU MLP ``mlp.{up,down}``, biases);
+``mlp=relu2`` is the same 2-matrix MLP with squared ReLU. The defaults are Llama's.
+
 Usage::
 
     from lmforge.config import ModelConfig
@@ -34,10 +38,29 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """SwiGLU width: ``model.transformer.ffn_hidden`` or 8/3 * d_model rounded up to a multiple of 32."""
+    """MLP width: ``model.transformer.ffn_hidden``, else 8/3 * d_model rounded up to a multiple of 32 for
+    SwiGLU (same parameters as a 4x 2-matrix MLP) and 4 * d_model for the 2-matrix MLPs."""
     if cfg.transformer.ffn_hidden is not None:
         return cfg.transformer.ffn_hidden
+    if cfg.transformer.mlp != "swiglu":
+        return 4 * cfg.d_model
     return 32 * -(-8 * cfg.d_model // (3 * 32))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The block / final norm that ``model.transformer.norm`` names (LayerNorm carries a bias, as GPT-2's)."""
+    eps = cfg.transformer.norm_eps
+    return nn.LayerNorm(cfg.d_model, eps=eps) if cfg.transformer.norm == "layernorm" else RMSNorm(cfg.d_model, eps)
+
+
+class NoRotation(nn.Module):
+    """Stands in for :class:`Rotary` when positions are learned embeddings: queries and keys pass unchanged."""
+
+    def forward(self, x: Tensor, start: int | Tensor) -> Tensor:
+        return x
+
+    def reset(self) -> None:
+        pass
 
 
 @dataclass
@@ -89,10 +112,10 @@ class Attention(nn.Module):
         self.n_kv_heads = t.n_kv_heads or t.n_heads
         self.head_dim = cfg.d_model // t.n_heads
         self.dropout = cfg.dropout
-        self.q = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=t.bias)
+        self.k = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=t.bias)
+        self.v = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=t.bias)
+        self.o = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=t.bias)
         # Per-head norms on queries and keys keep attention logits bounded (not in Llama; export refuses).
         self.q_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
@@ -154,13 +177,29 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = ffn_hidden_size(cfg)
-        self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+        hidden, bias = ffn_hidden_size(cfg), cfg.transformer.bias
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=bias)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TwoLayerMLP(nn.Module):
+    """``down(act(up(x)))`` with GPT-2's tanh-approximated GELU (``mlp=gelu``) or squared ReLU (``mlp=relu2``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden, bias = ffn_hidden_size(cfg), cfg.transformer.bias
+        self.relu2 = cfg.transformer.mlp == "relu2"
+        self.up = nn.Linear(cfg.d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)  # (B, T, hidden)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.down(h)
 
 
 class Block(nn.Module):
@@ -168,11 +207,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        eps = cfg.transformer.norm_eps
-        self.attn_norm = RMSNorm(cfg.d_model, eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.transformer.mlp == "swiglu" else TwoLayerMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
@@ -187,9 +225,13 @@ class Transformer(LanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.d_model // cfg.transformer.n_heads, cfg.context, cfg.transformer.rope_theta)
+        learned = cfg.transformer.pos == "learned"
+        self.pos_emb = nn.Embedding(cfg.context, cfg.d_model) if learned else None
+        self.rotary: Rotary | NoRotation = (
+            NoRotation() if learned
+            else Rotary(cfg.d_model // cfg.transformer.n_heads, cfg.context, cfg.transformer.rope_theta))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.transformer.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = make_lm_head(self.tok_emb, cfg.tie_embeddings)
         self.init_weights()
 
@@ -204,25 +246,35 @@ class Transformer(LanguageModel):
         self._check_idx(idx)
         if idx.shape[1] > self.cfg.context:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than model.context ({self.cfg.context})")
-        x = self.tok_emb(idx)  # (B, T, C)
+        x = self._embed(idx)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, self.rotary)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         return logits, None if targets is None else causal_lm_loss(logits, targets)
 
+    def _embed(self, idx: Tensor, pos: int | _Ragged = 0) -> Tensor:
+        """Token embeddings of ``idx`` (B, T), plus the learned position embeddings when ``pos=learned``."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is None:
+            return x
+        if isinstance(pos, _Ragged):
+            return x + self.pos_emb(pos.positions)  # (B, T): decode rows continue from their own lengths
+        return x + self.pos_emb(torch.arange(pos, pos + idx.shape[1], device=idx.device))  # (T,) for every row
+
     def flops_per_token(self) -> float:
         """``6 * N_matmul + 12 * n_layers * d_model * context`` (PaLM, appendix B).
 
         ``N_matmul`` counts the weights of every matmul: per layer q, k, v, o
-        (``d*d + 2*d*kv_dim + d*d``) and the MLP (``3*d*ffn_hidden``), plus the
-        ``lm_head`` (``d*V``); the embedding lookup costs none. The attention term
-        counts ``QK^T`` and ``AV`` over the full context (causal masking not subtracted).
+        (``d*d + 2*d*kv_dim + d*d``) and the MLP (``3*d*ffn_hidden`` for SwiGLU, ``2*d*ffn_hidden``
+        for the 2-matrix MLPs), plus the ``lm_head`` (``d*V``); the embedding lookups cost none.
+        The attention term counts ``QK^T`` and ``AV`` over the full context (causal masking not subtracted).
         """
         cfg = self.cfg
         d, n_layers = cfg.d_model, cfg.n_layers
         head_dim = d // cfg.transformer.n_heads
         kv_dim = (cfg.transformer.n_kv_heads or cfg.transformer.n_heads) * head_dim
-        per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn_hidden_size(cfg)
+        mlp_matrices = 3 if cfg.transformer.mlp == "swiglu" else 2
+        per_layer = 2 * d * d + 2 * d * kv_dim + mlp_matrices * d * ffn_hidden_size(cfg)
         n_matmul = n_layers * per_layer + d * cfg.vocab_size
         return float(6 * n_matmul + 12 * n_layers * d * cfg.context)
 
@@ -258,7 +310,7 @@ class Transformer(LanguageModel):
         pos: int | _Ragged = longest
         if b and bool((state.lens != longest).any()):
             pos = self._ragged(state.lens, t, longest + t, idx.device)
-        x = self.tok_emb(idx)  # (B, T_new, C)
+        x = self._embed(idx, pos)  # (B, T_new, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rotary, (k[i], v[i]), pos)
         logits = self.lm_head(self.norm(x))  # (B, T_new, V)
@@ -291,6 +343,10 @@ def _check_llama_compatible(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.arch is '{cfg.arch}': only the transformer maps onto Llama")
     if cfg.transformer.qk_norm:
         raise ConfigError("model.transformer.qk_norm is true: Llama has no query/key norm, so it cannot be exported")
+    t = cfg.transformer
+    for key, llama in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu")):
+        if getattr(t, key) != llama:
+            raise ConfigError(f"model.transformer.{key} is '{getattr(t, key)}': Llama has only {key}={llama}")
 
 
 def hf_llama_config(
@@ -322,9 +378,9 @@ def hf_llama_config(
         "rope_theta": t.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
+        "attention_bias": t.bias,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
+        "mlp_bias": t.bias,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "bos_token_id": bos_token_id,
@@ -364,9 +420,11 @@ def to_hf_llama_state_dict(model: Transformer) -> dict[str, Tensor]:
                 out["lm_head.weight"] = tensor.detach()
         elif name.startswith("layers."):
             _, index, rest = name.split(".", 2)
-            if rest not in _HF_LAYER_NAMES:
+            stem, _, kind = rest.rpartition(".")  # kind: weight or bias (model.transformer.bias)
+            hf_name = _HF_LAYER_NAMES.get(f"{stem}.weight")
+            if hf_name is None or (kind == "bias" and stem.endswith("norm")):
                 raise ValueError(f"parameter '{name}' has no Llama counterpart")
-            out[f"model.layers.{index}.{_HF_LAYER_NAMES[rest]}"] = tensor.detach()
+            out[f"model.layers.{index}.{hf_name.rpartition('.')[0]}.{kind}"] = tensor.detach()
         else:
             raise ValueError(f"parameter '{name}' has no Llama counterpart")
     return out

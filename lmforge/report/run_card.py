@@ -2,8 +2,8 @@
 
 Gathers what the earlier stages wrote (manifests, metrics.jsonl, samples) into
 ``runs/<name>/summary.json`` (final metrics, flat keys) and hands the rest to
-:mod:`lmforge.report.card`, which draws the loss curves and writes
-``report/card.md`` and ``report/card.html``.
+:mod:`lmforge.report.card`, which draws the training curves and writes
+``report/card.md``, ``report/card.html`` and ``report/loss.png``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmforge.config import RunConfig, to_yaml
 from lmforge.report.card import write_card
+from lmforge.report.card_finetune import summary_keys
 from lmforge.train.metrics import read_metrics
 
 
@@ -60,6 +61,8 @@ def _data_stats(outputs: dict) -> dict:
 
 def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
     summary = build_summary(cfg, outputs)
+    if finetuned := summary_keys(outputs.get("finetune")):
+        summary["finetune"] = finetuned
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     paths = write_card(
         run_dir,
@@ -71,5 +74,9 @@ def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
         eval_stats=outputs["eval"],
         samples=outputs["sample"]["samples"],
         title=f"lmforge run card: {cfg.name}",
+        training={**outputs["train"], "planned_steps": cfg.train.steps,
+                  "early_stop_patience": cfg.train.early_stop_patience,
+                  "early_stop_min_delta": cfg.train.early_stop_min_delta},
+        extra={"finetune": outputs.get("finetune") or {}},  # base vs fine-tuned, when the run fine-tuned
     )
     return {"summary": summary, "files": {k: str(v) for k, v in paths.items()}}

@@ -38,8 +38,10 @@ def main(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def generate_cli(path: str, cfg: RunConfig) -> None:
-    """Stream one completion per prompt to stdout as it is produced."""
-    tm = TrainedModel.load(path)
+    """Stream one completion per prompt to stdout as it is produced (``path``: anything ``load_any`` opens)."""
+    from lmforge.export.native import load_any
+
+    tm = load_any(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
     params = params_from(cfg.sample, tm.tokenizer)
     for prompt in cfg.sample.prompts:

@@ -25,6 +25,7 @@ Eval and serving use :func:`resolve` (run folder, ckpt folder or checkpoint -> c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.optim import Optimizer
+
+from lmforge.train import faults
 
 MODEL, OPTIMIZER, RNG, STATE, CHECKSUMS = "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "checksums.json"
 REQUIRED = (MODEL, RNG, STATE)
@@ -105,6 +108,27 @@ def _problem(path: Path, only: tuple[str, ...] | None = None) -> str | None:
         if _sha256(f) != entry.get("sha256"):
             return f"{name} does not match its sha256 (corrupted)"
     return None
+
+
+def _disk_error(e: BaseException, folder: Path) -> OSError | None:
+    """A writer's failure as the OSError it stands for (torch and safetensors raise their own types)."""
+    if isinstance(e, OSError) or not isinstance(e, Exception):
+        return None
+    found = re.search(r"os error (\d+)", str(e))  # safetensors (Rust) names the errno
+    if found:
+        code = int(found.group(1))
+    else:  # torch.save says only "iostream error": ask the file system
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return None
+        if st.f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+        elif st.f_bavail * st.f_frsize < (1 << 20):
+            code = errno.ENOSPC
+        else:
+            return None
+    return OSError(code, os.strerror(code), str(folder))
 
 
 def _signature(path: Path) -> tuple:
@@ -299,12 +323,20 @@ class Checkpointer:
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2), encoding="utf-8")
             _fsync(tmp / CHECKSUMS)
             _fsync(tmp)
-            if final.exists():  # saving a step again (a resumed run): move the old one out of sight first
-                self._hide(final, "old")
-            os.replace(tmp, final)
+            faults.before_rename(step, tmp)  # test hook: a kill or a disk error at the worst moment
+            old = self._hide(final, "old") if final.exists() else None  # a step saved again (resumed run)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if old is not None:  # put the previous copy back rather than lose it
+                    os.replace(old, final)
+                raise
             _fsync(self.ckpt_dir)
-        except BaseException:
+        except BaseException as e:
+            disk = _disk_error(e, self.ckpt_dir)  # judged before the partial files are removed
             shutil.rmtree(tmp, ignore_errors=True)
+            if disk is not None:
+                raise disk from e
             raise
         self._verified[final] = _signature(final)
         self._prune(step)
@@ -322,12 +354,28 @@ class Checkpointer:
             if p.name.startswith(".tmp-") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _hide(self, path: Path, tag: str) -> None:
+    def _hide(self, path: Path, tag: str) -> Path:
         """Rename a checkpoint to a ``.tmp-`` name, which every reader ignores and the next prune deletes."""
         hidden = self.ckpt_dir / f".tmp-{tag}-{path.name}-{os.getpid()}"
         shutil.rmtree(hidden, ignore_errors=True)
         os.replace(path, hidden)
         self._verified.pop(path, None)
+        return hidden
+
+    def remove_debris(self) -> list[str]:
+        """Delete the ``.tmp-`` folders a killed or failed save left behind; returns their names.
+
+        Call it before training starts, when no other process writes to this folder.
+        """
+        if not self.ckpt_dir.is_dir():
+            return []
+        debris = sorted(p for p in self.ckpt_dir.iterdir() if p.name.startswith(".tmp-"))
+        for p in debris:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return [p.name for p in debris]
 
     def _check(self, path: Path, only: tuple[str, ...] | None = None) -> str | None:
         if path in self._verified and path.is_dir() and self._verified[path] == _signature(path):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,18 +31,25 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.tasks import TaskProbe
 from lmforge.models import build_model, fit_to_budget
 from lmforge.runtime import Runtime
-from lmforge.train.checkpoint import Checkpointer, read_state
+from lmforge.train.checkpoint import Checkpointer
+from lmforge.train.checkpoint_dcp import RunCheckpoints
+from lmforge.train.distributed import Parallel
 from lmforge.train.early_stop import EarlyStopper, OnEval
+from lmforge.train.guard import StepGuard, save_checkpoint
 from lmforge.train.metrics import MetricsLogger, Throughput, peak_flops
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.preemption import Preemption
 from lmforge.trained import tokenizer_digest
 
+if TYPE_CHECKING:
+    from lmforge.finetune.setup import FinetuneSetup
+
 # Config keys that may change between a run and its resumption without
 # invalidating the checkpoints: how long to train and how to display it.
 RESUMABLE_CHANGES = {"steps", "max_seconds", "eval_every", "eval_batches", "log_every", "ckpt_every",
                      "keep_last", "resume", "stop_at", "device", "threads", "tensorboard", "progress", "compile",
-                     "tasks_every"}
+                     "tasks_every", "max_bad_steps", "on_save_error",
+                     "micro_batch", "parallel", "dist_timeout"}  # how the global batch is spread over ranks
 
 
 def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
@@ -53,9 +61,10 @@ def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
 
 
 @torch.no_grad()
-def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int, rt: Runtime) -> dict:
+def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int, rt: Runtime,
+                      make_loader: Callable = TokenLoader) -> dict:
     """Mean loss and next-token accuracy over the same fixed validation batches every time."""
-    loader = TokenLoader(**loader_args)
+    loader = make_loader(**loader_args)
     was_training = model.training
     model.eval()
     losses, correct, count = [], 0, 0
@@ -64,21 +73,22 @@ def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int,
         with rt.autocast():
             logits, loss = model(x, y)
         losses.append(loss.item())
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+        scored = y != -100  # fine-tuning masks targets (prompts, padding); pre-training scores all
+        correct += ((logits.argmax(-1) == y) & scored).sum().item()
+        count += scored.sum().item()
     model.train(was_training)
     loss = sum(losses) / len(losses)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / count}
 
 
 def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, data_fingerprint: str = "",
-         on_eval: OnEval | None = None) -> dict:
+         on_eval: OnEval | None = None, finetune: FinetuneSetup | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     t_start = time.time()
     cfg = cfg.model_copy(deep=True)  # vocab_size is filled in below; the caller's config stays as given
     tc = cfg.train
     rt = Runtime.setup(tc, seed=cfg.seed)
-    tok = Tokenizer.load(run_dir / "tokenizer")
+    tok = finetune.tokenizer if finetune else Tokenizer.load(run_dir / "tokenizer")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tok.vocab_size
     elif cfg.model.vocab_size < tok.vocab_size:
@@ -86,17 +96,29 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
                           f"vocabulary ({tok.vocab_size})")
     cfg.model = fit_to_budget(cfg.model)  # a parameter budget becomes the width saved with every checkpoint
     model = build_model(cfg.model).to(rt.device)
+    if finetune:
+        finetune.prepare(model)  # pretrained weights, then LoRA adapters or frozen layers
+    par = Parallel(tc, rt)  # the global batch split over ranks; prints the plan under torchrun
+    fwd = par.wrap(model)  # DDP / FSDP2 / torch.compile, applied from outside; before the optimizer (FSDP)
     optimizer = build_optimizer(model, tc, rt.device.type)
-    data_dir = run_dir / "pack"
-    context, batch = cfg.model.context, tc.batch_size
-    train_loader = TokenLoader(data_dir, "train", batch, context, seed=cfg.seed,
+    data_dir = finetune.data_dir if finetune else run_dir / "pack"
+    make_loader = finetune.loader if finetune else TokenLoader  # fine-tuning: chat batches or text shards
+    context, batch = (finetune.context if finetune else cfg.model.context), tc.batch_size
+    train_loader = make_loader(data_dir, "train", par.micro_batch, context, seed=cfg.seed,
                                rank=rt.rank, world_size=rt.world_size)
-    val_args = dict(shards=data_dir, split="val", batch_size=batch, context=min(context, _val_tokens(data_dir) - 1),
-                    seed=0, rank=rt.rank, world_size=rt.world_size)
-    out_dir = run_dir / "train"
-    ckpt = Checkpointer(out_dir / "ckpt", keep_last=tc.keep_last, every=tc.ckpt_every)
+    val_context = min(context, _val_tokens(data_dir) - 1) if make_loader is TokenLoader else context
+    val_args = dict(shards=data_dir, split="val", batch_size=batch, context=val_context,  # every rank scores
+                    seed=0, rank=0, world_size=1)  # the same batches: the figure a single process gets
+    out_dir = finetune.out_dir if finetune else run_dir / "train"
+    ckpt = RunCheckpoints(Checkpointer(out_dir / "ckpt", keep_last=tc.keep_last, every=tc.ckpt_every), rt,
+                          fsdp=par.mode == "fsdp")  # who writes what on many ranks; DCP shards under FSDP
+    if rt.is_main and (debris := ckpt.remove_debris()):  # left by a kill or a disk error during a save
+        print(f"removed {len(debris)} half-written checkpoint folder(s) in {ckpt.ckpt_dir}: {', '.join(debris)}")
+    guard = StepGuard(tc.max_bad_steps, tc.spike_factor, par.micro_batch * par.accum,  # NaN/inf: skip the update
+                      hint=f"The checkpoints in {ckpt.ckpt_dir} are intact; lower train.lr (now {tc.lr}) or "
+                           f"raise train.warmup_steps, then run the same command to resume")
     fingerprint = train_fingerprint(cfg, data_fingerprint)
-    tok_digest = tokenizer_digest(run_dir / "tokenizer" / "tokenizer.json")
+    tok_digest = tokenizer_digest(finetune.tokenizer_path if finetune else run_dir / "tokenizer" / "tokenizer.json")
     stopper = EarlyStopper(tc.early_stop_patience, tc.early_stop_min_delta, on_eval)  # may end the run at an eval
     probe = TaskProbe(cfg.eval.tasks, tc.tasks_every, tok, context, enabled=rt.is_main)  # tasks every N steps
 
@@ -104,7 +126,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     step, tokens_seen, train_seconds = 0, 0, 0.0
     path = ckpt.latest_valid() if tc.resume else None
     if path is not None:
-        saved = read_state(path)
+        saved = ckpt.read_state(path)
         saved_arch = saved["config"]["model"]["arch"]
         if saved_arch != cfg.model.arch:
             raise ConfigError(f"{path} holds a '{saved_arch}' model but model.arch is '{cfg.model.arch}'; "
@@ -117,17 +139,18 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         train_seconds = state["train_seconds"]
         train_loader.load_state_dict(state["loader"])
         stopper.load_state_dict(state.get("early_stop", {}))
+        guard.load_state_dict(state.get("guard", {}))
         print(f"resumed from {path} at step {step}")
-    elif not tc.resume and (out_dir / "ckpt").exists():
-        shutil.rmtree(out_dir / "ckpt")  # an explicit fresh start: old checkpoints must not be resumed later
+    elif not tc.resume and rt.is_main:
+        ckpt.clear()  # an explicit fresh start: old checkpoints must not be resumed later
+    par.reseed(cfg.seed, step)  # under torchrun: each rank its own random stream (dropout)
 
     logger = MetricsLogger(out_dir, total_steps=tc.steps, start_step=step, tensorboard=tc.tensorboard,
                            progress=tc.progress, enabled=rt.is_main)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(rt.device)
     meter = Throughput()
-    tokens_per_step = batch * context * tc.grad_accum * rt.world_size
-    fwd = torch.compile(model) if tc.compile else model
+    tokens_per_step = par.plan.global_batch * context  # all ranks together
     model.train()
     preempt = Preemption().install()  # SIGTERM / Ctrl-C: checkpoint at the step boundary, exit cleanly
 
@@ -140,37 +163,44 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         set_lr(optimizer, lr)
-        for _ in range(tc.grad_accum):
+        at, step_loss = train_loader.state_dict(), torch.zeros((), device=rt.device)  # at: names the batch
+        for micro in range(par.accum):
             x, y = (t.to(rt.device, non_blocking=True) for t in train_loader.next_batch())
-            with rt.autocast():
-                _, loss = fwd(x, y)
-            (loss / tc.grad_accum).backward()
-            loss_acc += loss.detach() / tc.grad_accum
+            with par.no_sync(fwd, micro):  # gradients are reduced across ranks on the last micro-batch only
+                with rt.autocast():
+                    _, loss = fwd(x, y)
+                loss = guard.inject(loss, step)  # test hook (LMFORGE_FAULT_NAN_STEPS); a no-op otherwise
+                (loss / par.accum).backward()
+            step_loss += loss.detach() / par.accum
+        step_loss = par.average(step_loss)  # the global batch's loss, the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        grad_norm = par.grad_norm(grad_norm)  # a plain tensor (FSDP returns a DTensor)
+        if guard.skip(step, step_loss, grad_norm, train_loader, at, logger):  # NaN/inf: same step, next batch
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        loss_acc += step_loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
         rt.sync()
         dt = time.perf_counter() - t0
+        dt, signalled = par.agree(dt, preempt.requested is not None)  # every rank stops at the same step
         train_seconds += dt
         meter.update(tokens_per_step, dt)
         out_of_time = tc.max_seconds is not None and train_seconds >= tc.max_seconds
-        interrupted = (tc.stop_at is not None and step >= tc.stop_at) or preempt.requested is not None
+        interrupted = (tc.stop_at is not None and step >= tc.stop_at) or signalled
         last_step = step == tc.steps or out_of_time or interrupted
 
         if step % tc.log_every == 0 or last_step:
             train_loss = loss_acc.item() / (step % tc.log_every or tc.log_every)
             loss_acc.zero_()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                         f"lower train.lr (now {tc.lr}) or raise train.warmup_steps")
             tps = meter.tokens_per_s()
             logger.log(step, "train", {"loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                                        "tokens_per_s": tps, "mfu": meter.mfu(tps, flops_per_token, peak),
                                        "tokens": tokens_seen, "seconds": train_seconds})
         if (tc.eval_every and step % tc.eval_every == 0) or last_step:
-            last_val = estimate_val_loss(model, val_args, tc.eval_batches, rt)
+            last_val = estimate_val_loss(model, val_args, tc.eval_batches, rt, make_loader)
             if bytes_per_token:
                 last_val["bpb"] = last_val["loss"] / math.log(2) / bytes_per_token
             logger.log(step, "val", {**last_val, "seconds": train_seconds})
@@ -179,22 +209,24 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         logger.advance(step, {"loss": f"{train_loss:.3f}",
                               "val": f"{last_val.get('loss', float('nan')):.3f}",
                               "tok/s": f"{meter.tokens_per_s():,.0f}"})
-        if ckpt.should_save(step, last_step) and rt.is_main:
-            ckpt.save(step, model, optimizer, {
+        if ckpt.should_save(step, last_step):  # every rank: RunCheckpoints decides who writes
+            save_checkpoint(ckpt, tc.on_save_error, logger, step, model, optimizer, {
                 "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                 "loader": train_loader.state_dict(), "fingerprint": fingerprint,
                 "config": cfg.model_dump(), "val": last_val, "tokenizer_sha256": tok_digest,
-                "early_stop": stopper.state_dict(),
-            })
+                "early_stop": stopper.state_dict(), "guard": guard.state_dict(),
+                **(finetune.checkpoint_state() if finetune else {}),
+            }, last_step)
         if out_of_time or interrupted or stopper.reason:
             stopped_by = stopper.reason or ("time" if out_of_time else preempt.requested or "stop_at")
             break
     preempt.restore()
+    ckpt.finish(model, optimizer)  # FSDP: the last sharded checkpoint also as a single file for eval/serve/export
     logger.close()
     tps = tokens_seen / train_seconds if train_seconds else 0.0
     return {
         "steps": step, "stopped_by": stopped_by, "complete": stopped_by not in ("stop_at", "pruned", "SIGTERM", "SIGINT"),
-        "tokens_seen": tokens_seen, **stopper.summary(),
+        "tokens_seen": tokens_seen, **stopper.summary(), "skipped_steps": guard.skipped,
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - t_start, 2),
         "tokens_per_s": round(tps, 1), "mfu": meter.mfu(tps, flops_per_token, peak),
         "params": model.num_params(), "params_non_embedding": model.num_params(exclude_embeddings=True),

@@ -201,9 +201,15 @@ class Throughput:
 
 # ------------------------------------------------------------------ peak FLOP/s
 # Dense (no sparsity) bf16 tensor-core peaks; fp16 for V100 and T4, which lack bf16. Most specific first.
+# Sources: the vendors' datasheets, which print the sparse figure (2x) beside or instead of the dense one:
+# NVIDIA H100/H200 SXM 989 TFLOPS (1,979 sparse), H100 PCIe 756, H100/H200 NVL 835, A100 312, L40S 362,
+# L40 181, L4 121 (242 sparse), A10 125, B200 2,250; AMD Instinct MI300X/MI325X 1,307, MI250X 383.
+# H800 / A800 are the export variants of H100 / A100 with the same compute; H20 is 148.
 _GPU_PEAKS: list[tuple[str, float]] = [
-    (r"GH200", 989e12), (r"H200", 989e12), (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100", 989e12),
-    (r"B200", 2250e12), (r"A100", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12), (r"\bL4\b", 121e12),
+    (r"GH200", 989e12), (r"H200.*NVL", 835e12), (r"H200", 989e12), (r"H100.*PCIe", 756e12),
+    (r"H100.*NVL", 835e12), (r"H100|H800", 989e12), (r"\bH20\b", 148e12), (r"B200", 2250e12),
+    (r"A100|A800", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12), (r"\bL4\b", 121e12),
+    (r"MI300X|MI325X", 1307e12), (r"MI250X", 383e12),
     (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"\bA10\b", 125e12), (r"V100", 125e12), (r"\bT4\b", 65e12),
 ]
 _MEMO: dict[tuple[str, str], float] = {}

@@ -1,0 +1,180 @@
+"""Conversations for chat fine-tuning: read, check, render to token ids with a loss mask, truncate.
+
+Input is JSONL in OpenAI's ``messages`` format, one conversation per line::
+
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}, ...]}
+
+Rendering is the ChatML template of :mod:`lmforge.serve.chat` (``CHAT_TEMPLATE``, which the Hugging
+Face export writes as ``chat_template``): ids are built turn by turn from the special tokens' ids and
+the encoded text, never by re-tokenising a rendered string. A user or system turn is exactly what
+:func:`~lmforge.serve.chat.render_chat` gives at serving time; an assistant turn is the generation
+prompt ``<|im_start|>assistant\\n`` (the same ids the server feeds the model) followed by the encoded
+content, ``<|im_end|>`` and a newline. The loss mask is 1 on the assistant content and its
+``<|im_end|>`` (so the model learns to end its turn) and 0 elsewhere; ``decode(ids)`` equals the Jinja
+template's rendering of the same messages.
+
+A conversation longer than ``max_length`` tokens keeps its system turn and as many whole turns from
+the start as fit, ending with an assistant turn; one whose first exchange cannot fit is dropped and
+counted under its reason. Usage::
+
+    convs, report = read_conversations(["chat.jsonl"], on_bad_line="skip")
+    example = encode_conversation(tokenizer, convs[0].messages, max_length=256)
+    ids, mask = example.ids, example.mask          # same length; mask[i] == 1: ids[i] is trained on
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.data.sources import DataError
+from lmforge.serve.chat import IM_END, ROLES, render_chat
+
+EXAMPLES_KEPT = 5  # bad lines quoted in the report, per reason
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    where: str  # file:line, for messages
+
+
+@dataclass
+class ReadReport:
+    """What reading the files found: conversations kept and lines skipped per reason (with examples)."""
+
+    lines: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < EXAMPLES_KEPT:
+            self.examples[reason].append(where)
+
+    def as_dict(self) -> dict:
+        return {"lines": self.lines, "kept": self.kept, "skipped": dict(self.skipped), "examples": self.examples}
+
+
+# ------------------------------------------------------------------ reading and checking
+def check_messages(record: object) -> tuple[list[dict] | None, str, str]:
+    """``(messages, "", "")`` if ``record`` is a valid conversation, else ``(None, reason, detail)``."""
+    if not isinstance(record, dict) or "messages" not in record:
+        return None, "no messages", "a line must be a JSON object with a 'messages' list"
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return None, "no messages", "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return None, "bad message", f"messages[{i}] must be an object with 'role' and 'content'"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            return None, "unknown role", f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(content, str) or not content.strip():
+            what = "missing" if content is None else "empty" if isinstance(content, str) else "not a string"
+            return None, "empty content", f"messages[{i}].content is {what}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, "no assistant turn", "the conversation has no assistant turn, so nothing to learn from"
+    return [{"role": m["role"], "content": m["content"]} for m in messages], "", ""
+
+
+def read_conversations(paths: Sequence[str | Path], on_bad_line: str = "stop",
+                       report: ReadReport | None = None) -> tuple[list[Conversation], ReadReport]:
+    """Every conversation of the JSONL files; a bad line raises :class:`DataError` naming file and line
+    (``on_bad_line="stop"``) or is counted in the report and skipped (``"skip"``). Blank lines are ignored."""
+    report = report or ReadReport()
+    out: list[Conversation] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise DataError(f"chat data file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                report.lines += 1
+                where = f"{path}:{n}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    messages, reason, detail = None, "malformed JSON", f"not valid JSON ({e.msg})"
+                else:
+                    messages, reason, detail = check_messages(record)
+                if messages is None:
+                    if on_bad_line == "stop":
+                        raise DataError(f"{where}: {detail} (finetune.on_bad_line=skip skips such lines)")
+                    report.skip(reason, where)
+                    continue
+                report.kept += 1
+                out.append(Conversation(messages, where))
+    return out, report
+
+
+# ------------------------------------------------------------------ token ids and loss mask
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]  # 1 = this token is a training target
+    truncated: bool = False
+
+
+def encode_turn(tokenizer, message: dict) -> tuple[list[int], list[int]]:
+    """Ids and loss mask of one turn (see the module docstring)."""
+    if message["role"] != "assistant":
+        ids = render_chat(tokenizer, [message], add_generation_prompt=False)
+        return ids, [0] * len(ids)
+    head = render_chat(tokenizer, [], add_generation_prompt=True)  # <|im_start|>assistant\n
+    body = [*tokenizer.encode(message["content"]), tokenizer.token_to_id(IM_END)]
+    newline = tokenizer.encode("\n")
+    return head + body + newline, [0] * len(head) + [1] * len(body) + [0] * len(newline)
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict], max_length: int | None = None,
+                        loss_on: str = "all_assistant") -> Example | str:
+    """The training example of ``messages``, or the reason it cannot be one (a string).
+
+    Turns are added whole while they fit in ``max_length``; the kept part ends at its last assistant
+    turn. ``loss_on="last_assistant"`` keeps the loss on the last kept assistant turn only.
+    """
+    turns = [encode_turn(tokenizer, m) for m in messages]
+    ids: list[int] = []
+    mask: list[int] = []
+    last_assistant = -1
+    for i, (t_ids, t_mask) in enumerate(turns):
+        if max_length is not None and len(ids) + len(t_ids) > max_length:
+            break
+        ids, mask = ids + t_ids, mask + t_mask
+        if messages[i]["role"] == "assistant":
+            last_assistant = i
+    if last_assistant < 0:
+        return "first exchange longer than max_length"
+    truncated = last_assistant + 1 < len(messages)
+    keep = sum(len(t[0]) for t in turns[: last_assistant + 1])
+    ids, mask = ids[:keep], mask[:keep]
+    if loss_on == "last_assistant":
+        start = keep - len(turns[last_assistant][0])
+        mask = [0] * start + mask[start:]
+    return Example(ids, mask, truncated)
+
+
+def encode_all(tokenizer, conversations: Sequence[Conversation], max_length: int,
+               loss_on: str = "all_assistant") -> tuple[list[Example], dict]:
+    """Examples of all conversations and the counts: kept, truncated, dropped per reason."""
+    examples: list[Example] = []
+    dropped: Counter = Counter()
+    for conv in conversations:
+        ex = encode_conversation(tokenizer, conv.messages, max_length, loss_on)
+        if isinstance(ex, str):
+            dropped[ex] += 1
+            continue
+        examples.append(ex)
+    stats = {"conversations": len(conversations), "kept": len(examples),
+             "truncated": sum(e.truncated for e in examples), "dropped": dict(dropped),
+             "tokens": sum(len(e.ids) for e in examples), "target_tokens": sum(sum(e.mask) for e in examples)}
+    return examples, stats

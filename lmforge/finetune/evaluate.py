@@ -1,0 +1,90 @@
+"""Before and after: what fine-tuning bought and what it cost, measured the same way on both models.
+
+- A held-out chat task: multiple-choice items ``{"messages": [...], "choices": [...], "label": i}``.
+  The prompt is the conversation rendered with the chat template and an assistant generation prompt;
+  each choice is scored as the assistant's reply (its tokens and ``<|im_end|>``) by the
+  log-likelihood :class:`~lmforge.eval.scoring.Scorer` of the evaluation tasks; ``acc`` counts items
+  whose most likely choice is the label, ``acc_norm`` divides by the choice's length in characters.
+- Validation bits per byte on held-out text (the pre-training validation shards of a run, or the
+  fine-tuning validation text), with :func:`~lmforge.eval.perplexity.evaluate_tokens`::
+
+    items = load_chat_task(path)
+    result = score_chat_task(model, tokenizer, context, items)    # {"acc": ..., "acc_norm": ..., "items": n}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from lmforge.data.pack import list_shards, read_shard
+from lmforge.data.sources import DataError
+from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
+from lmforge.eval.scoring import Scorer
+from lmforge.finetune.chat import check_messages
+from lmforge.serve.chat import IM_END, render_chat
+
+
+def load_chat_task(path: Path) -> list[dict]:
+    """The items of a chat multiple-choice JSONL file; a bad line raises :class:`DataError` with file:line."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("choices"), list) or len(r["choices"]) < 2 \
+                    or not all(isinstance(c, str) and c for c in r["choices"]):
+                raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+            label = r.get("label")
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(r["choices"]):
+                raise DataError(f"{where}: 'label' must be a choice index 0..{len(r['choices']) - 1}")
+            # The prompt needs no assistant turn: check it with a placeholder reply.
+            messages, _, detail = check_messages({"messages": [*r.get("messages", []),
+                                                                {"role": "assistant", "content": "x"}]})
+            if messages is None or not r.get("messages"):
+                raise DataError(f"{where}: {detail or 'messages must be a non-empty list'}")
+            items.append({"id": r.get("id", where), "messages": messages[:-1], "choices": r["choices"],
+                          "label": label})
+    if not items:
+        raise DataError(f"{path}: the task has no items")
+    return items
+
+
+def score_chat_task(model: nn.Module, tokenizer, context: int, items: list[dict], batch_size: int = 16) -> dict:
+    """Accuracy of the most likely reply among each item's choices (see the module docstring)."""
+    end = tokenizer.token_to_id(IM_END)
+    requests = []
+    for it in items:
+        prompt = [tokenizer.eot_id, *render_chat(tokenizer, it["messages"], add_generation_prompt=True)]
+        requests += [(prompt, [*tokenizer.encode(c), end]) for c in it["choices"]]
+    scores = iter(Scorer(model, tokenizer, context, batch_size).loglikelihood_tokens(requests))
+    acc = acc_norm = 0
+    for it in items:
+        lls = np.array([next(scores)[0] for _ in it["choices"]])
+        chars = np.array([len(c) + 1 for c in it["choices"]], dtype=float)
+        acc += int(np.argmax(lls)) == it["label"]
+        acc_norm += int(np.argmax(lls / chars)) == it["label"]
+    n = len(items)
+    return {"items": n, "acc": acc / n, "acc_norm": acc_norm / n,
+            "chance": float(np.mean([1 / len(it["choices"]) for it in items]))}
+
+
+def shard_bpb(model: nn.Module, data_dir: Path, n_bytes: float, eot_id: int, context: int, batch_size: int = 16,
+              max_tokens: int | None = None, stride: int | None = None) -> dict | None:
+    """Loss and bits per byte on the ``val`` token shards of ``data_dir`` (None when there are none)."""
+    shards = list_shards(data_dir, "val")
+    if not shards or not n_bytes:
+        return None
+    tokens = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in shards])
+    r = evaluate_tokens(model, tokens, context=context, stride=stride, batch_size=batch_size, bos_id=eot_id,
+                        max_tokens=max_tokens)
+    scored_bytes = n_bytes * r["tokens"] / max(1, len(tokens))  # max_tokens may score only the start
+    return {"loss": r["loss"], "bpb": bits_per_byte(r["nats"], scored_bytes), "tokens": r["tokens"]}

@@ -1,0 +1,165 @@
+"""``lmforge finetune`` and the ``finetune`` stage of ``lmforge run``: adapt a pretrained model.
+
+The pretrained model (``finetune.init``, or the run's own pre-trained model) is loaded, its tokenizer
+saved beside the fine-tuning run, the data prepared (:mod:`lmforge.finetune.setup`), and then THE
+training loop (:mod:`lmforge.train.loop`) runs with a :class:`~lmforge.finetune.setup.FinetuneSetup`:
+the same optimizer, schedule, checkpoints and exact resume as pre-training. Everything goes to
+``runs/<name>/finetune/``::
+
+    finetune/config.yaml      the resolved config
+    finetune/tokenizer/       the pretrained model's tokenizer (checkpoints point to it)
+    finetune/data/            encoded conversations (chat_*.npz) or token shards (text)
+    finetune/ckpt/            checkpoints; a run that stops resumes from the newest
+    finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone
+    finetune/results.json     training summary and the before/after comparison
+
+Usage::
+
+    lmforge finetune --init runs/demo --name demo-chat                        # embedded chat set
+    lmforge finetune --init runs/demo --finetune.mode=text --finetune.data=[notes/] --name notes
+    lmforge finetune --init runs/demo --finetune.lora.rank=8 --name demo-lora
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ConfigError, RunConfig, TrainConfig, save_config
+from lmforge.finetune import adapters
+from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
+from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, file_digest, prepare_data
+from lmforge.trained import TrainedModel, tokenizer_digest
+
+# The finetune fields that replace train's for the fine-tuning run; the other train options carry over.
+TRAIN_KEYS = ("steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "batch_size", "grad_accum",
+              "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds")
+# finetune fields that may change between a run and its resumption (the loop's own list covers train's).
+RESUMABLE = {"enabled", "steps", "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds", "heldout_task"}
+
+
+def load_pretrained(path: str | Path, device: str = "cpu") -> TrainedModel:
+    """The one place that opens the model to start from (run, checkpoint, export or Hugging Face folder)."""
+    from lmforge.finetune.init import load_pretrained as load
+
+    return load(Path(path), device)
+
+
+def effective_train(cfg: RunConfig) -> TrainConfig:
+    """``train`` with the fine-tuning run's own optimisation fields; no eval tasks during fine-tuning."""
+    update = {k: getattr(cfg.finetune, k) for k in TRAIN_KEYS}
+    return cfg.train.model_copy(update={**update, "tasks_every": 0, "early_stop_patience": 0})
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def heldout_task(cfg: RunConfig) -> Path | None:
+    ft = cfg.finetune
+    if ft.heldout_task:
+        return Path(ft.heldout_task)
+    return EMBEDDED_DIR / EMBEDDED_TASK if not ft.data and ft.mode == "chat" else None
+
+
+def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
+    """Fine-tune into ``run_dir/finetune``; returns the training summary and the before/after comparison.
+
+    ``base_val``: the base model's validation figures when the caller has them already (the eval stage).
+    """
+    from lmforge.train import loop
+
+    ft = cfg.finetune
+    init = ft.init or str(run_dir)
+    if ft.init is None and not (run_dir / "train").is_dir():
+        raise ConfigError(f"finetune.init: no model to start from ({run_dir} has no pre-trained model); "
+                          f"give one with --init PATH (a run, checkpoint, export or Hugging Face folder)")
+    base = load_pretrained(init)
+    out = run_dir / "finetune"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = base.tokenizer
+    if tok.vocab_size > base.cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer of {init} has {tok.vocab_size} tokens but the model's embedding only "
+                          f"{base.cfg.model.vocab_size}: the tokenizer does not belong to this checkpoint")
+    context = base.cfg.model.context
+    max_length = ft.max_length or context
+    if max_length > context:
+        raise ConfigError(f"finetune.max_length ({max_length}) is longer than the model's context ({context})")
+    tok_path = tok.save(out / "tokenizer")
+    data_stats = prepare_data(cfg, tok, max_length, out / "data")
+    train_files, val_files = data_files(ft)
+
+    model_cfg = base.cfg.model.model_copy(update={"param_budget": None})
+    run_cfg = cfg.model_copy(update={"model": model_cfg, "train": effective_train(cfg)})
+    save_config(run_cfg, out / "config.yaml")
+    shape = {k: v for k, v in ft.model_dump().items() if k not in RESUMABLE and k not in TRAIN_KEYS}
+    blob = json.dumps({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path), "finetune": shape,
+                       "data": file_digest([*train_files, *val_files]), "max_length": max_length}, sort_keys=True)
+    fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    setup = FinetuneSetup(ft, tok, tok_path, out, out / "data", base.model.state_dict(), max_length)
+    text = data_stats["mode"] == "text"
+    # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
+    bpt = data_stats["val"]["bytes"] / max(1, data_stats["val"]["tokens"] - data_stats["val"]["docs"]) if text else None
+    stats = loop.main(run_cfg, run_dir, bytes_per_token=bpt, data_fingerprint=fingerprint, finetune=setup)
+    result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
+    if not stats["complete"]:
+        return result
+    tuned = TrainedModel.load(out)  # the newest checkpoint, adapters merged
+    if ft.lora.rank:
+        result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
+    result["compare"] = compare(cfg, run_dir, init, base, tuned, data_stats, base_val)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result
+
+
+def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Path]:
+    """The adapters of the newest checkpoint alone, for loading onto the same base later."""
+    from lmforge.models import build_model
+    from lmforge.train import checkpoint
+
+    ckpt = checkpoint.resolve(out)
+    state = checkpoint.read_state(ckpt)
+    model = build_model(run_cfg.model)
+    adapters.attach_from_state(model, state["lora"])
+    checkpoint.load(ckpt, model, optimizer=None, restore_rng=False)
+    info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
+            "model": run_cfg.model.model_dump(), "step": state["step"]}
+    lora = run_cfg.finetune.lora
+    return adapters.save_adapter(model, out / "adapter", lora, state["lora"]["targets"], info)
+
+
+def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
+            base_val: dict | None) -> dict:
+    """Held-out task accuracy and validation bits per byte of the base and the fine-tuned model."""
+    context, bs = base.cfg.model.context, cfg.eval.batch_size
+    out: dict = {}
+    kw = dict(eot_id=base.tokenizer.eot_id, context=context, batch_size=bs, max_tokens=cfg.eval.max_tokens,
+              stride=cfg.eval.stride)
+    task = heldout_task(cfg)
+    if task is not None:
+        items = load_chat_task(task)
+        out["task"] = {"name": task.stem, "base": score_chat_task(base.model, base.tokenizer, context, items, bs),
+                       "finetuned": score_chat_task(tuned.model, tuned.tokenizer, context, items, bs)}
+    # The pre-training validation text: this run's, or that of the run the model came from.
+    from lmforge.pipeline import read_manifest
+
+    for pack in (run_dir / "pack", Path(init) / "pack"):
+        manifest = read_manifest(pack)
+        if manifest:
+            n_bytes = manifest["outputs"]["val"]["bytes"]
+            before = base_val or shard_bpb(base.model, pack, n_bytes, **kw)
+            out["pretrain_val"] = {"base": before, "finetuned": shard_bpb(tuned.model, pack, n_bytes, **kw)}
+            break
+    if data_stats["mode"] == "text":  # the domain's own held-out text
+        n_bytes = data_stats["val"]["bytes"]
+        data_dir = run_dir / "finetune" / "data"
+        out["finetune_val"] = {"base": shard_bpb(base.model, data_dir, n_bytes, **kw),
+                               "finetuned": shard_bpb(tuned.model, data_dir, n_bytes, **kw)}
+    return out

@@ -1,0 +1,153 @@
+"""What the training loop needs to fine-tune instead of pre-train, in one object.
+
+:class:`FinetuneSetup` is handed to :func:`lmforge.train.loop.main` (``finetune=setup``); the loop
+then takes from it the tokenizer, the data folder and loader class, the output folder, and calls
+:meth:`FinetuneSetup.prepare` on the freshly built model: load the pretrained weights, then either
+attach LoRA adapters (base frozen) or freeze what ``finetune.train_layers`` / ``freeze_embeddings``
+leave out. Everything else (optimizer over the trainable parameters, schedule, checkpoints, exact
+resume, validation, logging) is the pre-training loop's own.
+
+:func:`prepare_data` writes the data folder once: token shards for text, encoded conversations for
+chat (see :mod:`lmforge.finetune.data`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor, nn
+
+from lmforge.config import ConfigError, FinetuneConfig, RunConfig
+from lmforge.data.loader import TokenLoader
+from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.finetune import adapters
+from lmforge.finetune.chat import encode_all, read_conversations
+from lmforge.finetune.data import ChatLoader, save_examples
+from lmforge.serve.chat import IM_END, IM_START
+
+EMBEDDED_DIR = Path(__file__).parent / "sets"  # the embedded fine-tuning set (build_set.py writes it)
+EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "shakespeare_qa_val.jsonl", \
+    "shakespeare_qa_heldout.jsonl"
+
+
+@dataclass
+class FinetuneSetup:
+    cfg: FinetuneConfig
+    tokenizer: Tokenizer
+    tokenizer_path: Path  # the saved tokenizer.json the checkpoints point to
+    out_dir: Path  # checkpoints (ckpt/), metrics.jsonl
+    data_dir: Path  # token shards (text) or chat_{train,val}.npz (chat)
+    init_state: dict[str, Tensor]  # the pretrained weights
+    context: int  # longest training sequence (finetune.max_length, at most the model's context)
+    lora_targets: list[str] = field(default_factory=list)
+
+    @property
+    def loader(self):
+        """The loader class the loop builds its train and validation loaders with."""
+        if self.cfg.mode == "chat":
+            return functools.partial(ChatLoader, pad_id=self.tokenizer.pad_id)
+        return TokenLoader
+
+    def prepare(self, model: nn.Module) -> None:
+        """Pretrained weights in, then adapters or frozen layers; called before the optimizer is built."""
+        missing, unexpected = model.load_state_dict(self.init_state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"the pretrained weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+        if self.cfg.lora.rank:
+            self.lora_targets = adapters.attach_lora(model, self.cfg.lora, self.cfg.train_layers)
+        else:
+            freeze(model, self.cfg.train_layers, self.cfg.freeze_embeddings)
+
+    def checkpoint_state(self) -> dict:
+        """Extra checkpoint state: how to rebuild the adapters when the checkpoint is loaded."""
+        if not self.cfg.lora.rank:
+            return {}
+        return {"lora": {"config": self.cfg.lora.model_dump(), "targets": self.lora_targets}}
+
+
+def freeze(model: nn.Module, train_layers: int | None, freeze_embeddings: bool) -> None:
+    """Full fine-tuning of the last ``train_layers`` blocks (None = all) and of what is not in a block."""
+    n_layers = model.cfg.n_layers
+    tied = {id(model.tok_emb.weight)}
+    for name, p in model.named_parameters():
+        layer = adapters.layer_of(name)
+        trainable = train_layers is None or layer is None or layer >= n_layers - train_layers
+        if freeze_embeddings and id(p) in tied:
+            trainable = False
+        p.requires_grad_(trainable)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("finetune.train_layers=0 with finetune.freeze_embeddings leaves nothing to train")
+
+
+# ------------------------------------------------------------------ data
+def data_files(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
+    """The training and validation files; an empty finetune.data means the embedded set (chat)."""
+    if cfg.data:
+        return list(cfg.data), list(cfg.val)
+    return [str(EMBEDDED_DIR / EMBEDDED_TRAIN)], list(cfg.val) or [str(EMBEDDED_DIR / EMBEDDED_VAL)]
+
+
+def file_digest(paths: list[str]) -> str:
+    """Size and content hash of every input file (folders walked): the data part of the fingerprint."""
+    h = hashlib.sha256()
+    for raw in paths:
+        p = Path(raw)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f).encode())
+            h.update(f.read_bytes() if f.is_file() else b"<missing>")
+    return h.hexdigest()[:16]
+
+
+def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path) -> dict:
+    """Write the fine-tuning data into ``data_dir``; returns its statistics."""
+    ft = cfg.finetune
+    train_files, val_files = data_files(ft)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if ft.mode == "text":
+        return _prepare_text(cfg, tok, max_length, data_dir, train_files, val_files)
+    if tok.token_to_id(IM_START) is None or tok.token_to_id(IM_END) is None:
+        raise ConfigError(f"the pretrained model's tokenizer has no {IM_START} / {IM_END} tokens, so it cannot "
+                          f"be chat fine-tuned; use finetune.mode=text or a tokenizer trained by lmforge")
+    convs, report = read_conversations(train_files, ft.on_bad_line)
+    if val_files:
+        val_convs, _ = read_conversations(val_files, ft.on_bad_line, report)
+    else:  # hold out whole conversations, chosen with the seed
+        order = np.random.default_rng(cfg.seed).permutation(len(convs))
+        n_val = max(1, round(ft.val_fraction * len(convs)))
+        held = set(order[:n_val].tolist())
+        val_convs = [c for i, c in enumerate(convs) if i in held]
+        convs = [c for i, c in enumerate(convs) if i not in held]
+    stats = {"mode": "chat", "files": {"train": train_files, "val": val_files}, "read": report.as_dict()}
+    for split, items in (("train", convs), ("val", val_convs)):
+        examples, s = encode_all(tok, items, max_length, ft.loss_on)
+        if not examples:
+            raise DataError(f"no usable {split} conversation in {', '.join(val_files if split == 'val' else train_files)}"
+                            f" ({json.dumps(s['dropped'])}; finetune.max_length={max_length})")
+        save_examples(examples, data_dir / f"chat_{split}.npz")
+        stats[split] = s
+    return stats
+
+
+def _prepare_text(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path,
+                  train_files: list[str], val_files: list[str]) -> dict:
+    from lmforge.data import pack, split
+
+    docs_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "train": train_files, "val": val_files, "val_fraction": cfg.finetune.val_fraction, "val_docs": []})})
+    docs = split.main(docs_cfg, data_dir / "docs")
+    out: dict = {"mode": "text", "files": {"train": train_files, "val": val_files}, "docs": docs}
+    for name in ("train", "val"):
+        out[name] = pack.write_shards(stage_texts(data_dir / "docs" / f"{name}.jsonl"), tok, data_dir, name,
+                                      cfg.data.shard_tokens)
+    if out["train"]["tokens"] < max_length + 1 or out["val"]["tokens"] < 2:
+        raise DataError(f"fine-tuning text too short: {out['train']['tokens']} training tokens (one sequence "
+                        f"needs {max_length + 1}) and {out['val']['tokens']} validation tokens")
+    return out

@@ -1,0 +1,145 @@
+"""Guards of the training loop: bad numbers skip an update, a failed checkpoint save is never silent.
+
+:class:`StepGuard` looks at each step's loss and gradient norm before the optimizer runs. A NaN or
+infinite value (or, with ``train.spike_factor``, a loss above that multiple of the running mean) makes
+the loop skip the update:
+
+- parameters, optimizer state (moments, step count), the step counter and so the LR schedule are
+  untouched: the next attempt is the same step again;
+- the batch is consumed: the loader moves past it, so the next attempt sees new data;
+- the skip is written to ``metrics.jsonl`` as ``{"kind": "skip", "step": <the step attempted>,
+  "reason", "loss", "grad_norm", "loader": {"epoch", "cursor"}, "windows": [[shard, start token], ...]}``;
+- after ``train.max_bad_steps`` in a row, :class:`BadStepsError` ends the run (the CLI exits 1);
+  no checkpoint is written, so the last good one is what a resume starts from.
+
+The check is one ``torch.isfinite`` on the loss and the norm already computed (a device sync on a GPU,
+free on a CPU); the spike guard also reads the loss value, so it is off by default.
+
+:func:`save_checkpoint` writes a checkpoint and turns a disk error (full disk, read-only folder) into
+a one-line report naming the folder and the errno: training stops (``train.on_save_error=stop``) or goes
+on without that checkpoint with a warning each time (``continue``); the last step's checkpoint is the
+run's result, so failing to write it always stops. Used by ``lmforge/train/loop.py``::
+
+    guard = StepGuard(tc.max_bad_steps, tc.spike_factor, batch * tc.grad_accum, hint="...")
+    loss = guard.inject(loss, step)                  # test hook (LMFORGE_FAULT_NAN_STEPS), else a no-op
+    if guard.skip(step, step_loss, grad_norm, loader, at, logger): ...   # no update this time
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lmforge.data.loader import TokenLoader
+from lmforge.train import faults
+from lmforge.train.checkpoint import Checkpointer, CheckpointError
+from lmforge.train.metrics import MetricsLogger
+
+SPIKE_BETA = 0.95  # running mean of the loss over roughly the last 20 good steps
+SPIKE_WARMUP = 20  # good steps seen before the spike guard judges (the mean must settle first)
+MAX_WINDOWS_LOGGED = 64  # a skip record names at most this many windows of its batch
+
+
+class BadStepsError(FloatingPointError):
+    """Too many updates in a row had a non-finite (or spiking) loss or gradient norm."""
+
+
+class StepGuard:
+    """Decides, step by step, whether an update is safe to apply; see the module docstring."""
+
+    def __init__(self, max_bad_steps: int, spike_factor: float | None = None, windows_per_step: int = 1,
+                 hint: str = "") -> None:
+        self.max_bad_steps = max_bad_steps
+        self.windows_per_step = windows_per_step  # batch_size x grad_accum: the windows one attempt consumes
+        self.spike_factor = spike_factor
+        self.hint = hint
+        self.skipped = 0  # over the whole run (restored on resume)
+        self.in_a_row = 0
+        self.mean, self.good = 0.0, 0  # spike guard: running mean of good losses and how many it holds
+        self._nan_attempts = faults.nan_attempts()
+
+    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """Test hook: NaN for the attempts listed in ``LMFORGE_FAULT_NAN_STEPS``, else ``loss`` itself."""
+        if self._nan_attempts and step + self.skipped + 1 in self._nan_attempts:
+            return loss * float("nan")  # through the graph, so the gradients are NaN too
+        return loss
+
+    def _reason(self, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> tuple[str | None, float]:
+        # The loop passes the global batch's loss and norm, the same on every rank, so all ranks agree.
+        grad_norm = torch.as_tensor(grad_norm)
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the only per-step sync
+            return ("nonfinite_loss" if not torch.isfinite(loss) else "nonfinite_grad_norm"), float(loss)
+        if not self.spike_factor:
+            return None, math.nan
+        value = loss.item()
+        if self.good >= SPIKE_WARMUP:
+            mean = self.mean / (1 - SPIKE_BETA ** self.good)  # bias-corrected, as Adam does
+            if value > self.spike_factor * mean:
+                return "loss_spike", value
+        self.mean = SPIKE_BETA * self.mean + (1 - SPIKE_BETA) * value
+        self.good += 1
+        return None, value
+
+    def skip(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | float, loader: TokenLoader,
+             at: dict, logger: MetricsLogger) -> bool:
+        """True if the update of step ``step + 1`` must be skipped; ``at`` is the loader state before its batches.
+
+        Raises :class:`BadStepsError` on the ``max_bad_steps``-th bad step in a row.
+        """
+        reason, value = self._reason(loss, grad_norm)
+        if reason is None:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        name = getattr(loader, "windows_from", None)  # token shards name their windows; other loaders their position
+        windows = name(at["epoch"], at["cursor"], min(self.windows_per_step, MAX_WINDOWS_LOGGED)) if name else []
+        norm = float(grad_norm)
+        logger.log(step + 1, "skip", {"reason": reason, "loss": value, "grad_norm": norm,
+                                      "loader": at,
+                                      "windows": windows, "in_a_row": self.in_a_row, "skipped": self.skipped})
+        print(f"warning: step {step + 1} skipped ({reason}: loss {value:.4g}, grad norm {norm:.4g}; batch at "
+              f"loader position {_position(at)}); {self.in_a_row} in a row, the run stops at "
+              f"{self.max_bad_steps}", file=sys.stderr, flush=True)
+        if self.in_a_row >= self.max_bad_steps:
+            logger.close()  # the skip records reach the disk before the run ends
+            raise BadStepsError(f"training stopped at step {step + 1}: {self.in_a_row} bad steps in a row (train."
+                                f"max_bad_steps={self.max_bad_steps}; last: {reason}, loss {value:.4g}, grad norm "
+                                f"{norm:.4g}); no update was applied from them. {self.hint}")
+        return True
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "mean": self.mean, "good": self.good}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.mean, self.good = float(state.get("mean", 0.0)), int(state.get("good", 0))
+
+
+def _position(state: dict) -> str:
+    return ", ".join(f"{k} {state[k]}" for k in ("epoch", "cursor") if k in state) or "unknown"
+
+
+def save_checkpoint(ckpt: Checkpointer, on_error: str, logger: MetricsLogger, step: int, model: nn.Module,
+                    optimizer: Optimizer, state: dict, last_step: bool) -> Path | None:
+    """``ckpt.save(...)``, with a disk error reported in one line and handled as ``on_error`` says."""
+    try:
+        return ckpt.save(step, model, optimizer, state)
+    except OSError as e:
+        found = ckpt.list()
+        kept = f"the newest checkpoint, {found[-1].name}, is intact" if found else "no older checkpoint exists"
+        what = f"could not write checkpoint step {step} to {ckpt.ckpt_dir}: [Errno {e.errno}] {e.strerror or e}"
+        if on_error == "stop" or last_step:
+            why = "" if on_error == "stop" else " (it is the last step's: the run's result)"
+            logger.close()  # the metrics so far reach the disk before the run ends
+            raise CheckpointError(f"{what}; training stopped{why} and {kept}. Free space or make the folder "
+                                  f"writable, then run the same command to resume") from None
+        logger.log(step, "save_error", {"errno": e.errno, "error": e.strerror or str(e), "folder": str(ckpt.ckpt_dir)})
+        print(f"WARNING: {what}; training continues WITHOUT this checkpoint (train.on_save_error=continue); "
+              f"{kept}", file=sys.stderr, flush=True)
+        return None
