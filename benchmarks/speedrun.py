@@ -84,7 +84,7 @@ def main() -> None:
     for name, points in results.items():
         ax.plot([s for s, _ in points], [b for _, b in points], marker="o", markersize=3, label=name)
     ax.axhline(2.1, color="grey", linestyle="--", linewidth=0.8, label="target 2.1")
-    ax.set_xlabel("training seconds (2 CPU cores)")
+    ax.set_xlabel("training seconds (2-core CPU)")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("CPU speedrun: validation estimate during training")
     ax.grid(alpha=0.3)
