@@ -124,6 +124,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
 
     # --------------------------------------------------------------- resume
     step, tokens_seen, train_seconds = 0, 0, 0.0
+    last_val: dict = {}
     path = ckpt.latest_valid() if tc.resume else None
     if path is not None:
         saved = ckpt.read_state(path)
@@ -137,6 +138,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
         state = ckpt.load(path, model, optimizer)
         step, tokens_seen = state["step"], state["tokens_seen"]
         train_seconds = state["train_seconds"]
+        last_val = state.get("val") or {}  # a finished run resumed at its end still reports its score
         train_loader.load_state_dict(state["loader"])
         stopper.load_state_dict(state.get("early_stop", {}))
         guard.load_state_dict(state.get("guard", {}))
@@ -156,7 +158,6 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
 
     # ----------------------------------------------------------------- loop
     stopped_by = "steps"
-    last_val: dict = {}
     train_loss = float("nan")
     loss_acc = torch.zeros((), device=rt.device)
     while step < tc.steps and not (tc.max_seconds is not None and train_seconds >= tc.max_seconds):
