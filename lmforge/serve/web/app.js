@@ -103,6 +103,14 @@ async function send(text) {
   let reply = "";
   let finish = null;
   let failed = false;
+  // Draw at most once per animation frame: a fast model streams hundreds of tokens a second, and
+  // redrawing (and scrolling) on every token would keep the page too busy to answer the Stop button.
+  let drawPending = false;
+  const draw = () => {
+    drawPending = false;
+    bubble.textContent = reply;
+    bubble.scrollIntoView({ block: "end" });
+  };
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal,
@@ -114,8 +122,7 @@ async function send(text) {
       if (!choice) return;
       if (choice.delta && choice.delta.content) {
         reply += choice.delta.content;
-        bubble.textContent = reply;
-        bubble.scrollIntoView({ block: "end" });
+        if (!drawPending) { drawPending = true; requestAnimationFrame(draw); }
       }
       if (choice.finish_reason) finish = choice.finish_reason;
     });
@@ -129,6 +136,7 @@ async function send(text) {
       $("status").textContent = "error";
     }
   } finally {
+    draw(); // the whole reply, whatever frame was pending
     bubble.classList.remove("streaming");
     bubble.dataset.finished = finish || (failed ? "error" : "stopped");
     if (failed && !reply) {
