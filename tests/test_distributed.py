@@ -29,6 +29,8 @@ from lmforge.train.distributed import Parallel, plan_batches
 from lmforge.train.metrics import gpu_peak_flops
 from tests.conftest import ROOT, TINY
 
+from .in_process import call_cli
+
 STEPS = 6
 LAST = f"step_{STEPS:06d}"
 
@@ -56,18 +58,6 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
 
 
-def _in_process(*args: str) -> int:
-    """``lmforge ARGS`` in this process (one rank); returns the exit status. Restores the thread count."""
-    threads = torch.get_num_threads()
-    try:
-        cli_main(list(args))
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, small_corpus: Path) -> tuple[Path, list[str]]:
     """Tokenizer and shards prepared once (run 'base'); each test trains a copy of it."""
@@ -86,7 +76,7 @@ def _train(prepared: tuple[Path, list[str]], name: str, nproc: int, *extra: str,
     if not (runs / name).exists():
         _copy(runs, src, name)
     if nproc == 1:
-        assert _in_process("train", *common, f"--name={name}", *extra) == 0
+        assert call_cli("train", *common, f"--name={name}", *extra) == 0
     else:
         out = _torchrun(nproc, "train", *common, f"--name={name}", *extra)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -210,7 +200,7 @@ def test_missing_rendezvous_is_one_clear_line(tmp_path: Path, monkeypatch, capsy
         monkeypatch.setenv(key, value)
     if "MASTER_ADDR" in env:
         monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
-    assert _in_process("train", "--config", str(TINY), f"--runs_dir={tmp_path}", "--train.dist_timeout=1") == 2
+    assert call_cli("train", "--config", str(TINY), f"--runs_dir={tmp_path}", "--train.dist_timeout=1") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "tiny").exists()  # refused before any work
@@ -219,7 +209,7 @@ def test_missing_rendezvous_is_one_clear_line(tmp_path: Path, monkeypatch, capsy
 def test_checkpoint_of_another_model_config_is_refused(prepared, ddp: Path, capsys) -> None:
     runs, common = prepared
     _copy(runs, "ddp", "other")
-    assert _in_process("train", *common, "--name=other", "--model.d_model=48", f"--train.steps={STEPS + 2}") == 2
+    assert call_cli("train", *common, "--name=other", "--model.d_model=48", f"--train.steps={STEPS + 2}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "was trained with another model/train config" in err[-1]
 
