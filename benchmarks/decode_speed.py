@@ -25,6 +25,7 @@ Output: one line per architecture and the ratio; figures go to docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256, help="context (>= prompt + tokens, so no re-prefill)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
     ap.add_argument("--archs", default="transformer,lstm,gru,cnn", help="comma-separated architectures")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the Transformer with its compiled decode step (Engine(compile=True))")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,15 +108,27 @@ def main() -> None:
             export_hf(tm, Path(tmp))
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
         hf_rate(hf, ids, 8, tok.pad_id)
-        ours = theirs = 0.0
-        for _ in range(args.repeats):  # in turns: both see the same machine load
+        compiled = None
+        if args.compile:
+            start = time.perf_counter()
+            compiled = Engine(copy.deepcopy(tm.model), tok, compile=True)  # its own copy: the flag is per model
+            print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
+        ours = ours_c = theirs = 0.0
+        for _ in range(args.repeats):  # in turns: all sides see the same machine load
             rate, our_ids = lmforge_rate(engine, ids, args.tokens)
             ours = max(ours, rate)
+            if compiled is not None:
+                rate, compiled_ids = lmforge_rate(compiled, ids, args.tokens)
+                ours_c = max(ours_c, rate)
+                assert compiled_ids == our_ids, "the compiled step chose other tokens than the eager one"
             rate, their_ids = hf_rate(hf, ids, args.tokens, tok.pad_id)
             theirs = max(theirs, rate)
         same = our_ids == their_ids
         print(f"{arch:<12} lmforge {ours:8.1f} tokens/s  transformers generate {theirs:8.1f} tokens/s  "
               f"ratio {ours / theirs:.2f}x  same tokens: {same}  ({tm.model.num_params():,} parameters)")
+        if compiled is not None:
+            print(f"{arch:<12} lmforge compiled {ours_c:8.1f} tokens/s  ratio {ours_c / theirs:.2f}x "
+                  f"to transformers generate, {ours_c / ours:.2f}x to lmforge eager")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,14 @@ class LanguageModel(nn.Module, ABC):
         ``max_state_len``). The inputs stay valid.
         """
 
+    def compile_decoding(self) -> bool:
+        """Compile the one-token decode step (``torch.compile``) where the model has one; True if it did.
+
+        The first compiled step pays the compile (seconds to a minute on a CPU; cached on disk by
+        inductor afterwards), so servers opt in and one-shot generation does not.
+        """
+        return False
+
     @property
     def max_state_len(self) -> int | None:
         """The longest total sequence a decode state can hold; None = unbounded."""

@@ -23,8 +23,6 @@ Parameter names: ``tok_emb``, ``layers.{i}.attn_norm``, ``layers.{i}.attn.{q,k,v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +30,14 @@ from torch import Tensor, nn
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.base import LanguageModel
 from lmforge.models.layers import RMSNorm, Rotary, causal_lm_loss, make_lm_head
+from lmforge.models.transformer_decode import (
+    DecodePlan,
+    Frontier,
+    KVCache,
+    Ragged,
+    compiled_one,
+    decode_one,
+)
 
 # scaled_dot_product_attention repeats K/V heads itself (no copy) from torch 2.5 on.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -63,45 +69,6 @@ class NoRotation(nn.Module):
         pass
 
 
-@dataclass
-class _Frontier:
-    """Which state last wrote into the shared cache buffers (by its stamp); lets states share buffers safely."""
-
-    stamp: int = 0
-
-
-@dataclass
-class KVCache:
-    """Decode state: per layer, preallocated keys and values ``(B, n_kv_heads, context, head_dim)``.
-
-    ``lens`` (B,) int64 on the CPU counts the tokens each row has seen; rows may
-    differ (requests that joined a decode batch at different lengths), and row
-    ``b`` keeps its keys in columns ``[0, lens[b])``. States returned by
-    successive ``step`` calls share the buffers (no copy per token); stepping a
-    state that is not the newest one (branching) first copies the buffers, so
-    every state stays valid.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor]
-    lens: Tensor
-    frontier: _Frontier = field(default_factory=_Frontier)
-    stamp: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-
-@dataclass
-class _Ragged:
-    """Where the new tokens of rows at different lengths go, computed once per step for every layer."""
-
-    positions: Tensor  # (B, T) int64: absolute position of each new token
-    span: int  # key columns to attend over: the longest row after this step
-    mask: Tensor  # (B, 1, T, span) bool, True = attend: column j <= the query's position
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
 
@@ -121,7 +88,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
 
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
-                pos: int | _Ragged = 0) -> Tensor:
+                pos: int | Ragged = 0) -> Tensor:
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -131,7 +98,7 @@ class Attention(nn.Module):
 
         mask: Tensor | None = None
         causal = True
-        if isinstance(pos, _Ragged):
+        if isinstance(pos, Ragged):
             # Rows at different lengths: each writes its new keys at its own columns and sees only its own.
             assert cache is not None, "per-row positions exist only while decoding"
             q, k = rotary(q, pos.positions), rotary(k, pos.positions)
@@ -214,7 +181,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
-                pos: int | _Ragged = 0) -> Tensor:
+                pos: int | Ragged = 0) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rotary, cache, pos))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -252,12 +219,12 @@ class Transformer(LanguageModel):
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         return logits, None if targets is None else causal_lm_loss(logits, targets)
 
-    def _embed(self, idx: Tensor, pos: int | _Ragged = 0) -> Tensor:
+    def _embed(self, idx: Tensor, pos: int | Ragged = 0) -> Tensor:
         """Token embeddings of ``idx`` (B, T), plus the learned position embeddings when ``pos=learned``."""
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is None:
             return x
-        if isinstance(pos, _Ragged):
+        if isinstance(pos, Ragged):
             return x + self.pos_emb(pos.positions)  # (B, T): decode rows continue from their own lengths
         return x + self.pos_emb(torch.arange(pos, pos + idx.shape[1], device=idx.device))  # (T,) for every row
 
@@ -296,7 +263,8 @@ class Transformer(LanguageModel):
         b, t = idx.shape
         if b != state.batch_size:
             raise ValueError(f"idx has {b} rows but the decode state holds {state.batch_size}")
-        longest = int(state.lens.max()) if b else 0
+        lens = state.lens.tolist()  # one conversion instead of a max and an any over a tensor
+        longest = max(lens) if b else 0
         if longest + t > self.cfg.context:
             raise ValueError(
                 f"decode state holds {longest} tokens; {t} more would make {longest + t}, "
@@ -306,10 +274,18 @@ class Transformer(LanguageModel):
         if state.stamp != frontier.stamp:
             # A newer state already wrote into the shared buffers: branch on a copy.
             k, v = [t_.clone() for t_ in k], [t_.clone() for t_ in v]
-            frontier = _Frontier(state.stamp)
-        pos: int | _Ragged = longest
-        if b and bool((state.lens != longest).any()):
-            pos = self._ragged(state.lens, t, longest + t, idx.device)
+            frontier = Frontier(state.stamp)
+        pos: int | Ragged = longest
+        if b and min(lens) != longest:
+            pos = Ragged.of(state.lens, t, longest + t, idx.device)
+        plan = DecodePlan.for_model(self) if t == 1 and not self.training and not torch.is_grad_enabled() else None
+        if plan is not None:  # the decode loop's one token per row: the fused path
+            if b == 1 and self.__dict__.get("_compiled_decoding"):
+                logits = compiled_one(plan, idx, k, v, state.lens.to(idx.device))
+            else:
+                logits = decode_one(plan, idx, k, v, pos)
+            frontier.stamp += 1
+            return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
         x = self._embed(idx, pos)  # (B, T_new, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rotary, (k[i], v[i]), pos)
@@ -317,12 +293,10 @@ class Transformer(LanguageModel):
         frontier.stamp += 1
         return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
 
-    @staticmethod
-    def _ragged(lens: Tensor, t: int, span: int, device: torch.device) -> _Ragged:
-        positions = (lens[:, None] + torch.arange(t)[None, :]).to(device)  # (B, T)
-        columns = torch.arange(span, device=device)  # (span,)
-        mask = columns[None, None, :] <= positions[:, :, None]  # (B, T, span)
-        return _Ragged(positions, span, mask[:, None])
+    def compile_decoding(self) -> bool:
+        """Run batch-1 one-token steps through ``torch.compile`` from now on (see transformer_decode)."""
+        self.__dict__["_compiled_decoding"] = True
+        return True
 
     def reorder_state(self, state: KVCache, index: Tensor) -> KVCache:
         k = [t.index_select(0, index.to(t.device)) for t in state.k]

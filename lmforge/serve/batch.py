@@ -328,10 +328,12 @@ class DecodeBatch:
                 continue
             (refill if self.limit is not None and s.held + 1 > self.limit else keep).append(row)
 
-        rows, index = self.rows, torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._keep(keep)
+        rows = self.rows
+        if len(keep) < len(rows):
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=self.device)]
+            self._keep(keep)
         if keep:
-            logits, self.state = self.model.step(tokens[index][:, None], self.state)  # (B, 1) -> (B, 1, V)
+            logits, self.state = self.model.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)
             self.last = logits[:, -1, :]
             for req, i in self.rows:
                 req.samples[i].held += 1

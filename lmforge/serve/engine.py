@@ -60,7 +60,7 @@ class Engine:
     """Generates text from any lmforge model with its tokenizer; see the module docstring."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: str | torch.device | None = "cpu",
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, compile: bool = False) -> None:
         # device None = wherever the model's parameters already are (no copy).
         if device is None:
             first = next(model.parameters(), None)
@@ -71,6 +71,11 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        # compile: the model's one-stream decode step goes through torch.compile, compiled here (a short
+        # generation), so the first request does not wait for it.
+        self.compiled = bool(compile) and bool(getattr(model, "compile_decoding", lambda: False)())
+        if self.compiled:
+            self.generate([[tokenizer.eot_id]], SamplingParams(temperature=0, max_new_tokens=2, stop_token_ids=[]))
 
     @property
     def max_state_len(self) -> int | None:
