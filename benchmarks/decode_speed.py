@@ -9,7 +9,10 @@ a shared machine are noisy; the ratios are what to read):
    ``transformers``' ``generate`` on the same weights exported with
    ``lmforge.export.hf.export_hf`` (its ``LlamaForCausalLM`` with SDPA). The two
    are run in turns, ``--repeats`` times, and the best of each is kept, so both see
-   the same machine load. Both must produce the same tokens (checked).
+   the same machine load. Both must produce the same tokens (checked). With
+   ``--compile`` (the default) a third side, ``Engine(compile=True)`` on a copy of
+   the model, decodes through the compiled batch-1 step; it must choose the same
+   tokens as the eager engine (checked); its compile time is printed.
 2. For the LSTM, GRU and gated CNN of the same width and depth: the engine's tokens/s
    (transformers has no equal model to compare with).
 

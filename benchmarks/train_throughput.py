@@ -21,6 +21,7 @@ with the model's ``flops_per_token``. Run::
 
     .venv/bin/python benchmarks/train_throughput.py                  # a few minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --steps 2 --repeats 1 --configs issue   # quick check
+    .venv/bin/python benchmarks/train_throughput.py --configs issue --compile   # + both under torch.compile
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from lmforge.config import ModelConfig, TokenizerConfig, TrainConfig, load_config  # noqa: E402
 from lmforge.data.sources import embedded_corpus  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
+from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
-from lmforge.models.transformer import hf_llama_config, to_hf_llama_state_dict  # noqa: E402
 from lmforge.train.metrics import peak_flops  # noqa: E402
 from lmforge.train.optim import build_optimizer, param_groups  # noqa: E402
 
@@ -102,9 +103,23 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
         torch.manual_seed(0)
         other = build_model(recipe_cfg)
         sides["lmforge recipe"] = step_fn(other, build_optimizer(other, recipe), hf=False)
+    if args.compile:  # train.compile=true: the whole model through torch.compile (inductor), both libraries
+        torch.manual_seed(0)
+        twin = build_model(cfg)
+        sides["lmforge compiled"] = step_fn(torch.compile(twin), build_optimizer(twin, tc), hf=False)
+        hf_twin = LlamaForCausalLM(LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa"))
+        hf_twin.load_state_dict(to_hf_llama_state_dict(twin), strict=False)
+        hf_twin.train()
+        sides["transformers compiled"] = step_fn(
+            torch.compile(hf_twin), torch.optim.AdamW(param_groups(hf_twin, 0.1), lr=3e-3, betas=(0.9, 0.95)),
+            hf=True)
     data = batches(args.vocab, cfg.context, batch, args.steps)
-    for step in sides.values():
-        step(data[0])  # warm-up: allocations and lazy state
+    for name, step in sides.items():
+        start = time.perf_counter()
+        step(data[0])  # warm-up: allocations, lazy state and, for the compiled sides, the compile
+        step(data[1 % len(data)])
+        if "compiled" in name:
+            print(f"  ({name}: compiled in {time.perf_counter() - start:.0f} s)")
     rates: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.repeats):  # in turns: every side sees the same machine load
         for k, step in sides.items():
@@ -117,6 +132,10 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
         print(f"  {k:<16} {v:9.0f} tokens/s  MFU {v * flops / peak:6.1%}  (runs: "
               + ", ".join(f"{r:.0f}" for r in rates[k]) + ")")
     print(f"  ratio lmforge / transformers: {med['lmforge'] / med['transformers']:.2f}x")
+    if args.compile:
+        print(f"  ratio compiled lmforge / compiled transformers: "
+              f"{med['lmforge compiled'] / med['transformers compiled']:.2f}x; compiled lmforge / transformers: "
+              f"{med['lmforge compiled'] / med['transformers']:.2f}x")
 
 
 def main() -> None:
@@ -126,6 +145,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048, help="vocabulary size (BPE trained on the corpus)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
     ap.add_argument("--configs", default="issue,speedrun", help="comma-separated: issue, speedrun")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both libraries under torch.compile (each compiles for about a minute on 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_config(ROOT / "configs" / "speedrun-cpu.yaml").train

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmforge.config import ConfigError, ModelConfig
+from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
 from lmforge.models import build_model
-from lmforge.models.transformer import hf_llama_config, to_hf_llama_state_dict
 
 V, T = 61, 24
 

@@ -66,9 +66,13 @@ def decode(model: LanguageModel, idx: torch.Tensor, sizes: list[int], state=None
 def test_forward_shapes_and_initial_loss(arch):
     model = make(arch)
     idx, targets = tokens(3), tokens(3, seed=2)
+    none, fused = model(idx, targets)  # training: the head and the loss run fused, without logits
+    assert none is None and fused.dtype == torch.float32 and fused.shape == ()
+    model.eval()
     logits, loss = model(idx, targets)
     assert logits.shape == (3, T, V)
     assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(fused, loss, atol=1e-6, rtol=0)
     # Small init: predictions are near uniform, so the loss starts near ln(V).
     assert abs(loss.item() - math.log(V)) < 0.1
     logits2, none = model(idx)
@@ -81,13 +85,20 @@ def test_loss_ignores_masked_targets(arch):
     idx, targets = tokens(2), tokens(2, seed=2)
     targets[0, :5] = -100
     targets[1, 10:] = -100
+    _, fused = model(idx, targets)  # training: fused head and loss
+    model.eval()
     logits, loss = model(idx, targets)
     keep = targets != -100
     manual = F.cross_entropy(logits[keep].double(), targets[keep])
     assert loss.item() == pytest.approx(manual.item(), abs=1e-5)
-    # A fully masked batch gives 0, not NaN.
+    assert fused.item() == pytest.approx(manual.item(), abs=1e-5)
+    # A fully masked batch gives 0, not NaN, and (training) zero gradients.
     _, empty = model(idx, torch.full_like(targets, -100))
     assert empty.item() == 0.0
+    model.train()
+    _, empty = model(idx, torch.full_like(targets, -100))
+    empty.backward()
+    assert empty.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

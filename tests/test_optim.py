@@ -97,7 +97,7 @@ def test_build_optimizer_uses_config_and_steps():
     assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
-    assert not opt.defaults["fused"]
+    assert opt.defaults["fused"]  # one fused kernel on CPUs too (torch >= 2.4)
     assert group_summary(opt) == {"decay": {"tensors": 2, "params": 12 * 6 + 6 * 6},
                                   "no_decay": {"tensors": 3, "params": 6 + 6 + 6}}
     set_lr(opt, 0.25)

@@ -170,7 +170,9 @@ class TrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "autocast dtype; auto = bfloat16 on CUDA that supports it, float32 on CPU (bf16 is ~100x slower there)"))
     compile: bool | None = Field(None, description=(
-        "torch.compile the model (slow to start; pays off on GPUs); None = on for CUDA, off elsewhere"))
+        "torch.compile the model: about 1.25x the tokens/s of eager on a 2-core CPU once compiled, after a "
+        "compile of about 80 s (pays off for runs of more than a few minutes; always on GPUs); "
+        "None = on for CUDA, off elsewhere"))
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)")
     progress: bool = Field(True, description="show a progress bar")

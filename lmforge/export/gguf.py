@@ -30,7 +30,8 @@ import torch
 
 from lmforge.config import ConfigError
 from lmforge.export.hf import require_llama, special_ids
-from lmforge.models.transformer import Transformer, to_hf_llama_state_dict
+from lmforge.export.hf_llama import to_hf_llama_state_dict
+from lmforge.models.transformer import Transformer
 from lmforge.serve.chat import CHAT_TEMPLATE
 from lmforge.trained import TrainedModel
 

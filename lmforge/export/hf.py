@@ -2,7 +2,7 @@
 
 ``lmforge export RUN --format hf --out DIR`` writes::
 
-    config.json              LlamaForCausalLM config (models/transformer.py: hf_llama_config), or
+    config.json              LlamaForCausalLM config (export/hf_llama.py: hf_llama_config), or
                              GPT2LMHeadModel for a GPT-2 style Transformer (export/hf_gpt2.py)
     generation_config.json   end-of-turn / end-of-text ids, so generate() stops where lmforge does
     model.safetensors        weights under Llama / GPT-2 names (a tied lm_head is left out; transformers re-ties it)
@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from lmforge.config import ConfigError
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_state_dict
-from lmforge.models.transformer import Transformer, hf_llama_config, to_hf_llama_state_dict
+from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
+from lmforge.models.transformer import Transformer
 from lmforge.serve.chat import CHAT_TEMPLATE, IM_END, IM_START
 from lmforge.train.checkpoint import CheckpointError
 from lmforge.trained import TrainedModel

@@ -5,7 +5,8 @@ interface, so no code outside ``lmforge/models`` branches on the architecture:
 
 - ``forward(idx, targets=None) -> (logits, loss)``: ``idx`` and ``targets`` are
   ``(B, T)`` int64; logits are ``(B, T, V)``; the loss is the float32 mean
-  cross-entropy over the targets that are not ``-100``.
+  cross-entropy over the targets that are not ``-100``. In training with targets
+  the logits may be None: the head and the loss then run fused (``head_loss``).
 - ``init_weights()``: deterministic given torch's RNG; the constructor calls it.
 - ``num_params()`` and ``flops_per_token()`` (training flops, for MFU).
 - ``new_state(B)`` / ``step(idx, state) -> (logits, state)`` / ``reorder_state``
@@ -39,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.models.layers import RMSNorm
+from lmforge.models.head_loss import head_cross_entropy
+from lmforge.models.layers import RMSNorm, causal_lm_loss
 
 
 class LanguageModel(nn.Module, ABC):
@@ -65,7 +67,26 @@ class LanguageModel(nn.Module, ABC):
     # ------------------------------------------------------------------ training
     @abstractmethod
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``idx`` (B, T) -> ``(logits (B, T, V), loss or None)``; loss ignores targets equal to -100."""
+        """``idx`` (B, T) -> ``(logits (B, T, V), loss or None)``; loss ignores targets equal to -100.
+
+        Training with targets may return ``(None, loss)`` (see :meth:`head_loss`).
+        """
+
+    def head_loss(self, h: Tensor, targets: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """``(logits, loss)`` from the final hidden states ``h`` (B, T, d) through ``lm_head``.
+
+        While training (train mode, gradients on, no autocast, a plain ``nn.Linear`` head) with
+        targets, the head and the loss run fused and chunked (:mod:`lmforge.models.head_loss`) and
+        the logits are not returned (None): the training loop needs only the loss. Otherwise the
+        logits are computed whole and the loss, when targets are given, from them.
+        """
+        head = self.lm_head
+        if (targets is not None and self.training and torch.is_grad_enabled() and type(head) is nn.Linear
+                and not torch.is_autocast_enabled(h.device.type)):
+            flat = h.reshape(-1, h.shape[-1])
+            return None, head_cross_entropy(flat, head.weight, head.bias, targets.reshape(-1))
+        logits = head(h)  # (B, T, V)
+        return logits, None if targets is None else causal_lm_loss(logits, targets)
 
     def residual_projections(self) -> list[nn.Module]:
         """Modules whose output is added onto a residual stream (GPT-2 scales their init down)."""

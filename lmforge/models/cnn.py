@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import LanguageModel
-from lmforge.models.layers import RMSNorm, causal_lm_loss, make_lm_head
+from lmforge.models.layers import RMSNorm, make_lm_head
 
 
 @dataclass
@@ -101,12 +101,12 @@ class GatedCNN(LanguageModel):
             x, buf = layer(x, None if buffers is None else buffers[i])
             if buf is not None:
                 new_buffers.append(buf)
-        return self.lm_head(self.norm(x)), new_buffers  # (B, T, V)
+        return self.norm(x), new_buffers  # (B, T, C): the head is applied by the caller
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         self._check_idx(idx)
-        logits, _ = self._run(idx, None)
-        return logits, None if targets is None else causal_lm_loss(logits, targets)
+        h, _ = self._run(idx, None)
+        return self.head_loss(h, targets)
 
     def flops_per_token(self) -> float:
         """``6 * N_matmul``: per layer the convolution (``kernel_size * d_model * 2 * expansion * d_model``)
@@ -131,7 +131,8 @@ class GatedCNN(LanguageModel):
         self._check_idx(idx)
         if idx.shape[0] != state.buffers[0].shape[0]:
             raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {state.buffers[0].shape[0]}")
-        logits, buffers = self._run(idx, state.buffers)  # new buffers are fresh tensors: no aliasing
+        h, buffers = self._run(idx, state.buffers)  # new buffers are fresh tensors: no aliasing
+        logits = self.lm_head(h)  # (B, T, V)
         return logits, ConvState(buffers)
 
     def reorder_state(self, state: ConvState, index: Tensor) -> ConvState:

@@ -12,7 +12,7 @@ Usage::
 
     norm = RMSNorm(256, eps=1e-5)
     rope = Rotary(head_dim=64, max_len=1024, theta=10000.0)
-    q = rope(q, start=0)             # q: (B, n_heads, T, head_dim)
+    q = rope(q, start=0)             # q: (B, T, n_heads, head_dim)
     head = make_lm_head(tok_emb, tie=True)
 """
 
@@ -96,21 +96,21 @@ class Rotary(nn.Module):
         self.sin.copy_(sin)
 
     def forward(self, x: Tensor, start: int | Tensor) -> Tensor:
-        """Rotate ``x`` of shape ``(B, H, T, head_dim)`` holding positions ``[start, start + T)``.
+        """Rotate ``x`` of shape ``(B, T, H, head_dim)`` holding positions ``[start, start + T)``.
 
         ``start`` may instead be a ``(B, T)`` int64 tensor of each row's own positions (rows of a
         decode batch at different lengths); the caller keeps them below ``max_len``, since checking
         here would synchronize with the device on every layer.
         """
         if isinstance(start, Tensor):
-            cos = self.cos[start].to(x.dtype)[:, None]  # (B, 1, T, head_dim), broadcast over H
-            sin = self.sin[start].to(x.dtype)[:, None]
+            cos = self.cos[start].to(x.dtype)[:, :, None]  # (B, T, 1, head_dim), broadcast over H
+            sin = self.sin[start].to(x.dtype)[:, :, None]
             return x * cos + rotate_half(x) * sin
-        t = x.shape[-2]
+        t = x.shape[1]
         if start + t > self.max_len:
             raise ValueError(f"positions up to {start + t} exceed the rotary table of {self.max_len} positions")
-        cos = self.cos[start : start + t].to(x.dtype)  # (T, head_dim), broadcast over B and H
-        sin = self.sin[start : start + t].to(x.dtype)
+        cos = self.cos[start : start + t].to(x.dtype)[:, None]  # (T, 1, head_dim), broadcast over B and H
+        sin = self.sin[start : start + t].to(x.dtype)[:, None]
         return x * cos + rotate_half(x) * sin
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import LanguageModel
-from lmforge.models.layers import causal_lm_loss, make_lm_head
+from lmforge.models.layers import make_lm_head
 
 
 @dataclass
@@ -82,7 +82,7 @@ class RecurrentLM(LanguageModel):
         y = self.out_drop(y)
         if self.out_proj is not None:
             y = self.out_proj(y)  # (B, T, d_model)
-        return self.lm_head(y), new  # (B, T, V)
+        return y, new  # (B, T, d_model): the head is applied by the caller
 
     def _recur(self, x: Tensor, init: Tensor | tuple[Tensor, Tensor] | None) -> tuple[Tensor, Any]:
         """The recurrent stack over ``x`` (B, T, hidden); with ``model.rnn.bptt``, truncated when training."""
@@ -99,8 +99,8 @@ class RecurrentLM(LanguageModel):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         self._check_idx(idx)
-        logits, _ = self._run(idx, None)  # zero initial state: truncated BPTT over this sequence
-        return logits, None if targets is None else causal_lm_loss(logits, targets)
+        h, _ = self._run(idx, None)  # zero initial state: truncated BPTT over this sequence
+        return self.head_loss(h, targets)
 
     def flops_per_token(self) -> float:
         """``6 * N_matmul``: per layer ``n_gates * hidden * (hidden + hidden)`` (input and recurrent
@@ -125,7 +125,8 @@ class RecurrentLM(LanguageModel):
         if idx.shape[0] != state.h.shape[1]:
             raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {state.h.shape[1]}")
         # The recurrent modules return fresh tensors, so the old state stays valid.
-        logits, new = self._run(idx, state)
+        h, new = self._run(idx, state)
+        logits = self.lm_head(h)  # (B, T, V)
         if isinstance(new, tuple):
             return logits, RNNState(new[0], new[1])
         return logits, RNNState(new)

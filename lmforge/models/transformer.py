@@ -3,8 +3,7 @@
 Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions ->
 residual, RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and the ``lm_head``.
 No biases. With ``model.transformer.qk_norm`` off (the default) the weights map
-one to one onto Hugging Face's ``LlamaForCausalLM`` through
-:func:`to_hf_llama_state_dict` and :func:`hf_llama_config` (used by the export).
+one to one onto Hugging Face's ``LlamaForCausalLM`` (lmforge/export/hf_llama.py).
 
 ``model.transformer.{norm,pos,mlp,bias}`` select GPT-2's pieces instead (LayerNorm,
 learned absolute positions ``pos_emb``, a 2-matrix GELU MLP ``mlp.{up,down}``, biases);
@@ -27,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.config import ConfigError, ModelConfig
+from lmforge.config import ModelConfig
 from lmforge.models.base import LanguageModel
-from lmforge.models.layers import RMSNorm, Rotary, causal_lm_loss, make_lm_head
+from lmforge.models.layers import RMSNorm, Rotary, make_lm_head
 from lmforge.models.transformer_decode import (
     DecodePlan,
     Frontier,
@@ -90,9 +89,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
                 pos: int | Ragged = 0) -> Tensor:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # Queries and keys are rotated in the projection's own (B, T, heads, hd) layout, where the
+        # elementwise work runs on contiguous memory (about 3x faster than on the transposed view).
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
 
@@ -101,17 +102,17 @@ class Attention(nn.Module):
         if isinstance(pos, Ragged):
             # Rows at different lengths: each writes its new keys at its own columns and sees only its own.
             assert cache is not None, "per-row positions exist only while decoding"
-            q, k = rotary(q, pos.positions), rotary(k, pos.positions)
+            q, k = rotary(q, pos.positions).transpose(1, 2), rotary(k, pos.positions)  # q: (B, nh, T, hd)
             k_buf, v_buf = cache
             rows = torch.arange(b, device=x.device)[:, None].expand(b, t)  # (B, T)
             # Advanced indices on dims 0 and 2 put (B, T) first: the slot shape is (B, T, nkv, hd).
-            k_buf[rows, :, pos.positions] = k.transpose(1, 2).to(k_buf.dtype)
-            v_buf[rows, :, pos.positions] = v.transpose(1, 2).to(v_buf.dtype)
+            k_buf[rows, :, pos.positions] = k.to(k_buf.dtype)
+            v_buf[rows, :, pos.positions] = v.to(v_buf.dtype)
             k = k_buf[:, :, : pos.span].to(q.dtype)  # (B, nkv, span, hd)
             v = v_buf[:, :, : pos.span].to(q.dtype)
             mask, causal = pos.mask, False
         else:
-            q, k = rotary(q, pos), rotary(k, pos)
+            q, k, v = rotary(q, pos).transpose(1, 2), rotary(k, pos).transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
             if cache is not None:
                 k_buf, v_buf = cache
                 k_buf[:, :, pos : pos + t] = k.to(k_buf.dtype)
@@ -216,8 +217,7 @@ class Transformer(LanguageModel):
         x = self._embed(idx)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, self.rotary)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return logits, None if targets is None else causal_lm_loss(logits, targets)
+        return self.head_loss(self.norm(x), targets)
 
     def _embed(self, idx: Tensor, pos: int | Ragged = 0) -> Tensor:
         """Token embeddings of ``idx`` (B, T), plus the learned position embeddings when ``pos=learned``."""
@@ -309,96 +309,3 @@ class Transformer(LanguageModel):
         k = [torch.cat([s.k[i] for s in states]) for i in range(len(self.layers))]
         v = [torch.cat([s.v[i] for s in states]) for i in range(len(self.layers))]
         return KVCache(k, v, torch.cat([s.lens for s in states]))
-
-
-# ------------------------------------------------------------------ Hugging Face
-def _check_llama_compatible(cfg: ModelConfig) -> None:
-    if cfg.arch != "transformer":
-        raise ConfigError(f"model.arch is '{cfg.arch}': only the transformer maps onto Llama")
-    if cfg.transformer.qk_norm:
-        raise ConfigError("model.transformer.qk_norm is true: Llama has no query/key norm, so it cannot be exported")
-    t = cfg.transformer
-    for key, llama in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "swiglu")):
-        if getattr(t, key) != llama:
-            raise ConfigError(f"model.transformer.{key} is '{getattr(t, key)}': Llama has only {key}={llama}")
-
-
-def hf_llama_config(
-    cfg: ModelConfig,
-    bos_token_id: int | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-) -> dict:
-    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to our Transformer.
-
-    The rotary base is written both as ``rope_theta`` (transformers 4.x) and as
-    ``rope_parameters`` (transformers 5.x), so either version loads it.
-    """
-    _check_llama_compatible(cfg)
-    t = cfg.transformer
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": ffn_hidden_size(cfg),
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": t.n_heads,
-        "num_key_value_heads": t.n_kv_heads or t.n_heads,
-        "head_dim": cfg.d_model // t.n_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.context,
-        "rms_norm_eps": t.norm_eps,
-        "rope_theta": t.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": t.bias,
-        "attention_dropout": 0.0,
-        "mlp_bias": t.bias,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-    }
-
-
-_HF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q.weight": "self_attn.q_proj.weight",
-    "attn.k.weight": "self_attn.k_proj.weight",
-    "attn.v.weight": "self_attn.v_proj.weight",
-    "attn.o.weight": "self_attn.o_proj.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.up.weight": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-}
-
-
-def to_hf_llama_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """Our weights under Hugging Face Llama names (detached; they share memory with the model).
-
-    With tied embeddings ``lm_head.weight`` is left out, as ``save_pretrained``
-    does: transformers re-ties it from ``model.embed_tokens.weight`` on load.
-    """
-    _check_llama_compatible(model.cfg)
-    out: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name == "tok_emb.weight":
-            out["model.embed_tokens.weight"] = tensor.detach()
-        elif name == "norm.weight":
-            out["model.norm.weight"] = tensor.detach()
-        elif name == "lm_head.weight":
-            if not model.cfg.tie_embeddings:
-                out["lm_head.weight"] = tensor.detach()
-        elif name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            stem, _, kind = rest.rpartition(".")  # kind: weight or bias (model.transformer.bias)
-            hf_name = _HF_LAYER_NAMES.get(f"{stem}.weight")
-            if hf_name is None or (kind == "bias" and stem.endswith("norm")):
-                raise ValueError(f"parameter '{name}' has no Llama counterpart")
-            out[f"model.layers.{index}.{hf_name.rpartition('.')[0]}.{kind}"] = tensor.detach()
-        else:
-            raise ValueError(f"parameter '{name}' has no Llama counterpart")
-    return out

@@ -134,9 +134,11 @@ class _Norm:
     def __init__(self, norm: nn.Module) -> None:
         self.layer = isinstance(norm, nn.LayerNorm)
         self.eps, self.dim = float(norm.eps), int(norm.weight.shape[0])
-        self.eps_t = torch.tensor(self.eps, dtype=norm.weight.dtype, device=norm.weight.device)
+        self.eps_t = torch.tensor(self.eps, dtype=torch.float32, device=norm.weight.device)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32:  # statistics in float32, as the module path takes them
+            return self(x.float()).to(x.dtype)
         if self.layer:
             return F.layer_norm(x, (self.dim,), None, None, self.eps)
         # x / sqrt(mean(x^2) + eps) from the 2-norm: four small kernels where F.rms_norm runs eight on a CPU.
