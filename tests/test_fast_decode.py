@@ -149,3 +149,18 @@ def test_compiled_step_matches_eager_tokens_and_logits():
     with torch.inference_mode():
         torch.testing.assert_close(one_by_one(compiled.model, idx, prefill=4), model(idx)[0][:, 4:],
                                    atol=1e-5, rtol=0)
+
+
+def test_compiled_step_refuses_buffers_it_was_not_built_for():
+    model = make({"n_heads": 4})
+    model.compile_decoding()
+    idx = tokens(1)
+    with torch.inference_mode():
+        want, _ = model(idx)
+        one_by_one(model, idx, prefill=4)  # compiles and captures for contiguous (1, kv, T, hd) buffers
+        _, state = model.step(idx[:, :4], model.new_state(1))
+        # The same values in buffers with other strides: the captured graph must not read them blindly.
+        state.k = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in state.k]
+        assert not state.k[0].is_contiguous()
+        logits, _ = model.step(idx[:, 4:5], state)
+    torch.testing.assert_close(logits[:, 0], want[:, 4], atol=1e-5, rtol=0)

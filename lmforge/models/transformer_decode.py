@@ -346,6 +346,7 @@ class _Captured:
         self.args: list[Tensor] = []
         self.slots: list[tuple[int, str, int]] = []
         self.example: tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None = None
+        self.signature: tuple = ()
         self.compiled = torch.compile(_static_one, fullgraph=True, dynamic=False, backend=self._backend)
 
     def _backend(self, gm: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable[..., Any]:
@@ -370,12 +371,20 @@ class _Captured:
         self.graph, self.args, self.slots = graph, args, slots
         return graph
 
+    @staticmethod
+    def _signature(idx: Tensor, k_bufs: list[Tensor]) -> tuple:
+        k = k_bufs[0]
+        return idx.shape, k.shape, k.stride(), k.dtype, k.device, all(t.is_contiguous() for t in k_bufs)
+
     def __call__(self, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor) -> Tensor:
         if self.graph is None:
             self.example = (idx, lens, k_bufs, v_bufs)
             logits = self.compiled(self.plan, idx, k_bufs, v_bufs, lens)
             self.example = None
+            self.signature = self._signature(idx, k_bufs)
             return logits
+        if self._signature(idx, k_bufs) != self.signature:  # not what the graph was built for: no guards
+            return _static_one(self.plan, idx, k_bufs, v_bufs, lens)  # protect it here, so run it eagerly
         args = list(self.args)
         for at, kind, layer in self.slots:
             args[at] = idx if kind == "idx" else lens if kind == "lens" else (k_bufs if kind == "k" else v_bufs)[layer]
