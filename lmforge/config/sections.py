@@ -290,8 +290,8 @@ class ServeConfig(Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     compile: bool = Field(False, description=(
-        "compile the one-stream decode step with torch.compile before serving (Transformer): about 1.5x "
-        "faster batch-1 decoding on a CPU, after a compile of 10-60 s at start (inductor caches it on disk)"))
+        "compile the one-stream decode step with torch.compile before serving (Transformer): about 1.25x "
+        "faster batch-1 decoding on a CPU, after a compile of 5-30 s at start (inductor caches it on disk)"))
 
 
 class ExportConfig(Section):

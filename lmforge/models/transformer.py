@@ -90,7 +90,7 @@ class Attention(nn.Module):
                 pos: int | Ragged = 0) -> Tensor:
         b, t, _ = x.shape
         # Queries and keys are rotated in the projection's own (B, T, heads, hd) layout, where the
-        # elementwise work runs on contiguous memory (about 3x faster than on the transposed view).
+        # elementwise work runs on contiguous memory rather than on the transposed view.
         q = self.q(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)

@@ -200,7 +200,7 @@ class DecodePlan:
                 self.final_norm: nn.Module | _Norm = self.norm
             else:
                 self.head, self.final_norm = head.detach().t(), model.norm
-            self.rotate = self.cos = self.sin = None
+            self.rotate = self.rotate_sign = self.cos = self.sin = None
             if model.pos_emb is None:
                 self.cos, self.sin = model.rotary.cos.to(head.dtype), model.rotary.sin.to(head.dtype)
                 # x @ rotate = rotate_half(x) = [-x2, x1]
@@ -372,18 +372,19 @@ class _Captured:
         return graph
 
     @staticmethod
-    def _signature(idx: Tensor, k_bufs: list[Tensor]) -> tuple:
+    def _signature(idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor]) -> tuple:
         k = k_bufs[0]
-        return idx.shape, k.shape, k.stride(), k.dtype, k.device, all(t.is_contiguous() for t in k_bufs)
+        return (idx.shape, k.shape, k.stride(), k.dtype, k.device,
+                all(t.is_contiguous() for t in k_bufs), all(t.is_contiguous() for t in v_bufs))
 
     def __call__(self, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor) -> Tensor:
         if self.graph is None:
             self.example = (idx, lens, k_bufs, v_bufs)
             logits = self.compiled(self.plan, idx, k_bufs, v_bufs, lens)
             self.example = None
-            self.signature = self._signature(idx, k_bufs)
+            self.signature = self._signature(idx, k_bufs, v_bufs)
             return logits
-        if self._signature(idx, k_bufs) != self.signature:  # not what the graph was built for: no guards
+        if self._signature(idx, k_bufs, v_bufs) != self.signature:  # not what the graph was built for: no guards
             return _static_one(self.plan, idx, k_bufs, v_bufs, lens)  # protect it here, so run it eagerly
         args = list(self.args)
         for at, kind, layer in self.slots:
