@@ -67,7 +67,7 @@ def lmforge_rate(engine: Engine, ids: list[int], tokens: int) -> tuple[float, li
 def hf_rate(hf: torch.nn.Module, ids: list[int], tokens: int, pad_id: int) -> tuple[float, list[int]]:
     with torch.inference_mode():
         start = time.perf_counter()
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+        out = hf.generate(torch.tensor([ids], device=hf.device), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                           pad_token_id=pad_id)
         seconds = time.perf_counter() - start
     new = out[0, len(ids):].tolist()
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="attention heads (Transformer)")
     ap.add_argument("--context", type=int, default=256, help="context (>= prompt + tokens, so no re-prefill)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
+    ap.add_argument("--device", default="cpu", help="where both sides decode: cpu, cuda, cuda:1, ...")
     ap.add_argument("--archs", default="transformer,lstm,gru,cnn", help="comma-separated architectures")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the Transformer with its compiled decode step (Engine(compile=True))")
@@ -93,11 +94,12 @@ def main() -> None:
     texts = [d.text for d in embedded_corpus()][:6]
     tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=args.vocab), texts)
     ids = tok.encode(PROMPT)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
     print(f"batch-1 greedy decoding, {args.tokens} new tokens after a {len(ids)}-token prompt, "
-          f"{args.threads} threads, best of {args.repeats}")
+          f"{where}, best of {args.repeats}")
     for arch in args.archs.split(","):
         tm = build(arch, tok, args)
-        engine = Engine(tm.model, tok)
+        engine = Engine(tm.model, tok, device=args.device)
         lmforge_rate(engine, ids, 8)  # warm-up: first-call allocations
         if arch != "transformer":
             best = max(lmforge_rate(engine, ids, args.tokens)[0] for _ in range(args.repeats))
@@ -109,12 +111,13 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(tm, Path(tmp))
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+        hf = hf.to(args.device).eval()
         hf_rate(hf, ids, 8, tok.pad_id)
         compiled = None
         if args.compile:
             start = time.perf_counter()
-            compiled = Engine(copy.deepcopy(tm.model), tok, compile=True)  # its own copy: the flag is per model
+            compiled = Engine(copy.deepcopy(tm.model), tok, device=args.device, compile=True)  # own copy: per-model flag
             print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
         ours = ours_c = theirs = 0.0
         for _ in range(args.repeats):  # in turns: all sides see the same machine load

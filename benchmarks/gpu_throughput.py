@@ -5,9 +5,13 @@ training steps (bf16 autocast forward, backward, gradient clipping, fused AdamW)
 tokens (speed does not depend on the text), first eager and then compiled, through the
 same code the training loop uses (:class:`lmforge.train.distributed.Parallel`). MFU is the
 model's FLOPs per token times tokens/s over the card's dense bf16 peak
-(:func:`lmforge.train.metrics.peak_flops`). Run::
+(:func:`lmforge.train.metrics.peak_flops`). With ``--vs-transformers`` (needs the ``hf``
+extra) transformers' ``LlamaForCausalLM`` at the identical config, weights, batch, autocast
+and fused AdamW is timed too, eager and compiled, its loss computed from ``labels`` as a
+user would. Run::
 
     python benchmarks/gpu_throughput.py                          # one CUDA GPU, about 2-3 minutes
+    python benchmarks/gpu_throughput.py --vs-transformers        # + transformers, about 5 minutes
     python benchmarks/gpu_throughput.py --micro-batch 16 --steps 50 --out gpu.json
     python benchmarks/gpu_throughput.py --smoke                   # anywhere: a tiny model, 3 steps
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,23 +36,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmforge.config import ConfigError, load_config  # noqa: E402
+from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.runtime import Runtime  # noqa: E402
 from lmforge.train.distributed import Parallel  # noqa: E402
 from lmforge.train.metrics import peak_flops  # noqa: E402
-from lmforge.train.optim import build_optimizer  # noqa: E402
+from lmforge.train.optim import build_optimizer, param_groups  # noqa: E402
 
 SMOKE = ["model.d_model=64", "model.n_layers=2", "model.transformer.n_heads=2", "model.context=128",
          "tokenizer.vocab_size=512", "train.dtype=float32", "train.device=cpu"]
 
 
-def measure(cfg, rt: Runtime, compile_: bool, micro_batch: int, steps: int, warmup: int) -> dict:
+def hf_twin(ours: torch.nn.Module, compile_: bool) -> tuple[torch.nn.Module, Callable]:
+    """transformers' ``LlamaForCausalLM`` holding ``ours``'s weights, and its loss function of (x, y)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_llama_config(ours.cfg), attn_implementation="sdpa"))
+    missing, unexpected = hf.load_state_dict(to_hf_llama_state_dict(ours), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights did not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    hf = hf.to(next(ours.parameters()).device).train()
+    call = torch.compile(hf) if compile_ else hf
+    # labels = the input: transformers shifts them itself, so it learns the same next tokens as (x, y).
+    return hf, lambda x, y: (None, call(input_ids=x, labels=x).loss)
+
+
+def measure(cfg, rt: Runtime, compile_: bool, micro_batch: int, steps: int, warmup: int,
+            transformers: bool = False) -> dict:
     """Seconds per step over ``steps`` timed steps after ``warmup`` untimed ones (the first one compiles)."""
     torch.manual_seed(0)
     tc = cfg.train.model_copy(update={"compile": compile_})
     model = build_model(cfg.model).to(rt.device)
-    fwd = Parallel(tc, rt).wrap(model)
-    optimizer = build_optimizer(model, tc, rt.device.type)
+    flops = model.flops_per_token()  # the same model either side
+    if transformers:
+        model, fwd = hf_twin(model, compile_)
+        optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                      eps=tc.eps, fused=rt.device.type == "cuda")
+    else:
+        fwd = Parallel(tc, rt).wrap(model)
+        optimizer = build_optimizer(model, tc, rt.device.type)
     x = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.model.context), device=rt.device)  # (B, T)
     y = torch.roll(x, -1, dims=1)
     if rt.device.type == "cuda":
@@ -77,7 +104,8 @@ def measure(cfg, rt: Runtime, compile_: bool, micro_batch: int, steps: int, warm
     tps = micro_batch * cfg.model.context / seconds
     peak = peak_flops(rt.device)
     memory = torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None
-    return {"compile": compile_, "tokens_per_s": round(tps), "mfu": round(tps * model.flops_per_token() / peak, 4),
+    return {"side": "transformers" if transformers else "lmforge", "compile": compile_, "tokens_per_s": round(tps),
+            "mfu": round(tps * flops / peak, 4),
             "step_ms": round(seconds * 1000, 2), "first_step_s": round(first, 2), "loss": round(loss, 4),
             "peak_memory_gib": None if memory is None else round(memory, 2)}
 
@@ -89,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps after the first, per mode")
     ap.add_argument("--smoke", action="store_true", help="tiny model on any device: checks the code path only")
+    ap.add_argument("--vs-transformers", action="store_true",
+                    help="also time transformers' LlamaForCausalLM at the same config, eager and compiled")
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
 
@@ -110,13 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{Path(args.config).name}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, context "
           f"{cfg.model.context}, micro-batch {micro}, {str(rt.dtype).removeprefix('torch.')} on {device}")
     results = []
-    for compile_ in (False, True):
-        r = measure(cfg, rt, compile_, micro, args.steps, args.warmup)
+    sides = [(False, c) for c in (False, True)] + ([(True, c) for c in (False, True)] if args.vs_transformers else [])
+    for transformers, compile_ in sides:
+        name = f"{'transformers' if transformers else 'lmforge'} {'compiled' if compile_ else 'eager'}"
+        try:
+            r = measure(cfg, rt, compile_, micro, args.steps, args.warmup, transformers)
+        except Exception as e:  # one side failing (say transformers under compile) must not lose the others
+            print(f"{name:>21}: failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         results.append(r)
-        print(f"{'compiled' if compile_ else 'eager':>8}: {r['tokens_per_s']:>10,} tokens/s  MFU {r['mfu']:.1%}  "
-              f"{r['step_ms']} ms/step  first step {r['first_step_s']} s  peak memory {r['peak_memory_gib']} GiB")
-    ratio = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
-    print(f"compiled / eager: {ratio:.2f}x")
+        print(f"{name:>21}: {r['tokens_per_s']:>10,} tokens/s  MFU {r['mfu']:.1%}  {r['step_ms']} ms/step  "
+              f"first step {r['first_step_s']} s  loss {r['loss']}  peak memory {r['peak_memory_gib']} GiB")
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+    rate = {(r["side"], r["compile"]): r["tokens_per_s"] for r in results}
+    ratio = rate.get(("lmforge", True), 0) / rate.get(("lmforge", False), 1)
+    print(f"lmforge compiled / eager: {ratio:.2f}x")
+    for compile_ in (False, True):
+        if ("transformers", compile_) in rate and ("lmforge", compile_) in rate:
+            print(f"lmforge / transformers, {'compiled' if compile_ else 'eager'}: "
+                  f"{rate[('lmforge', compile_)] / rate[('transformers', compile_)]:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "device": device, "micro_batch": micro,
                                               "smoke": args.smoke, "results": results, "ratio": ratio}, indent=2))

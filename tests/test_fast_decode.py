@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models import build_model
@@ -164,3 +165,30 @@ def test_compiled_step_refuses_buffers_it_was_not_built_for():
         assert not state.k[0].is_contiguous()
         logits, _ = model.step(idx[:, 4:5], state)
     torch.testing.assert_close(logits[:, 0], want[:, 4], atol=1e-5, rtol=0)
+
+
+def test_registration_hook_adds_no_compile_guard() -> None:
+    """A compiled model that re-assigns a submodule in its forward compiles once, not once per call."""
+    import torch._dynamo
+
+    class Reassigns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.lin = self.lin  # a module registration: torch runs the global hooks, ours among them
+            return self.lin(x)
+
+    compiles = []
+
+    def counting(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = torch.compile(Reassigns(), backend=counting)
+    x = torch.randn(2, 4)
+    outs = [model(x) for _ in range(4)]
+    assert len(compiles) == 1
+    assert torch.equal(outs[0], outs[3])

@@ -75,14 +75,15 @@ class LanguageModel(nn.Module, ABC):
     def head_loss(self, h: Tensor, targets: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """``(logits, loss)`` from the final hidden states ``h`` (B, T, d) through ``lm_head``.
 
-        While training (train mode, gradients on, no autocast, a plain ``nn.Linear`` head) with
+        While training on a CPU (train mode, gradients on, no autocast, a plain ``nn.Linear`` head) with
         targets, the head and the loss run fused and chunked (:mod:`lmforge.models.head_loss`) and
         the logits are not returned (None): the training loop needs only the loss. Otherwise the
         logits are computed whole and the loss, when targets are given, from them.
         """
         head = self.lm_head
+        # CPU only: the chunks are sized for a core's cache; on a GPU one large matmul is faster.
         if (targets is not None and self.training and torch.is_grad_enabled() and type(head) is nn.Linear
-                and not torch.is_autocast_enabled(h.device.type)):
+                and h.device.type == "cpu" and not torch.is_autocast_enabled(h.device.type)):
             flat = h.reshape(-1, h.shape[-1])
             return None, head_cross_entropy(flat, head.weight, head.bias, targets.reshape(-1))
         logits = head(h)  # (B, T, V)

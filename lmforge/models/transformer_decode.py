@@ -53,7 +53,10 @@ _epoch = [0]
 
 
 def _bump(*_args: object) -> None:
-    _epoch[0] += 1
+    # Not while torch.compile traces: a model that assigns a module or parameter inside its forward (some
+    # transformers models do) would otherwise get a guard on the counter and recompile on every call.
+    if not torch.compiler.is_compiling():
+        _epoch[0] += 1
 
 
 register_module_module_registration_hook(_bump)
