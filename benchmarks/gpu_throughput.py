@@ -44,7 +44,8 @@ from lmforge.train.metrics import peak_flops  # noqa: E402
 from lmforge.train.optim import build_optimizer, param_groups  # noqa: E402
 
 SMOKE = ["model.d_model=64", "model.n_layers=2", "model.transformer.n_heads=2", "model.context=128",
-         "tokenizer.vocab_size=512", "train.dtype=float32", "train.device=cpu"]
+         "model.transformer.n_kv_heads=2", "model.transformer.ffn_hidden=128", "tokenizer.vocab_size=512",
+         "train.dtype=float32", "train.device=cpu"]
 
 
 def hf_twin(ours: torch.nn.Module, compile_: bool) -> tuple[torch.nn.Module, Callable]:

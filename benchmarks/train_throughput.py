@@ -21,7 +21,7 @@ with the model's ``flops_per_token``. Run::
 
     .venv/bin/python benchmarks/train_throughput.py                  # a few minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --steps 2 --repeats 1 --configs issue   # quick check
-    .venv/bin/python benchmarks/train_throughput.py --configs issue --compile   # + lmforge under torch.compile
+    .venv/bin/python benchmarks/train_throughput.py --configs issue --compile   # + both under torch.compile
 """
 
 from __future__ import annotations
@@ -103,17 +103,22 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
         torch.manual_seed(0)
         other = build_model(recipe_cfg)
         sides["lmforge recipe"] = step_fn(other, build_optimizer(other, recipe), hf=False)
-    if args.compile:  # train.compile=true: the whole model through torch.compile (inductor)
+    if args.compile:  # train.compile=true: the whole model through torch.compile (inductor), both sides
         torch.manual_seed(0)
         twin = build_model(cfg)
         sides["lmforge compiled"] = step_fn(torch.compile(twin), build_optimizer(twin, tc), hf=False)
+        hf_twin = LlamaForCausalLM(LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa"))
+        hf_twin.load_state_dict(hf.state_dict())
+        hf_twin.train()
+        sides["transformers compiled"] = step_fn(
+            torch.compile(hf_twin), torch.optim.AdamW(param_groups(hf_twin, 0.1), lr=3e-3, betas=(0.9, 0.95)), hf=True)
     data = batches(args.vocab, cfg.context, batch, args.steps)
     for side, step in sides.items():
         start = time.perf_counter()
         step(data[0])  # warm-up: allocations, lazy state and, for the compiled side, the compile
         step(data[1 % len(data)])
-        if side == "lmforge compiled":
-            print(f"  (lmforge compiled: compiled in {time.perf_counter() - start:.0f} s)")
+        if side.endswith("compiled"):
+            print(f"  ({side}: compiled in {time.perf_counter() - start:.0f} s)")
     rates: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.repeats):  # in turns: every side sees the same machine load
         for k, step in sides.items():
@@ -127,8 +132,10 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
               + ", ".join(f"{r:.0f}" for r in rates[k]) + ")")
     print(f"  ratio lmforge / transformers: {med['lmforge'] / med['transformers']:.2f}x")
     if args.compile:
-        print(f"  ratio compiled lmforge / transformers: {med['lmforge compiled'] / med['transformers']:.2f}x, "
-              f"compiled / eager lmforge: {med['lmforge compiled'] / med['lmforge']:.2f}x")
+        print(f"  ratio compiled lmforge / compiled transformers: "
+              f"{med['lmforge compiled'] / med['transformers compiled']:.2f}x, compiled lmforge / eager "
+              f"transformers: {med['lmforge compiled'] / med['transformers']:.2f}x, compiled / eager lmforge: "
+              f"{med['lmforge compiled'] / med['lmforge']:.2f}x")
 
 
 def main() -> None:
@@ -139,7 +146,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
     ap.add_argument("--configs", default="issue,speedrun", help="comma-separated: issue, speedrun")
     ap.add_argument("--compile", action="store_true",
-                    help="also time lmforge under torch.compile (train.compile=true; compiles for about a minute)")
+                    help="also time both sides under torch.compile (train.compile=true; compiles for a minute or two)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_config(ROOT / "configs" / "speedrun-cpu.yaml").train
