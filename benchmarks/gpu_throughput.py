@@ -58,7 +58,7 @@ def hf_twin(ours: torch.nn.Module, compile_: bool) -> tuple[torch.nn.Module, Cal
         raise RuntimeError(f"weights did not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     hf = hf.to(next(ours.parameters()).device).train()
     call = torch.compile(hf) if compile_ else hf
-    # labels = the input: transformers shifts them itself, so it learns the same next tokens as (x, y).
+    # labels = the input: transformers shifts them itself (the same next tokens as y, less the wrapped last one).
     return hf, lambda x, y: (None, call(input_ids=x, labels=x).loss)
 
 
