@@ -81,7 +81,7 @@ class LanguageModel(nn.Module, ABC):
         logits are computed whole and the loss, when targets are given, from them.
         """
         head = self.lm_head
-        # CPU only: the chunks are sized for a core's cache; on a GPU one large matmul is faster.
+        # CPU only: the chunks are sized for a core's cache (measured there); on a GPU they would be many tiny matmuls.
         if (targets is not None and self.training and torch.is_grad_enabled() and type(head) is nn.Linear
                 and h.device.type == "cpu" and not torch.is_autocast_enabled(h.device.type)):
             flat = h.reshape(-1, h.shape[-1])
