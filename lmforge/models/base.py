@@ -15,6 +15,8 @@ interface, so no code outside ``lmforge/models`` branches on the architecture:
   ``forward`` over the whole of it. States of different lengths can be
   concatenated into one batch and stepped together (the serving engine's
   continuous batching), each row continuing exactly as it would alone.
+  ``decode_greedy(idx, state, n)`` runs ``n`` steps with argmax choices in one
+  call (a default loop over ``step``; models may make it faster).
 
 Example::
 
@@ -164,6 +166,13 @@ class LanguageModel(nn.Module, ABC):
         ``max_state_len``). The inputs stay valid.
         """
 
+    def decode_greedy(self, idx: Tensor, state: Any, n: int) -> tuple[Tensor, Tensor, Tensor, Any]:
+        """Feed ``idx`` (B, 1), then ``n - 1`` greedy choices of the model's own: ``n`` steps in one call.
+
+        See :func:`greedy_loop`, which this is unless a model overrides it with a faster loop.
+        """
+        return greedy_loop(self, idx, state, n)
+
     def compile_decoding(self) -> bool:
         """Compile the one-token decode step (``torch.compile``) where the model has one; True if it did.
 
@@ -190,3 +199,25 @@ class LanguageModel(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"arch={self.cfg.arch}, params={self.num_params():,}"
+
+
+def greedy_loop(model: nn.Module, idx: Tensor, state: Any, n: int) -> tuple[Tensor, Tensor, Tensor, Any]:
+    """``n`` calls of ``model.step``, the first fed ``idx`` (B, 1) and each later one the argmax of the last.
+
+    Returns ``(picked, logprobs, last, state)``: ``picked`` (B, n - 1) int64 are the argmax tokens fed
+    after ``idx``, ``logprobs`` (B, n - 1) float32 their log-probabilities, and ``last`` (B, V) the
+    logits after the final step, for the caller's next choice. The serving engine uses it (through
+    ``decode_greedy`` where a model has one) to spend its per-token bookkeeping once per ``n`` tokens.
+    """
+    picked, logprobs = [], []
+    logits, state = model.step(idx, state)
+    last = logits[:, -1, :]
+    for _ in range(n - 1):
+        token = last.argmax(dim=-1, keepdim=True)  # (B, 1)
+        logprobs.append(torch.log_softmax(last.float(), dim=-1).gather(-1, token))
+        picked.append(token)
+        logits, state = model.step(token, state)
+        last = logits[:, -1, :]
+    if not picked:
+        return idx.new_zeros(idx.shape[0], 0), last.new_zeros(idx.shape[0], 0, dtype=torch.float32), last, state
+    return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), last, state

@@ -36,6 +36,7 @@ from lmforge.models.transformer_decode import (
     Ragged,
     compiled_one,
     decode_one,
+    greedy_steps,
 )
 
 # scaled_dot_product_attention repeats K/V heads itself (no copy) from torch 2.5 on.
@@ -281,7 +282,7 @@ class Transformer(LanguageModel):
         plan = DecodePlan.for_model(self) if t == 1 and not self.training and not torch.is_grad_enabled() else None
         if plan is not None:  # the decode loop's one token per row: the fused path
             if b == 1 and self.__dict__.get("_compiled_decoding"):
-                logits = compiled_one(plan, idx, k, v, state.lens.to(idx.device))
+                logits = compiled_one(plan, idx, k, v, state.lens.to(idx.device))[0]
             else:
                 logits = decode_one(plan, idx, k, v, pos)
             frontier.stamp += 1
@@ -292,6 +293,22 @@ class Transformer(LanguageModel):
         logits = self.lm_head(self.norm(x))  # (B, T_new, V)
         frontier.stamp += 1
         return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
+
+    def decode_greedy(self, idx: Tensor, state: KVCache, n: int) -> tuple[Tensor, Tensor, Tensor, KVCache]:
+        # With the compiled one-row step, the n steps run back to back through the graph, which also picks
+        # the argmax and its log-probability; anything else takes the contract's loop over step().
+        plan = None
+        if (n > 1 and tuple(idx.shape) == (1, 1) and self.__dict__.get("_compiled_decoding") and not self.training
+                and not torch.is_grad_enabled() and state.stamp == state.frontier.stamp
+                and int(state.lens[0]) + n <= self.cfg.context):
+            plan = DecodePlan.for_model(self)
+        if plan is None:
+            return super().decode_greedy(idx, state, n)
+        self._check_idx(idx)
+        lens = state.lens.to(idx.device, copy=True)
+        picked, logprobs, last = greedy_steps(plan, idx, state.k, state.v, lens, n)
+        state.frontier.stamp += 1
+        return picked, logprobs, last, KVCache(state.k, state.v, state.lens + n, state.frontier, state.frontier.stamp)
 
     def compile_decoding(self) -> bool:
         """Run batch-1 one-token steps through ``torch.compile`` from now on (see transformer_decode)."""

@@ -326,12 +326,16 @@ def decode_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list
 
 
 def _static_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor],
-                lens: Tensor) -> Tensor:
+                lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`decode_one` with shapes that never change: every row attends over the whole context under a
-    mask, so one compiled graph serves every position."""
+    mask, so one compiled graph serves every position. Also returns each row's argmax token (B, 1) and its
+    log-probability (B, 1), which cost next to nothing inside the graph (for :func:`greedy_steps`)."""
     positions = lens[:, None]  # (B, 1)
     mask = torch.arange(plan.context, device=idx.device)[None, None, None, :] <= positions[:, None, :, None]
-    return decode_one(plan, idx, k_bufs, v_bufs, Ragged(positions, plan.context, mask), static=True)
+    logits = decode_one(plan, idx, k_bufs, v_bufs, Ragged(positions, plan.context, mask), static=True)
+    last = logits[:, -1].float()  # (B, V)
+    token = last.argmax(dim=-1, keepdim=True)
+    return logits, token, torch.log_softmax(last, dim=-1).gather(-1, token)
 
 
 class _Captured:
@@ -392,12 +396,33 @@ class _Captured:
         args = list(self.args)
         for at, kind, layer in self.slots:
             args[at] = idx if kind == "idx" else lens if kind == "lens" else (k_bufs if kind == "k" else v_bufs)[layer]
-        return self.graph(*args)[0]
+        return self.graph(*args)
 
 
-def compiled_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor) -> Tensor:
-    """:func:`decode_one` compiled by inductor (C++ wrapper) on first use for this plan."""
+def compiled_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor],
+                 lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_static_one` compiled by inductor (C++ wrapper) on first use for this plan."""
     if plan.compiled is None:
         plan.compiled = _Captured(plan)
     # The captured graph skips Dynamo's guards: hand it exactly the dtypes and layouts it was built for.
     return plan.compiled(idx.long().contiguous(), k_bufs, v_bufs, lens.long())
+
+
+def greedy_steps(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor,
+                 n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` compiled one-row steps, each fed the previous one's argmax (from inside the graph).
+
+    ``lens`` (1,) on the model's device is advanced in place. Returns the ``n - 1`` chosen tokens
+    (1, n - 1), their log-probabilities (1, n - 1) and the last step's logits (1, V).
+    """
+    picked, logprobs = [], []
+    for i in range(n):
+        logits, token, logprob = compiled_one(plan, idx, k_bufs, v_bufs, lens)
+        lens += 1
+        if i < n - 1:
+            picked.append(token)
+            logprobs.append(logprob)
+            idx = token
+    if not picked:
+        return idx.new_zeros(1, 0), logits.new_zeros(1, 0, dtype=torch.float32), logits[:, -1]
+    return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), logits[:, -1]

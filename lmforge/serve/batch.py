@@ -28,6 +28,7 @@ Example (the engine and the server's scheduler drive it this way)::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -35,11 +36,13 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from lmforge.models.base import greedy_loop
 from lmforge.serve.sampling import MIN_TEMPERATURE, RowParams, SamplingParams, sample_rows, stable_length
 
 FinishReason = Literal["stop", "length"]
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
 _SETTLE_EVERY = 16  # tokens decoded again per step at most, before the text is settled and cached
+_BURST_SECONDS = 0.01  # greedy tokens decoded in one model call take about this long at most
 
 
 class Detokenizer(Protocol):
@@ -196,8 +199,10 @@ def _top(logp: Tensor, k: int) -> list[TopLogprobs]:
 class DecodeBatch:
     """The running rows of every admitted request, in one model state; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Detokenizer, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Detokenizer, device: torch.device, lookahead: int = 1) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.lookahead = lookahead  # greedy tokens per model call at most (decode_greedy); 1 = one per step
+        self.token_seconds = 0.0  # running mean of a model step's wall time per token, for the lookahead
         self.limit: int | None = getattr(model, "max_state_len", None)
         self.rows: list[tuple[Request, int]] = []  # batch row -> (request, sample index)
         self.state = None
@@ -297,21 +302,13 @@ class DecodeBatch:
             req.finish(s, "stop", self.tokenizer, text[: min(hits)])
         return bool(hits)
 
-    @torch.inference_mode()
-    def step(self) -> list[Request]:
-        """One token for every running row; returns the requests that took part (some may have finished)."""
-        if not self.rows:
-            return []
-        assert self.last is not None
-        touched = self.requests
-        tokens = self._pick(self.last)  # (B,)
-        logp = torch.log_softmax(self.last.float(), dim=-1)  # (B, V)
-        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-        k_top = max(r.params.logprobs or 0 for r in touched)
-        top = _top(logp, k_top) if k_top else None
+    def _accept(self, rows: Sequence[int], tokens: list[int], chosen: list[float],
+                top: list[TopLogprobs] | None) -> tuple[list[int], list[int]]:
+        """Record token ``tokens[row]`` for each of ``rows``; returns the rows that go on and those to refill."""
         keep, refill = [], []
-        for row, ((req, i), tok) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
-            s, p = req.samples[i], req.params
+        for row in rows:
+            req, i = self.rows[row]
+            tok, s, p = tokens[row], req.samples[i], req.params
             if tok in req.stop_ids:
                 req.finish(s, "stop", self.tokenizer)
                 continue
@@ -327,16 +324,65 @@ class DecodeBatch:
                 req.finish(s, "length", self.tokenizer)
                 continue
             (refill if self.limit is not None and s.held + 1 > self.limit else keep).append(row)
+        return keep, refill
 
+    def _tokens_per_call(self) -> int:
+        """How many steps the next model call may take at once (``decode_greedy``), 1 unless all rows are greedy.
+
+        Never past a row's ``max_new_tokens`` or its state's room, and no more tokens than about
+        ``_BURST_SECONDS`` of decoding, so a stream still arrives in small pieces on a slow model.
+        """
+        n = min(self.lookahead, max(1, int(_BURST_SECONDS / self.token_seconds)) if self.token_seconds else 1)
+        for req, i in self.rows:
+            if n <= 1 or not req.params.greedy or req.params.logprobs:
+                return 1
+            s = req.samples[i]
+            n = min(n, req.params.max_new_tokens - len(s.token_ids))
+            if self.limit is not None:
+                n = min(n, self.limit - s.held)
+        return max(1, n)
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One token for every running row, or several for all-greedy rows (see :meth:`_tokens_per_call`).
+
+        Returns the requests that took part (some may have finished).
+        """
+        if not self.rows:
+            return []
+        assert self.last is not None
+        touched = self.requests
+        tokens = self._pick(self.last)  # (B,)
+        logp = torch.log_softmax(self.last.float(), dim=-1)  # (B, V)
+        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        k_top = max(r.params.logprobs or 0 for r in touched)
+        top = _top(logp, k_top) if k_top else None
         rows = self.rows
+        keep, refill = self._accept(range(len(rows)), tokens.tolist(), chosen, top)
         if len(keep) < len(rows):
             tokens = tokens[torch.tensor(keep, dtype=torch.long, device=self.device)]
             self._keep(keep)
         if keep:
-            logits, self.state = self.model.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)
-            self.last = logits[:, -1, :]
-            for req, i in self.rows:
-                req.samples[i].held += 1
+            n = self._tokens_per_call()
+            start = time.perf_counter()
+            if n == 1:
+                logits, self.state = self.model.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)
+                self.last = logits[:, -1, :]
+                for req, i in self.rows:
+                    req.samples[i].held += 1
+            else:  # n steps in one call, each row fed its own argmax; the rows then take the n - 1 tokens in turn
+                decode = getattr(self.model, "decode_greedy", None)  # optional: any model with step() will do
+                fed = tokens[:, None]
+                picked, logps, self.last, self.state = (decode(fed, self.state, n) if decode is not None
+                                                        else greedy_loop(self.model, fed, self.state, n))
+                alive: Sequence[int] = range(len(self.rows))
+                for col, col_logp in zip(picked.t().tolist(), logps.t().tolist(), strict=True):
+                    alive, _ = self._accept(alive, col, col_logp, None)  # no refill: n fits every row's state
+                for req, i in self.rows:  # after the checks above, which ask whether one more token fits
+                    req.samples[i].held += n
+                self._keep(list(alive))
+            seconds = (time.perf_counter() - start) / n
+            self.token_seconds = seconds if not self.token_seconds else 0.8 * self.token_seconds + 0.2 * seconds
         for row in refill:
             # The state is full: this row starts over from the last half window and joins again.
             req, i = rows[row]

@@ -20,7 +20,9 @@ Example::
 How decoding runs (continuous batching, :mod:`lmforge.serve.batch`): each prompt is
 prefilled alone, its ``n`` samples become rows of one running batch, every row gets
 one token per step, and rows leave as they finish while waiting prompts join, up to
-``max_batch`` rows. When a bounded state (a Transformer's KV cache) is full, that
+``max_batch`` rows. While every row decodes greedily, a step runs up to ``lookahead``
+model steps in one call (about 10 ms of tokens at most), as vLLM's multi-step
+scheduling does, so the per-token bookkeeping is paid once per call. When a bounded state (a Transformer's KV cache) is full, that
 row is re-prefilled from the last half of its window, so generation never fails
 because of the context length. Each prompt is an independent request with its own
 generator: with a seed, its completions do not depend on the other prompts of the
@@ -60,13 +62,18 @@ class Engine:
     """Generates text from any lmforge model with its tokenizer; see the module docstring."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: str | torch.device | None = "cpu",
-                 max_batch: int = 64, compile: bool = False) -> None:
+                 max_batch: int = 64, compile: bool = False, lookahead: int = 8) -> None:
         # device None = wherever the model's parameters already are (no copy).
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else "cpu"
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be at least 1 (got {lookahead})")
+        # lookahead: when every running row decodes greedily, up to this many tokens per model call
+        # (Model.decode_greedy), so the per-token bookkeeping runs once per call; 1 turns it off.
+        self.lookahead = lookahead
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -112,7 +119,7 @@ class Engine:
         return Request(ids, params, eot_id=self.tokenizer.eot_id, truncated=truncated)
 
     def batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.tokenizer, self.device)
+        return DecodeBatch(self.model, self.tokenizer, self.device, self.lookahead)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Complete every prompt (text or token ids) ``params.n`` times, batching the prompts together.
@@ -144,7 +151,7 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"SamplingParams.n must be 1 for Engine.stream (got {params.n!r}); use generate()")
         req = self.request(prompt, params)
-        batch = self.batch()
+        batch = DecodeBatch(self.model, self.tokenizer, self.device)  # no lookahead: every token as it comes
         batch.add(req)
         while True:
             for delta in req.take_deltas(self.tokenizer):
