@@ -292,6 +292,10 @@ class ServeConfig(Section):
     compile: bool = Field(False, description=(
         "compile the one-stream decode step with torch.compile before serving (Transformer): about 1.25x "
         "faster batch-1 decoding on a CPU, after a compile of 5-30 s at start (inductor caches it on disk)"))
+    lookahead: int = Field(8, ge=1, description=(
+        "while every running sequence decodes greedily (temperature 0, no penalties), decode up to this many "
+        "tokens per model call (never more than about 10 ms of them), so the per-token bookkeeping runs "
+        "once per call; streams then receive those tokens together. 1 = one token per call"))
 
 
 class ExportConfig(Section):

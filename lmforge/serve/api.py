@@ -165,7 +165,8 @@ def main(cfg: RunConfig, args: list[str]) -> None:
     device = pick_device(sc.device)
     tm = load_any(path, device)
     name = sc.model_name or tm.cfg.name
-    engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=sc.max_batch, compile=sc.compile)
+    engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=sc.max_batch, compile=sc.compile,
+                    lookahead=sc.lookahead)
     key = sc.api_key or os.environ.get("LMFORGE_API_KEY") or None
     app = create_app(engine, sc, name, api_key=key)
     print(f"serving '{name}' ({tm.cfg.model.arch}, {tm.model.num_params():,} parameters, context "
