@@ -132,8 +132,17 @@ def test_engine_lookahead_on_a_transformer_with_a_full_window() -> None:
     params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]  # the second refills after a few tokens
     want = completions(Engine(model, TOK, lookahead=1), prompts, params)
+    calls: list[int] = []
+    real = model.decode_greedy
+
+    def counting(idx, state, n):  # noqa: ANN001, ANN202
+        calls.append(n)
+        return real(idx, state, n)
+
+    model.decode_greedy = counting
     assert completions(Engine(model, TOK, lookahead=8), prompts, params) == want
     assert all(len(tokens) == 40 for tokens, *_ in want)
+    assert calls and max(calls) > 1  # the model's own multi-token call was taken
 
 
 def test_lookahead_must_be_positive() -> None:
