@@ -203,6 +203,7 @@ class DecodeBatch:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.lookahead = lookahead  # greedy tokens per model call at most (decode_greedy); 1 = one per step
         self.token_seconds = 0.0  # running mean of a model step's wall time per token, for the lookahead
+        self.tokens_per_row = 1  # tokens each running row received in the last step (more with the lookahead)
         self.limit: int | None = getattr(model, "max_state_len", None)
         self.rows: list[tuple[Request, int]] = []  # batch row -> (request, sample index)
         self.state = None
@@ -363,7 +364,7 @@ class DecodeBatch:
             tokens = tokens[torch.tensor(keep, dtype=torch.long, device=self.device)]
             self._keep(keep)
         if keep:
-            n = self._tokens_per_call()
+            n = self.tokens_per_row = self._tokens_per_call()
             start = time.perf_counter()
             if n == 1:
                 logits, self.state = self.model.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)

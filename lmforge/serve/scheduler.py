@@ -87,7 +87,7 @@ class Scheduler:
         self._pending: deque[tuple[Ticket, int]] = deque()  # admitted requests not prefilled yet
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._step_seconds = 0.0  # moving average of a decode step, for Retry-After
+        self._step_seconds = 0.0  # moving average of a decode step per token, for Retry-After
         # Counters read by the metrics endpoint (only this class writes them).
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -261,7 +261,8 @@ class Scheduler:
                     self._fail_batch(e)
                 continue
             self.steps += 1
-            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - start)
+            seconds = (time.perf_counter() - start) / self.batch.tokens_per_row  # per token of each row
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
             with self._cond:
                 for req in touched:
                     if id(req) in self._owner:

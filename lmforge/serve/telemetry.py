@@ -13,7 +13,7 @@ Metric names::
     lmforge_batch_rows                sequences in the decode batch (n counts each)
     lmforge_prompt_tokens_total       prompt tokens prefilled
     lmforge_generation_tokens_total   tokens generated
-    lmforge_decode_steps_total        batched decode steps run
+    lmforge_decode_steps_total        batched decode steps run (a step gives each row 1 token, up to serve.lookahead greedy ones)
     lmforge_http_responses_total{endpoint,status}
     lmforge_errors_total{status}      error responses, and errors sent inside a stream (status 500)
     lmforge_request_latency_seconds{endpoint}   from request to last byte
