@@ -410,7 +410,7 @@ def compiled_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: li
 
 def greedy_steps(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor,
                  n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``n`` compiled one-row steps, each fed the previous one's argmax (from inside the graph).
+    """``n`` (at least 2) compiled one-row steps, each fed the previous one's argmax (from inside the graph).
 
     ``lens`` (1,) on the model's device is advanced in place. Returns the ``n - 1`` chosen tokens
     (1, n - 1), their log-probabilities (1, n - 1) and the last step's logits (1, V).
@@ -423,6 +423,4 @@ def greedy_steps(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: li
             picked.append(token)
             logprobs.append(logprob)
             idx = token
-    if not picked:
-        return idx.new_zeros(1, 0), logits.new_zeros(1, 0, dtype=torch.float32), logits[:, -1]
     return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), logits[:, -1]
