@@ -102,7 +102,10 @@ def packed(runs: Path, small_corpus: Path) -> Path:
 
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_exact_resume(arch, runs: Path, packed: Path):
-    """Stopped at step 4 and resumed == 8 steps straight: same losses, bitwise the same weights."""
+    """Stopped at step 4 and resumed == 8 steps straight: same losses, bitwise the same weights.
+
+    Bitwise: lmforge promises exact resume on the same machine and thread count (docs/reliability.md).
+    """
     over = [f"model.arch={arch}", "train.steps=8", "train.log_every=1", "train.ckpt_every=0", "train.threads=1",
             "model.dropout=0.1", "train.eval_every=0"]
 

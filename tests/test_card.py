@@ -74,7 +74,7 @@ def test_markdown_holds_the_formatted_metrics(tmp_path):
                  "| final training loss | 2.1 |", "| training tokens seen | 1,234,567 (1.235M) |",
                  "| parameters | 812,345 |", "| training time | 93.42 s (1m 33s) |", "| total time | 4,000 s (1h 06m 40s) |",
                  "| training throughput (tokens/s) | 13,246 |", "| model flops utilization (MFU) | 1.23% |",
-                 "| stage_seconds.eval | 3.2 s |", "| documents | 38 | 4 |", "| bytes | 5,123,456 (5.123M) | 412,345 |",
+                 "| time in the eval stage | 3.2 s |", "| documents | 38 | 4 |", "| bytes | 5,123,456 (5.123M) | 412,345 |",
                  "Held-out document ids: hamlet, sonnets", "| vocabulary size | 2,048 |", "| bytes per token | 3.123 |",
                  "| n_layers | 4 |", "| tokens scored | 50,000 | 50,000 | - |", "| hamlet | 2.3 |", "![", "(loss.png)",
                  "| gap (validation - training) | 0.2457 |", "```yaml\n# run name\nname: demo\n"]:
@@ -83,6 +83,21 @@ def test_markdown_holds_the_formatted_metrics(tmp_path):
     order = [md.index(h) for h in ["## Final metrics", "## Training curves", "## Overfitting check", "## Data",
                                    "## Tokenizer", "## Model", "## Evaluation", "## Samples", "## Resolved config"]]
     assert order == sorted(order)
+
+
+def test_every_final_metric_row_is_labelled_and_formatted(tmp_path):
+    summary = {"val_loss": 2.3, "steps": 300, "stopped_by": "steps", "generalization_gap": 0.41,
+               "stage_seconds": {"collect": 1.5}, "finetune": {"task_acc_base": 0.225, "task_acc": 0.325,
+                                                                "val_bpb_base": 2.1, "val_bpb": 2.2}}
+    md = _card(tmp_path, summary=summary)["md"].read_text(encoding="utf-8")
+    rows = dict(_rows(_section(md, "## Final metrics"), "| metric |"))
+    assert rows == {"validation loss (nats/token)": "2.3", "optimizer steps": "300", "training stopped by": "steps",
+                    "generalization gap (validation - training loss)": "0.41",
+                    "time in the collect stage": "1.5 s",
+                    "fine-tuning task accuracy: base model": "22.5%",
+                    "fine-tuning task accuracy: fine-tuned model": "32.5%",
+                    "pre-training validation bits per byte: base model": "2.1",
+                    "pre-training validation bits per byte: fine-tuned model": "2.2"}
 
 
 def test_samples_are_escaped(tmp_path):
@@ -115,6 +130,22 @@ def test_overfitting_from_metrics_when_summary_lacks_losses(tmp_path):
     assert "| final training loss | 2 |" in md and "| final validation loss | 3.1 |" in md
     assert "| gap (validation - training) | 1.1 |" in md and "overfitting (memorizing" in md
     assert "rose from its best 2.8 at step 50 to 3.1 at step 100" in md
+
+
+def test_a_large_gap_while_validation_still_falls_is_not_called_overfitting(tmp_path):
+    # The demo's shape: training loss falls faster than validation loss, which falls at every estimate.
+    rows = [{"step": s, "kind": "train", "loss": 4.0 - s / 40} for s in range(10, 110, 10)]
+    rows += [{"step": s, "kind": "val", "loss": v} for s, v in [(25, 3.9), (50, 3.7), (75, 3.6), (100, 3.55)]]
+    md = _card(tmp_path, summary={}, metrics=rows)["md"].read_text(encoding="utf-8")
+    assert "| gap (validation - training) | 2.05 |" in md
+    assert "overfitting (memorizing" not in md and "still falling at the last estimates: not overfitting" in md
+
+
+def test_validation_that_stalls_while_training_falls_is_overfitting(tmp_path):
+    rows = [{"step": s, "kind": "train", "loss": 4.0 - s / 40} for s in range(10, 110, 10)]
+    rows += [{"step": s, "kind": "val", "loss": v} for s, v in [(25, 3.9), (50, 3.7), (75, 3.69), (100, 3.689)]]
+    md = _card(tmp_path, summary={}, metrics=rows)["md"].read_text(encoding="utf-8")
+    assert "stopped improving while training loss fell: the model is overfitting" in md
 
 
 def _section(md: str, heading: str) -> str:

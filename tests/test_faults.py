@@ -1,7 +1,7 @@
 """Fault injection: real kill -9, disk errors, NaN losses; every run must end where an unbroken one ends.
 
 One reference run trains the tiny model for STEPS steps; the others break on purpose and must resume
-to bitwise the same weights. Processes are real wherever a kill is involved: children of a
+to bitwise the same weights (promised on the same machine and thread count: docs/reliability.md). Processes are real wherever a kill is involved: children of a
 multiprocessing fork server that has imported torch and lmforge once, so a restart costs milliseconds,
 not an interpreter start-up; each runs the CLI's ``main`` and dies by a real SIGKILL. The hooks of
 ``lmforge/train/faults.py`` (env ``LMFORGE_FAULT_*``) make the rare failures happen on cue. All runs use

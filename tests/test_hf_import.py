@@ -156,7 +156,7 @@ def test_trains_and_round_trips_as_an_lmforge_checkpoint(kind, folders, tmp_path
     assert back.step == 2 and back.cfg.model == tm.cfg.model
     assert back.tokenizer.eot_id == tm.tokenizer.eot_id and back.tokenizer.specials == tm.tokenizer.specials
     with torch.no_grad():
-        assert torch.equal(back.model(idx)[0], model.eval()(idx)[0])
+        assert torch.equal(back.model(idx)[0], model.eval()(idx)[0])  # same weights, same code path: bitwise
 
 
 def test_pytorch_model_bin_is_read_too(tmp_path):

@@ -72,6 +72,8 @@ def test_progress_bar_follows_steps(tmp_path):
     log.advance(7, {"loss": 1.23456, "tok/s": "1,000"})
     assert log.bar.n == 7
     assert log.bar.postfix == "loss=1.235, tok/s=1,000"
+    log.advance(8, {"loss": None, "val": None})  # nothing measured yet: a dash, not nan
+    assert log.bar.postfix == "loss=-, val=-"
     log.close()
     assert log.bar is None
 

@@ -66,6 +66,7 @@ def _args(runs: Path, corpus: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_muon_training_resumes_bitwise(tmp_path: Path, small_corpus: Path):
+    """Bitwise: lmforge promises exact resume on the same machine and thread count (docs/reliability.md)."""
     straight = run_cli(*_args(tmp_path, small_corpus, "straight"))
     assert straight.returncode == 0, straight.stderr
     first = run_cli(*_args(tmp_path, small_corpus, "stopped", "--train.stop_at=8"))

@@ -59,7 +59,10 @@ def test_rerun_skips_finished_stages(tiny_run: Path, small_corpus: Path, capsys)
 
 
 def test_exact_resume_in_a_new_process(tmp_path: Path, small_corpus: Path):
-    """N steps, stop, a new process, N more == 2N straight: same losses, bitwise the same weights."""
+    """N steps, stop, a new process, N more == 2N straight: same losses, bitwise the same weights.
+
+    Bitwise: lmforge promises exact resume on the same machine and thread count (docs/reliability.md).
+    """
     common = ["train", "--config", str(TINY), f"--runs_dir={tmp_path}", f"--data.train=[{small_corpus}]",
               "--train.steps=20", "--train.log_every=1", "--train.ckpt_every=0", "--model.dropout=0.1"]
     straight = run_cli(*common, "--name=straight")

@@ -73,6 +73,20 @@ HEADLINE = {
     "tokens_per_s": "training throughput (tokens/s)",
     "mfu": "model flops utilization (MFU)",
 }
+# The other summary figures (nested keys dotted): key -> label. A key not listed here gets a label made
+# from its name, so a new figure still reads as words; stage times are labelled by their stage.
+SUMMARY_LABELS = {
+    "val_tokens": "validation tokens scored",
+    "train_bpb": "training-slice bits per byte",
+    "generalization_gap": "generalization gap (validation - training loss)",
+    "steps": "optimizer steps",
+    "stopped_by": "training stopped by",
+    "device": "device",
+    "finetune.task_acc_base": "fine-tuning task accuracy: base model",
+    "finetune.task_acc": "fine-tuning task accuracy: fine-tuned model",
+    "finetune.val_bpb_base": "pre-training validation bits per byte: base model",
+    "finetune.val_bpb": "pre-training validation bits per byte: fine-tuned model",
+}
 _DATA_ROWS = {"docs": "documents", "bytes": "bytes", "chars": "characters", "tokens": "tokens"}
 _TOKENIZER_LABELS = {"vocab_size": "vocabulary size", "bytes_per_token": "bytes per token"}
 FIGURE = "loss.png"  # the training-curves figure (the name predates its extra panels)
@@ -133,11 +147,21 @@ def _check_inputs(metrics: list[dict], samples: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------ sections
+def summary_label(key: str) -> str:
+    """The card's words for a summary key (``stage_seconds.train`` -> ``time in the train stage``)."""
+    if key in SUMMARY_LABELS:
+        return SUMMARY_LABELS[key]
+    group, _, name = key.rpartition(".")
+    if group == "stage_seconds":
+        return f"time in the {name} stage"
+    return key.replace(".", ": ").replace("_", " ")
+
+
 def final_metrics(c: CardInputs) -> list:
     s = c.summary
     rows = [[label, fmt(s[k], k)] for k, label in HEADLINE.items() if s.get(k) is not None]
-    rows += [[k, fmt(v, k)] for k, v in flatten({k: v for k, v in s.items()
-                                                   if k not in HEADLINE and k not in ("model", "name")})]
+    rows += [[summary_label(k), fmt(v, k)] for k, v in flatten({k: v for k, v in s.items()
+                                                                if k not in HEADLINE and k not in ("model", "name")})]
     return [Heading(2, "Final metrics"), Table(["metric", "value"], rows) if rows
             else Para("No final metrics were recorded.")]
 

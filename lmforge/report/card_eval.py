@@ -47,16 +47,47 @@ def _spread(rows: list, n: int) -> list:
     return [rows[round(i * (len(rows) - 1) / (n - 1))] for i in range(n)]
 
 
-def _verdict(gap: float) -> str:
+def _val_trend(metrics: list[dict]) -> str | None:
+    """How validation loss moved at its last estimates: 'rising', 'stalled', 'improving' or None (too few).
+
+    'rising': the last estimate is more than 1% above the best one. 'stalled': over the last third of
+    the estimates (at least the last three) validation loss improved by under 0.5% while training loss
+    fell by over 2%: the model gains on its training text only. Both are overfitting; a gap that grows
+    while validation loss still falls is not (the model still gets better on new text).
+    """
+    vals = points(metrics, "val", "loss")
+    if len(vals) < 3:
+        return None
+    if vals[-1][1] > min(v for _, v in vals) * 1.01:
+        return "rising"
+    pairs = gap_points(metrics)
+    tail = pairs[-max(3, len(pairs) // 3):] if len(pairs) >= 3 else []
+    if tail:
+        (_, t0, v0), (_, t1, v1) = tail[0], tail[-1]
+        if v0 - v1 < 0.005 * v0 and t0 - t1 > 0.02 * t0:
+            return "stalled"
+    return "improving"
+
+
+def _verdict(gap: float, trend: str | None) -> str:
     if gap < -_GAP_SMALL:
         return ("Validation loss is below training loss (dropout during training, or a noisy training "
                 "estimate): no sign of overfitting.")
+    if trend in ("rising", "stalled"):
+        how = "rose after its best" if trend == "rising" else "stopped improving while training loss fell"
+        return (f"Validation loss {how}: the model is overfitting (memorizing the training text). "
+                "More data, fewer steps, a smaller model or dropout would help.")
     if gap <= _GAP_SMALL:
         return "Training and validation loss agree: no sign of overfitting."
     if gap <= _GAP_LARGE:
         return "A small generalization gap: the model fits the training text a little better than new text."
-    return ("Validation loss is well above training loss: the model is overfitting (memorizing the "
-            "training text). More data, fewer steps, a smaller model or dropout would help.")
+    if trend == "improving":
+        return ("A large generalization gap, but validation loss was still falling at the last estimates: "
+                "not overfitting. The model fits its training text much better than new text, yet what it "
+                "learns still carries over, so more training still helps; overfitting starts when "
+                "validation loss stops falling.")
+    return ("A large generalization gap (too few validation estimates to tell whether validation loss "
+            "still falls): the model fits its training text much better than new text.")
 
 
 def overfitting(c: CardInputs) -> list:
@@ -67,7 +98,8 @@ def overfitting(c: CardInputs) -> list:
     else:
         gap = val - train
         blocks += [Table(["measure", "value"], [["final training loss", fmt(train)], ["final validation loss", fmt(val)],
-                                                ["gap (validation - training)", fmt(gap)]]), Para(_verdict(gap))]
+                                                ["gap (validation - training)", fmt(gap)]]),
+                   Para(_verdict(gap, _val_trend(c.metrics)))]
     over_time = gap_points(c.metrics)
     if len(over_time) >= 2:
         bpb = dict(points(c.metrics, "val", "bpb"))

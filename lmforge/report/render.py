@@ -45,8 +45,8 @@ def fmt(value: Any, key: str = "") -> str:
     name = key.rsplit(".", 1)[-1]
     if any(part.endswith("seconds") for part in key.split(".")):  # also stage_seconds.train
         return _duration(v)
-    # Fractions shown as percentages: accuracies (acc, acc_norm, ...) and the scores of evaluation tasks.
-    if name in ("mfu", "exact_match", "f1", "chance") or name.endswith("acc") or name.startswith("acc_"):
+    # Fractions shown as percentages: accuracies (acc, acc_norm, task_acc_base, ...) and the scores of evaluation tasks.
+    if name in ("mfu", "exact_match", "f1", "chance") or "acc" in name.split("_"):
         return f"{v * 100:.4g}%"
     if isinstance(value, int) or (v.is_integer() and abs(v) >= 1000):
         scale, suffix = next(p for p in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (0.0, "")) if abs(v) >= p[0])

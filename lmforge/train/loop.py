@@ -158,7 +158,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
 
     # ----------------------------------------------------------------- loop
     stopped_by = "steps"
-    train_loss = float("nan")
+    train_loss: float | None = None  # None until the first log_every steps are measured
     loss_acc = torch.zeros((), device=rt.device)
     while step < tc.steps and not (tc.max_seconds is not None and train_seconds >= tc.max_seconds):
         t0 = time.perf_counter()
@@ -207,8 +207,7 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
             logger.log(step, "val", {**last_val, "seconds": train_seconds})
             last_step = stopper.update(step, last_val) or last_step
         probe.maybe_run(step, model, logger)
-        logger.advance(step, {"loss": f"{train_loss:.3f}",
-                              "val": f"{last_val.get('loss', float('nan')):.3f}",
+        logger.advance(step, {"loss": train_loss, "val": last_val.get("loss"),
                               "tok/s": f"{meter.tokens_per_s():,.0f}"})
         if ckpt.should_save(step, last_step):  # every rank: RunCheckpoints decides who writes
             save_checkpoint(ckpt, tc.on_save_error, logger, step, model, optimizer, {

@@ -98,10 +98,15 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
     def advance(self, step: int, postfix: dict) -> None:
-        """Move the progress bar to ``step`` and show ``postfix`` (floats shortened, strings as given)."""
+        """Move the progress bar to ``step`` and show ``postfix`` (floats to 4 digits, strings as given).
+
+        A value of None is one not measured yet (the loss before the first ``log_every`` steps, the
+        validation loss before the first estimate): shown as ``-``, never as ``nan``, which would read
+        as divergence.
+        """
         if self.bar is None:
             return
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
+        shown = {k: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
         self.bar.set_postfix(shown, refresh=False)
         if step > self.bar.n:
             self.bar.update(step - self.bar.n)
