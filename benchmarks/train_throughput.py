@@ -13,7 +13,10 @@ corpus through a BPE of the model's vocabulary) and take the same AdamW steps
 (lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices, gradient clipping at 1):
 forward, loss, backward, clip, step, zero_grad, as lmforge's loop does. Llama has
 no QK-norm, so both sides run the speedrun model without it; the recipe as it is
-(QK-norm, Muon) is timed as a third side, ``lmforge recipe``.
+(QK-norm, Muon) is timed apart, once with Muon's Newton-Schulz orthogonalisation in
+fp32 (``lmforge recipe fp32``, what ``train.muon_precision: auto`` picks on CPUs
+without fast bf16) and once in bf16 (``lmforge recipe bf16``, torch.optim.Muon's
+numerics), against the recipe's model with AdamW (``recipe model adamw``).
 transformers computes its loss from ``labels`` as a user would. The two run in
 turns of ``--steps`` steps, ``--repeats`` times; the median of each is kept. MFU
 is against the measured fp32 matmul peak (``lmforge.train.metrics.peak_flops``)
@@ -44,8 +47,9 @@ from lmforge.data.sources import embedded_corpus  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
 from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
+from lmforge.runtime import bf16_time_ratio  # noqa: E402
 from lmforge.train.metrics import peak_flops  # noqa: E402
-from lmforge.train.optim import build_optimizer, param_groups  # noqa: E402
+from lmforge.train.optim import build_optimizer, muon_precision, param_groups  # noqa: E402
 
 
 def configs() -> dict[str, tuple[ModelConfig, int]]:
@@ -99,10 +103,13 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
     sides = {"lmforge": step_fn(ours, build_optimizer(ours, tc), hf=False),
              "transformers": step_fn(hf, torch.optim.AdamW(param_groups(hf, 0.1), lr=3e-3, betas=(0.9, 0.95)),
                                      hf=True)}
-    if recipe is not None:
-        torch.manual_seed(0)
-        other = build_model(recipe_cfg)
-        sides["lmforge recipe"] = step_fn(other, build_optimizer(other, recipe), hf=False)
+    if recipe is not None:  # the recipe's own model: Muon (each precision) against AdamW, from the same weights
+        for side, train in (("recipe model adamw", recipe.model_copy(update={"optimizer": "adamw"})),
+                            ("lmforge recipe fp32", recipe.model_copy(update={"muon_precision": "fp32"})),
+                            ("lmforge recipe bf16", recipe.model_copy(update={"muon_precision": "bf16"}))):
+            torch.manual_seed(0)
+            other = build_model(recipe_cfg)
+            sides[side] = step_fn(other, build_optimizer(other, train), hf=False)
     if args.compile:  # train.compile=true: the whole model through torch.compile (inductor), both sides
         torch.manual_seed(0)
         twin = build_model(cfg)
@@ -128,9 +135,14 @@ def compare(name: str, cfg: ModelConfig, batch: int, args: argparse.Namespace, r
     print(f"{name}: {ours.num_params():,} parameters, batch {batch} x context {cfg.context}, "
           f"{flops / 1e6:.2f} MFLOP/token, peak {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     for k, v in med.items():
-        print(f"  {k:<16} {v:9.0f} tokens/s  MFU {v * flops / peak:6.1%}  (runs: "
+        print(f"  {k:<21} {v:9.0f} tokens/s  MFU {v * flops / peak:6.1%}  (runs: "
               + ", ".join(f"{r:.0f}" for r in rates[k]) + ")")
     print(f"  ratio lmforge / transformers: {med['lmforge'] / med['transformers']:.2f}x")
+    if recipe is not None:
+        print(f"  ratio recipe (Muon) / its model with AdamW: fp32 orthogonalisation "
+              f"{med['lmforge recipe fp32'] / med['recipe model adamw']:.2f}x, bf16 "
+              f"{med['lmforge recipe bf16'] / med['recipe model adamw']:.2f}x; muon_precision auto picks "
+              f"{muon_precision('auto', 'cpu')} here (bf16/fp32 matmul time {bf16_time_ratio():.2f})")
     if args.compile:
         print(f"  ratio compiled lmforge / compiled transformers: "
               f"{med['lmforge compiled'] / med['transformers compiled']:.2f}x, compiled lmforge / eager "

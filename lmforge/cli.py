@@ -143,26 +143,27 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
     "pack": (_stages("pack"), "encode the text into token shards (after tokenize)", ("data", "tokenizer"), False),
     "train": (_stages("train"), "pre-train a model (after pack); resumes from the newest checkpoint",
               ("data", "tokenizer", "model", "train"), False),
-    "eval": (_eval, "score the run's validation text, or any text with --eval.text=FILE (PATH = run or checkpoint)",
+    "eval": (_eval, "score the run's validation text, or any text with --eval.text=FILE (PATH = run, checkpoint, export or HF folder)",
              ("eval",), True),
-    "generate": (_generate, "continue prompts with a trained model (PATH = run or checkpoint)", ("sample",), True),
+    "generate": (_generate, "continue prompts with a trained model (PATH = run, checkpoint, export or HF folder)", ("sample",), True),
     "compare": (_compare, "finished runs side by side: config differences, results, overlaid curves "
                 "(PATH = run folders or names; --out DIR)", ("compare",), True),
     "compare-archs": (_compare_archs, "train each architecture for the same time on the same data; table and plot",
                       ("compare", "model", "train"), False),
     "sweep": (_sweep, "hyperparameter search with Optuna over a --space FILE; resumes; writes best.yaml",
               ("sweep", "model", "train"), False),
-    "harness": (_harness, "score eval.tasks with lm-evaluation-harness (PATH = run or checkpoint)", ("eval",), True),
-    "serve": (_serve, "OpenAI-compatible API, chat page at /, /health, /metrics (PATH = run, checkpoint or export)",
-              ("serve",), True),
-    "export": (_export, "write the model as --format hf|gguf|lmforge to --out PATH (PATH = run or checkpoint)",
+    "harness": (_harness, "score eval.tasks with lm-evaluation-harness (PATH = run, checkpoint, export or HF folder)", ("eval",), True),
+    "serve": (_serve, "OpenAI-compatible API, chat page at /, /health, /metrics (PATH = run, checkpoint, export or HF folder); a "
+              "fine-tuned model is served as NAME-finetune", ("serve",), True),
+    "export": (_export, "write the model as --format hf|gguf|lmforge to --out PATH (PATH = run, checkpoint, export or HF folder)",
                ("export",), True),
     "finetune": (_finetune, "fine-tune a pretrained model (--init PATH) on chat or text, fully or with LoRA; "
                  "resumes", ("finetune", "train"), False),
-    "chat": (_chat, "chat with a model in the terminal; /reset, /exit (PATH = run, checkpoint or export)",
-             ("sample",), True),
+    "chat": (_chat, "chat with a model in the terminal; /reset, /exit (PATH = run, checkpoint, export or HF folder)", ("sample",), True),
     "config": (_config, "print the resolved config as YAML", (), False),
 }
+# Verbs whose PATH is a model, opened by lmforge.export.native.load_any under one rule (lmforge.trained.PATH_RULE).
+MODEL_VERBS = ("eval", "harness", "generate", "serve", "export", "chat")
 
 
 def usage() -> str:
@@ -174,9 +175,13 @@ def usage() -> str:
 def verb_help(verb: str) -> str:
     _, text, sections, takes_path = VERBS[verb]
     path = " [PATH]" if takes_path else ""
-    lines = [f"usage: lmforge {verb}{path} [--config FILE] [--name NAME] [--section.key=value ...]", "", text, "",
-             "  --config FILE        YAML recipe (e.g. configs/demo.yaml); overrides come after it",
-             "  --name NAME          run name: outputs go to runs/NAME (same as --name=NAME)"]
+    lines = [f"usage: lmforge {verb}{path} [--config FILE] [--name NAME] [--section.key=value ...]", "", text, ""]
+    if verb in MODEL_VERBS:
+        from lmforge.trained import PATH_RULE
+
+        lines += [f"PATH (default: the run of --name): {PATH_RULE}", ""]
+    lines += ["  --config FILE        YAML recipe (e.g. configs/demo.yaml); overrides come after it",
+              "  --name NAME          run name: outputs go to runs/NAME (same as --name=NAME)"]
     if verb == "compare":
         lines[0] = "usage: lmforge compare RUN [RUN ...] [--out DIR] [--runs_dir DIR]"
         lines.append("  --out DIR            where the report goes (same as --compare.out=DIR; default runs_dir/compare)")

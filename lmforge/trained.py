@@ -7,6 +7,11 @@ serving all start here::
 
     tm = TrainedModel.load("runs/demo")
     logits, _ = tm.model(torch.tensor([tm.tokenizer.encode("ROMEO:")]))
+
+Which model a run folder means is one rule, :func:`run_model_path` (:data:`PATH_RULE`), for every
+verb that opens a model by path (``serve``, ``chat``, ``generate``, ``eval``, ``export``): the
+fine-tuned model when the run has one, else the pre-trained one. A fine-tuned model's id
+(:attr:`TrainedModel.name`, what ``/v1/models`` lists) is the run's name with ``-finetune``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,19 @@ from lmforge.config import RunConfig
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.models import LanguageModel, build_model
 from lmforge.train import checkpoint
-from lmforge.train.checkpoint import CheckpointError
+from lmforge.train.checkpoint import Checkpointer, CheckpointError
+
+FINETUNE_DIR = "finetune"  # runs/<name>/finetune: where lmforge.finetune.run writes its checkpoints
+PATH_RULE = ("a run folder means its fine-tuned model (RUN/finetune) when it has one, else its pre-trained "
+             "one; a checkpoint, export or Hugging Face folder means itself")
+
+
+def run_model_path(path: str | Path) -> Path:
+    """The model ``path`` means (:data:`PATH_RULE`): ``RUN/finetune`` for a run with fine-tuning checkpoints."""
+    path = Path(path).expanduser()
+    if Checkpointer(path / FINETUNE_DIR / "ckpt").list():
+        return path / FINETUNE_DIR
+    return path
 
 
 def tokenizer_digest(path: Path) -> str:
@@ -44,6 +61,12 @@ class TrainedModel:
     cfg: RunConfig
     path: Path
     step: int
+
+    @property
+    def name(self) -> str:
+        """The model's id: the run's name, with ``-finetune`` for a run's fine-tuned model (RUN/finetune/ckpt)."""
+        finetuned = self.path.parent.name == "ckpt" and self.path.parent.parent.name == FINETUNE_DIR
+        return f"{self.cfg.name}-finetune" if finetuned else self.cfg.name
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

@@ -33,6 +33,19 @@ def small_corpus(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request) -> int:
+    """The process umask set to the parameter for one test; yields the mode a new file must get from it."""
+    old = os.umask(request.param)
+    yield 0o666 & ~request.param
+    os.umask(old)
+
+
+def file_modes(folder: Path) -> dict[str, int]:
+    """The permission bits of every file under ``folder``, by path relative to it."""
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``lmforge ARGS`` in a new Python process, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -87,7 +87,7 @@ def test_generate_works(arch_run):
     assert result.returncode == 0, result.stderr
     # Greedy, so the text is known: the engine's completion in this process, streamed after the prompt.
     tm = TrainedModel.load(run)
-    params = params_from(SampleConfig(max_new_tokens=12, temperature=0), tm.tokenizer)
+    params = params_from(SampleConfig(max_new_tokens=12, temperature=0))
     completion = Engine(tm.model, tm.tokenizer).generate(["KING:"], params)[0]
     assert completion.completion_tokens == 12 or completion.finish_reason == "stop"
     assert result.stdout == "KING:" + completion.text + "\n\n"

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from lmforge.models.rnn import GRUModel
-from lmforge.serve.chat import chat_stop_ids
 from lmforge.trained import TrainedModel
 from tests.serving import make_run, server_for
 
@@ -88,7 +87,7 @@ def test_stop_button_ends_the_reply_and_frees_the_slot(browser, runs):
     tm = TrainedModel.load(runs["gru"])
     model = EndlessGRU(tm.cfg.model)
     model.load_state_dict(tm.model.state_dict())
-    model.stop_ids = chat_stop_ids(tm.tokenizer)
+    model.stop_ids = tm.tokenizer.end_ids
     server = server_for(runs["gru"], model=model)
     sched = server.app.state.scheduler
     try:

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lmforge.train import checkpoint as ckpt_mod
 from lmforge.train.checkpoint import (
     Checkpointer,
     CheckpointError,
-    CheckpointWarning,
     load,
     load_weights,
     read_state,
     resolve,
     verify,
 )
+from tests.conftest import file_modes
 
 
 class TinyLM(nn.Module):
@@ -160,11 +162,12 @@ def _flip_bit(f: Path) -> None:
     (lambda p: (p / "checksums.json").unlink(), "did not finish"),
     (lambda p: (p / "rng.pt").unlink(), "rng.pt is missing"),
 ])
-def test_damaged_checkpoint_falls_back_with_warning(tmp_path, damage, reason):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, reason):
     newest = _save_steps(tmp_path, [1, 2, 3]).list()[-1]
     damage(newest)
     ck = Checkpointer(tmp_path / "ckpt")  # a new process: nothing verified yet
-    with pytest.warns(CheckpointWarning, match=rf"step_000003 is damaged \(.*{reason}.*\); falling back to .*step_000002"):
+    with warnings.catch_warnings():  # said in a plain line on stderr, not as a Python warning with its source
+        warnings.simplefilter("error")
         assert ck.latest_valid() == tmp_path / "ckpt" / "step_000002"
     with pytest.raises(CheckpointError, match=f"step_000003 is damaged: .*{reason}"):
         ck.load(newest, TinyLM())
@@ -183,13 +186,42 @@ def test_loading_weights_only_reads_what_it_needs(tmp_path):
         load(newest, TinyLM(), torch.optim.AdamW(model.parameters()))
 
 
-def test_all_damaged_gives_none(tmp_path):
-    _flip_bit(_save_steps(tmp_path, [1]).list()[0] / "state.json")
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_all_damaged_is_an_error_naming_each_and_deletes_nothing(tmp_path):
+    ck = _save_steps(tmp_path, [1, 2])
+    for p in ck.list():
+        _flip_bit(p / "state.json")
+    before = {p.name: _contents(p) for p in ck.list()}
     ck = Checkpointer(tmp_path / "ckpt")
-    with pytest.warns(CheckpointWarning, match="falling back to nothing"):
-        assert ck.latest_valid() is None
-    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="every one is damaged"):
+    assert Checkpointer(tmp_path / "empty").latest_valid() is None  # no checkpoint at all: a fresh start
+    with pytest.raises(CheckpointError, match=r"every one is damaged: step_000002 \(.*sha256.*\); step_000001"):
+        ck.latest_valid()
+    with pytest.raises(CheckpointError, match="every one is damaged"):
         resolve(tmp_path / "ckpt")
+    assert {p.name: _contents(p) for p in ck.list()} == before
+
+
+def test_pruning_and_resaving_never_delete_a_damaged_checkpoint(tmp_path):
+    """Rotation, an abandoned later step and a step saved again set a damaged checkpoint aside instead."""
+    folder = _save_steps(tmp_path, [1, 2, 3, 4]).ckpt_dir
+    for step in (1, 3, 4):
+        _flip_bit(folder / f"step_{step:06d}" / "model.safetensors")
+    damaged = {step: _contents(folder / f"step_{step:06d}") for step in (1, 3, 4)}
+    ck = Checkpointer(folder, keep_last=2)  # a new process, resuming
+    assert ck.latest_valid() == folder / "step_000002"
+    model, opt = _trained(seed=7)
+    ck.save(3, model, opt, {"step": 3})
+    assert [p.name for p in ck.list()] == ["step_000002", "step_000003"]
+    for step, files in damaged.items():
+        assert _contents(folder / f"step_{step:06d}.damaged") == files
+    assert read_state(folder / "step_000003") == {"step": 3}
+    ck.save(4, model, opt, {"step": 4})  # rotation as usual for the checkpoints that verify
+    assert [p.name for p in ck.list()] == ["step_000003", "step_000004"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step_000001.damaged", "step_000003", "step_000003.damaged", "step_000004", "step_000004.damaged"]
 
 
 def test_leftover_tmp_folder_is_ignored_and_cleaned(tmp_path):
@@ -258,3 +290,41 @@ def test_resolve_accepts_checkpoint_ckpt_dir_and_run_dir(tmp_path):
         resolve(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve(tmp_path / "nope")
+
+
+def test_checkpoint_files_get_the_umask_mode(tmp_path, umask):
+    """Weights included: safetensors' own writer would leave model.safetensors at 0600 whatever the umask."""
+    model, opt = _trained()
+    path = Checkpointer(tmp_path / "ckpt").save(1, model, opt, {"step": 1})
+    modes = file_modes(path)
+    assert set(modes) == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "checksums.json"}
+    assert modes == dict.fromkeys(modes, umask)
+
+
+def _tied_twice(order: list[str]) -> nn.Module:
+    """Two tied pairs (a = a2, b = b2), registered in ``order``: equal weights, another state-dict order."""
+    weights = {"a": nn.Parameter(torch.arange(6.0).reshape(2, 3)), "b": nn.Parameter(torch.linspace(-1, 1, 5))}
+    model = nn.Module()
+    for name in order:
+        model.register_parameter(name, weights[name[0]])
+    model.register_buffer("count", torch.tensor([3, 1], dtype=torch.int64))
+    return model
+
+
+def test_equal_weights_give_identical_weights_files(tmp_path):
+    """The bytes depend on the tensors alone: not on insertion order, nor on the metadata's order."""
+    files = []
+    for i, order in enumerate((["a", "a2", "b", "b2"], ["b2", "b", "a2", "a"], ["a", "a2", "b", "b2"])):
+        path = Checkpointer(tmp_path / str(i)).save(1, _tied_twice(order), None, {"step": 1})
+        files.append((path / "model.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]
+    tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).half(), "i": torch.arange(4), "z": torch.tensor(2.0)}
+    meta = {"format": "pt", "a": "1", "z": "2", "m": "3"}
+    for i, (t, m) in enumerate(((tensors, meta), (dict(reversed(tensors.items())), dict(reversed(meta.items()))))):
+        ckpt_mod.write_safetensors(t, tmp_path / f"{i}.safetensors", m)
+    assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+    back = load_file(tmp_path / "0.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    # The same format as safetensors' own writer, byte for byte, where its metadata order cannot vary.
+    ckpt_mod.write_safetensors(tensors, tmp_path / "one.safetensors", {"format": "pt"})
+    assert (tmp_path / "one.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})

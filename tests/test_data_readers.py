@@ -88,16 +88,25 @@ def test_csv_tsv_and_parquet_with_chosen_fields(tmp_path: Path) -> None:
 
 def test_jsonl_text_field_and_malformed_lines(tmp_path: Path) -> None:
     lines = [json.dumps({"content": "good one"}), "{broken", json.dumps({"content": 5}), "\xff\xfe",
-             json.dumps({"content": "good two", "id": "x"})]
+             json.dumps({"content": "good two", "id": "x"}), '{"content": "cut sho', json.dumps({"text": "elsewhere"}),
+             json.dumps({"content": None}), '{"content": "cut sho']  # the last line has no newline
     (tmp_path / "mixed.jsonl").write_bytes("\n".join(lines).encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe"))
     stats = ReadStats()
     docs = list(read_documents([str(tmp_path / "mixed.jsonl")], stats, FileOptions(text_field="content",
                                                                                    strict=False)))
     assert [d.text for d in docs] == ["good one", "good two"]
     assert [d.id for d in docs] == ["mixed:1", "x"]
-    assert stats.skipped == {"malformed_line": 3}
-    assert stats.examples["malformed_line"][0].endswith("mixed.jsonl:2: not valid JSON (Expecting property name "
-                                                        "enclosed in double quotes at column 2)")
+    # Valid JSON without the text is no_text (as docs/data.md says); broken JSON or a wrong type is malformed.
+    assert stats.skipped == {"malformed_line": 5, "no_text": 2}
+    where = str(tmp_path / "mixed.jsonl")
+    assert stats.examples["malformed_line"] == [
+        f"{where}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{where}:3: 'content' must be a string, got int",
+        f"{where}:4: not valid JSON (Expecting value at column 1)",
+        f"{where}:6: not valid JSON (Invalid control character at column 21)",  # the newline inside the string
+        f"{where}:9: not valid JSON (Unterminated string starting at column 13)"]
+    assert stats.examples["no_text"] == [f"{where}:7: no text: the 'content' field is missing",
+                                         f"{where}:8: no text: the 'content' field is null"]
     with pytest.raises(DataError, match=r"mixed\.jsonl:2: not valid JSON"):
         list(read_documents([str(tmp_path / "mixed.jsonl")], None, FileOptions(text_field="content", strict=True)))
 
@@ -123,14 +132,53 @@ def test_compression_globs_and_filters(tmp_path: Path) -> None:
         list(read_documents([str(tmp_path / "*.nothing")]))
 
 
-def test_binary_and_non_utf8_files_in_a_folder_are_counted(tmp_path: Path) -> None:
+def test_binary_and_mostly_non_text_files_in_a_folder_are_counted(tmp_path: Path) -> None:
     (tmp_path / "ok.txt").write_text("fine", encoding="utf-8")
     (tmp_path / "image.txt").write_bytes(bytes(range(256)))
     (tmp_path / "legacy.txt").write_bytes("Gr\xfc\xdfe".encode("latin-1"))
     (tmp_path / "page.html").write_bytes(b"<html>\x00\x01</html>")
+    (tmp_path / "noise.txt").write_bytes(bytes(range(1, 256)) * 8)  # no NUL: 63% control or non-UTF-8 bytes
+    (tmp_path / "noise.jsonl").write_bytes(bytes(range(1, 256)) * 8)
     stats = ReadStats()
-    assert [d.text for d in read_documents([str(tmp_path)], stats, FileOptions(strict=False))] == ["fine"]
-    assert stats.skipped == {"binary": 2, "not_utf8": 1}
+    docs = list(read_documents([str(tmp_path)], stats, FileOptions(strict=False)))
+    assert [d.text for d in docs] == ["Grüße", "fine"]  # the latin-1 file is kept, repaired
+    assert stats.skipped == {"binary": 2, "not_text": 2}
+    assert sorted(stats.examples["not_text"]) == [str(tmp_path / "noise.jsonl"), str(tmp_path / "noise.txt")]
+
+
+def test_one_bad_byte_keeps_the_whole_text_file(tmp_path: Path) -> None:
+    text = "ROMEO: It is my lady, O, it is my love!\n" * 50 + "JULIET: Romeo’s letter ✓\n" + "The end.\n" * 50
+    data = text.encode("utf-8").replace("’".encode(), b"\x92")  # one cp1252 apostrophe in a UTF-8 file
+    (tmp_path / "play.txt").write_bytes(data)
+    stats = ReadStats()
+    docs = list(read_documents([str(tmp_path / "play.txt")], stats))
+    assert [d.text for d in docs] == [text]
+    assert docs[0].meta["repaired_bytes"] == 1 and stats.repaired_bytes == 1 and stats.skipped == {}
+
+
+def test_mixed_utf8_and_cp1252_file_keeps_both_parts(tmp_path: Path) -> None:
+    utf8 = "Café — naïve “quotes” ✓\n"
+    cp1252 = "Déjà vu: “smart quotes” – and ’s, €5\n"
+    undefined = b"odd \x81 byte\n"  # one of the five bytes cp1252 leaves undefined
+    (tmp_path / "mixed.md").write_bytes(utf8.encode("utf-8") + cp1252.encode("cp1252") + undefined
+                                        + utf8.encode("utf-8"))
+    stats = ReadStats()
+    docs = list(read_documents([str(tmp_path / "mixed.md")], stats))
+    assert [d.text for d in docs] == [utf8 + cp1252 + "odd \ufffd byte\n" + utf8]
+    assert stats.repaired_bytes == 7 + 1  # é à “ ” – ’ € (one byte each in cp1252) and 0x81
+
+
+def test_records_repair_bad_bytes_per_field(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "don\x92t stop"}\n{"text": "caf\xc3\xa9 and caf\xe9"}\n')
+    # Before the fix a bad byte in a CSV cost the rest of the file: the third row must survive too.
+    (tmp_path / "b.csv").write_bytes(b'id,text\nr\xe91,"na\xefve, \x93quoted\x94"\nr2,plain\nr3,"last row"\n')
+    stats = ReadStats()
+    docs = list(read_documents([str(tmp_path)], stats, FileOptions(id_field=None)))
+    assert [d.text for d in docs] == ["don’t stop", "café and café", "naïve, “quoted”", "plain", "last row"]
+    assert [d.meta.get("repaired_bytes", 0) for d in docs] == [1, 1, 3, 0, 0]
+    assert stats.repaired_bytes == 5 and stats.skipped == {}
+    by_id = list(read_documents([str(tmp_path / "b.csv")], ReadStats(), FileOptions(id_field="id")))
+    assert [d.id for d in by_id] == ["ré1", "r2", "r3"]
 
 
 def test_hugging_face_datasets_on_disk(tmp_path: Path) -> None:

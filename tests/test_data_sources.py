@@ -49,25 +49,28 @@ def folder(tmp_path: Path) -> Path:
 def test_folder_reads_supported_files_in_sorted_order(folder: Path) -> None:
     stats = ReadStats()
     docs = list(read_documents([str(folder)], stats))
-    assert [d.id for d in docs] == ["a", "c", "d1", "d:3", "e1", "sub/b"]
+    assert [d.id for d in docs] == ["a", "c", "d1", "d:3", "e1", "latin1", "sub/b"]
     assert [d.text for d in docs] == ["alpha text\n", "gamma zipped", "delta one", "delta two", "epsilon 🎉",
-                                      "# béta ✓\n"]
+                                      "café", "# béta ✓\n"]
     assert docs[0].meta == {"path": str(folder / "a.txt"), "bytes": 11}
     assert docs[0].source == str(folder / "a.txt")
     assert docs[2].meta == {"k": 1, "path": str(folder / "d.jsonl"), "line": 1}  # provenance is always kept
     assert docs[3].meta == {"path": str(folder / "d.jsonl"), "line": 3}
     assert docs[4].source == "web"
-    assert stats.documents == 6
-    assert stats.files == 5
-    assert stats.skipped == {"binary": 1, "not_utf8": 1, "hidden": 1, "unsupported_type": 1}
+    assert docs[5].meta["repaired_bytes"] == 1  # the latin-1 é, read as cp1252
+    assert stats.documents == 7
+    assert stats.files == 6
+    assert stats.repaired_bytes == 1
+    assert stats.skipped == {"binary": 1, "hidden": 1, "unsupported_type": 1}
     assert stats.examples["binary"] == [str(folder / "binary.txt")]
 
 
 def test_explicit_binary_or_unsupported_file_is_an_error(folder: Path) -> None:
     with pytest.raises(DataError, match="binary.txt looks binary"):
         list(read_documents([str(folder / "binary.txt")]))
-    with pytest.raises(DataError, match="latin1.txt is not valid UTF-8"):
-        list(read_documents([str(folder / "latin1.txt")]))
+    (folder.parent / "noise.txt").write_bytes(bytes(range(1, 256)) * 4)  # no NUL, but mostly not text
+    with pytest.raises(DataError, match="noise.txt is mostly not text"):
+        list(read_documents([str(folder.parent / "noise.txt")]))
     with pytest.raises(DataError, match="table.xlsx: unsupported file type"):
         list(read_documents([str(folder / "table.xlsx")]))
 
@@ -84,7 +87,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
         list(read_documents([str(bad)]))
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"text": "fine"}\n{"id": "x"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"missing\.jsonl:2: missing 'text' field"):
+    with pytest.raises(DataError, match=r"missing\.jsonl:2: no text: the 'text' field is missing"):
         list(read_documents([str(missing)]))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"text": 3}\n', encoding="utf-8")

@@ -188,3 +188,43 @@ def test_cleaning_switched_off_passes_everything_through(tmp_path: Path, mixed) 
     kept = [d for s in shard_paths(cfg.run_dir / "clean" / "docs") for d in read_shard(s)]
     assert [d.id for d in kept] == [d.id for s in shard_paths(cfg.run_dir / "collect" / "shards")
                                     for d in read_shard(s)]
+
+
+def test_non_utf8_bytes_are_repaired_and_counted_in_the_data_card(tmp_path: Path, works) -> None:
+    from lmforge.report.data_card import card_summary
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    play = works["tempest"][:3000]
+    # One cp1252 apostrophe in a UTF-8 file: before the fix the whole file was dropped as not_utf8.
+    (corpus / "one_byte.txt").write_bytes(play.replace(" the ", " the master@s ", 1).encode("utf-8")
+                                          .replace(b"@", b"\x92"))
+    macbeth = works["macbeth"]
+    mixed = macbeth[:1500].encode("utf-8") + "\nDéjà “vu”\n".encode("cp1252") + macbeth[1500:3000].encode("utf-8")
+    (corpus / "mixed.txt").write_bytes(mixed)
+    (corpus / "noise.txt").write_bytes(bytes(range(1, 256)) * 8)  # mostly not text: still dropped, with its reason
+    cfg = _cfg(tmp_path, data={"train": [str(corpus)]})
+    out = run(cfg, until="clean")
+    assert out["collect"]["documents"] == 2 and out["collect"]["skipped"] == {"not_text": 1}
+    card = json.loads((cfg.run_dir / "clean" / "data_card.json").read_text())
+    assert card["collect"]["repaired_bytes"] == 1 + 4  # ’, and é à “ ” of the cp1252 line
+    assert card["collect"]["sources"][0]["repaired_bytes"] == 5
+    assert card_summary(card)["collect repaired bytes (not UTF-8)"] == 5
+    kept = {d.id: d.text for s in shard_paths(cfg.run_dir / "clean" / "docs") for d in read_shard(s)}
+    assert sorted(kept) == ["mixed", "one_byte"]
+    assert "the master’s " in kept["one_byte"] and kept["one_byte"].endswith(play[-200:].rstrip())
+    assert "Déjà “vu”" in kept["mixed"] and works["macbeth"][2800:2900].strip() in kept["mixed"]
+
+
+def test_too_many_words_hint_names_max_words(tmp_path: Path, works) -> None:
+    from lmforge.config import QualityConfig
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "long.txt").write_text(works["tempest"][:4000], encoding="utf-8")
+    cfg = _cfg(tmp_path, data={"train": [str(corpus)]}, clean={"quality": {"max_words": 100}})
+    with pytest.raises(DataError, match=r"\(too_many_words\): set --clean\.quality\.max_words=N or") as e:
+        run(cfg, until="clean")
+    assert "min_words" not in str(e.value)
+    for option in "".join(curate.GOPHER_OPTIONS.values()).replace(" / ", "").split("--clean.quality.")[1:]:
+        assert option.split("=")[0] in QualityConfig.model_fields  # every option a hint names exists

@@ -20,12 +20,16 @@ class ByteTokenizer:
     """Byte-level stand-in: a multi-byte UTF-8 character spans several tokens."""
 
     eot_id = 0
+    end_ids = [0]
     vocab_size = VOCAB
 
     def encode(self, text: str) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]
 
-    def decode(self, ids: list[int]) -> str:
+    def with_bos(self, ids: list[int]) -> list[int]:
+        return list(ids)  # no begin token, so a prompt's positions are those of its bytes (the script needs it)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(i - 1 for i in ids if i != 0).decode("utf-8", errors="replace")
 
 
@@ -304,7 +308,9 @@ def test_stream_never_emits_the_start_of_a_stop_string():
 
 def test_stable_length():
     assert _stable_length("abc\ufffd", []) == 3
-    assert _stable_length("abc\ufffd\ufffd\ufffd", []) == 5  # only the last one can still complete
+    # A byte-fallback decoder (the char tokenizer) gives one per byte of an unfinished character: all may complete.
+    assert _stable_length("abc\ufffd\ufffd\ufffd", []) == 3
+    assert _stable_length("a\ufffdb\ufffd", []) == 3  # one followed by a character is settled
     assert _stable_length("abc ST", ["STOP"]) == 4
     assert _stable_length("abc S", ["STOP", "SX"]) == 4
     assert _stable_length("abcST", ["T"]) == 5  # a one-character stop string is found, never held

@@ -13,7 +13,7 @@ from torch import nn
 
 from lmforge.config import ConfigError, ModelConfig, TokenizerConfig
 from lmforge.data.sources import DataError
-from lmforge.data.tokenizer import train_tokenizer
+from lmforge.data.tokenizer import Tokenizer, train_tokenizer
 from lmforge.eval.perplexity import evaluate_text
 from lmforge.eval.scoring import Scorer
 from lmforge.eval.tasks import (
@@ -36,13 +36,16 @@ VOCAB = 257  # 256 bytes + end-of-text
 
 
 class ByteTokenizer:
-    eot_id = 256
+    eot_id = bos_id = 256
+    end_ids = [256]
+    add_bos = True
+    with_bos = Tokenizer.with_bos  # lmforge's begin-token rule, on this toy vocabulary
     vocab_size = VOCAB
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 

@@ -18,10 +18,10 @@ from lmforge.export import export
 from lmforge.export.gguf import permute_rotary, unpermute_rotary
 from lmforge.export.gguf_check import read_gguf, reference_logits
 from lmforge.export.native import load_any
-from lmforge.serve.chat import chat_stop_ids, render_chat
+from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
-from tests.conftest import run_cli
+from tests.conftest import file_modes, run_cli
 from tests.serving import make_run
 
 TEXT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate"
@@ -53,16 +53,20 @@ def test_hf_round_trip_logits_generation_and_chat_template(runs, tmp_path, monke
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=torch.tensor([ids])).logits, tm.model(torch.tensor([ids]))[0],
                                    atol=1e-4, rtol=0)
-        greedy = hf.generate(torch.tensor([ids[:8]]), max_new_tokens=20, do_sample=False)[0, 8:].tolist()
-    [ours] = Engine(tm.model, tm.tokenizer).generate([ids[:8]], SamplingParams(
-        temperature=0, max_new_tokens=20, stop_token_ids=chat_stop_ids(tm.tokenizer)))
-    stops = set(chat_stop_ids(tm.tokenizer))
+        # The same text prompted both ways: the exported tokenizer puts the begin token first, as the engine does.
+        prompt = tm.tokenizer.decode(ids[:8])
+        hf_ids = hf_tok(prompt)["input_ids"]
+        assert hf_ids == tm.tokenizer.with_bos(tm.tokenizer.encode(prompt)) and hf_ids[0] == tm.tokenizer.bos_id
+        greedy = hf.generate(torch.tensor([hf_ids]), max_new_tokens=20, do_sample=False)[0, len(hf_ids):].tolist()
+    [ours] = Engine(tm.model, tm.tokenizer).generate([prompt], SamplingParams(
+        temperature=0, max_new_tokens=20))  # stops at every end token, as transformers does
+    stops = set(tm.tokenizer.end_ids)
     assert greedy[: len(ours.token_ids)] == ours.token_ids
     assert len(greedy) == len(ours.token_ids) or greedy[len(ours.token_ids)] in stops
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     templated = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     templated = templated["input_ids"] if isinstance(templated, dict) or hasattr(templated, "keys") else templated
-    assert list(templated) == render_chat(tm.tokenizer, messages)
+    assert list(templated) == tm.tokenizer.with_bos(render_chat(tm.tokenizer, messages))
     # ... and lmforge reads the folder back (lmforge serve DIR).
     back = load_any(out)
     with torch.no_grad():
@@ -85,6 +89,9 @@ def test_gguf_export_by_command_reads_back_and_runs(runs, tmp_path):
     assert meta["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 3] and len(meta["tokenizer.ggml.merges"]) > 0
     assert meta["tokenizer.ggml.eos_token_id"] == tm.tokenizer.token_to_id("<|im_end|>")
     assert "<|im_start|>" in meta["tokenizer.chat_template"]
+    # The begin-token rule (Tokenizer.add_bos): llama.cpp puts <|endoftext|> first, as lmforge's scoring does.
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.ggml.bos_token_id"] == tm.tokenizer.bos_id == tm.tokenizer.eot_id
     assert len(tensors) == 2 + 9 * cfg.n_layers + 1  # embedding, final norm, per-layer tensors, untied output
     assert tensors["blk.0.attn_k.weight"].shape == (16, 32)  # 2 kv heads x head_dim 8, d_model 32
     # The rotary row permutation is the one llama.cpp expects; undone, it gives back our weights.
@@ -140,3 +147,20 @@ def test_native_export_reloads_any_architecture(runs, tmp_path):
     params = SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[])
     assert Engine(back.model, back.tokenizer).generate(["Hi"], params)[0].token_ids == \
         Engine(tm.model, tm.tokenizer).generate(["Hi"], params)[0].token_ids
+
+
+def test_exports_get_the_umask_mode_and_equal_weights_give_equal_bytes(runs, tmp_path, umask):
+    """safetensors' own writer leaves weights at 0600 whatever the umask; every file here gets the umask's mode."""
+    from lmforge.export.gguf import export_gguf
+    from lmforge.export.hf import export_hf
+    from lmforge.export.native import export_native
+
+    tm = TrainedModel.load(runs["transformer"])
+    for name in ("hf", "hf-again"):
+        export_hf(tm, tmp_path / name)
+    export_gguf(tm, tmp_path / "gguf" / "model.gguf")
+    export_native(tm, tmp_path / "lmforge")
+    modes = file_modes(tmp_path)
+    assert {"hf/model.safetensors", "gguf/model.gguf", "lmforge/model.safetensors"} <= set(modes)
+    assert modes == dict.fromkeys(modes, umask)
+    assert (tmp_path / "hf/model.safetensors").read_bytes() == (tmp_path / "hf-again/model.safetensors").read_bytes()

@@ -126,12 +126,15 @@ def test_compiled_step_matches_eager_tokens_and_logits():
     from lmforge.serve.engine import Engine, SamplingParams
 
     class Tok:  # token ids in, ids out: the engine needs only these
-        eot_id, vocab_size = 0, V
+        eot_id, end_ids, vocab_size = 0, [0], V
 
         def encode(self, text: str) -> list[int]:
             return [int(t) for t in text.split()]
 
-        def decode(self, ids: list[int]) -> str:
+        def with_bos(self, ids: list[int]) -> list[int]:
+            return list(ids)  # no begin token: the prompts are the ids given
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
             return " ".join(map(str, ids))
 
     model = make({"n_heads": 4, "n_kv_heads": 2})

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.train import faults
-from lmforge.train.checkpoint import Checkpointer, CheckpointWarning, read_state, verify
+from lmforge.train.checkpoint import Checkpointer, read_state, verify
 
 from .conftest import ROOT, TINY
 from .in_process import call_cli
@@ -161,19 +161,46 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(runs: Path, sm
 
 
 # ------------------------------------------------------------------ damaged checkpoints
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_newest_checkpoint_is_rejected_and_the_previous_one_resumed(runs, small_corpus, damage):
-    run = _clone(runs, f"damaged-{damage}")
-    assert call_cli(*_args(runs, small_corpus, run.name, f"--train.stop_at={2 * EVERY}")) == 0
-    weights = run / "train" / "ckpt" / f"step_{2 * EVERY:06d}" / "model.safetensors"
+def _damage(weights: Path, how: str) -> bytes:
+    """Truncate or bit-flip a weights file; returns its damaged bytes."""
     data = bytearray(weights.read_bytes())
-    if damage == "truncate":
+    if how == "truncate":
         data = data[: len(data) - 100]
     else:
         data[len(data) // 2] ^= 0x10
     weights.write_bytes(bytes(data))
-    with pytest.warns(CheckpointWarning, match=rf"step_{2 * EVERY:06d} is damaged .* falling back to .*step_{EVERY:06d}"):
-        assert call_cli(*_args(runs, small_corpus, run.name)) == 0
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_newest_checkpoint_is_rejected_and_the_previous_one_resumed(runs, small_corpus, damage):
+    run = _clone(runs, f"damaged-{damage}")
+    assert call_cli(*_args(runs, small_corpus, run.name, f"--train.stop_at={2 * EVERY}")) == 0
+    ckpt = run / "train" / "ckpt"
+    damaged = _damage(ckpt / f"step_{2 * EVERY:06d}" / "model.safetensors", damage)
+    assert call_cli(*_args(runs, small_corpus, run.name)) == 0
+    assert _same(_final(run), _final(runs / "ref"))
+    # Saving that step again did not delete the damaged copy: it is kept aside, as it was.
+    assert (ckpt / f"step_{2 * EVERY:06d}.damaged" / "model.safetensors").read_bytes() == damaged
+
+
+def test_every_checkpoint_damaged_stops_the_run_and_deletes_nothing(runs, small_corpus, capsys):
+    run = _clone(runs, "damaged-all")
+    assert call_cli(*_args(runs, small_corpus, run.name, f"--train.stop_at={2 * EVERY}")) == 0
+    ckpt = run / "train" / "ckpt"
+    for i, step in enumerate((EVERY, 2 * EVERY)):
+        _damage(ckpt / f"step_{step:06d}" / "model.safetensors", ("truncate", "flip")[i])
+    before = {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert call_cli(*_args(runs, small_corpus, run.name)) == 1  # not a silent restart from step 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    error = err.strip().splitlines()[-1]  # the CLI's one-line error, naming both and the way to start over
+    assert error.startswith("error: ") and f"step_{EVERY:06d}" in error and f"step_{2 * EVERY:06d}" in error
+    assert "--train.resume=false" in error
+    assert {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()} == before
+    # Starting over on purpose: the flag the error names.
+    assert call_cli(*_args(runs, small_corpus, run.name, "--train.resume=false")) == 0
     assert _same(_final(run), _final(runs / "ref"))
 
 

@@ -22,6 +22,7 @@ from lmforge.finetune.adapters import (
 )
 from lmforge.finetune.setup import freeze
 from lmforge.models import build_model
+from tests.conftest import file_modes
 
 ARCHS = {
     "transformer": {"transformer": {"n_heads": 2}},
@@ -116,3 +117,10 @@ def test_freeze_last_layers_and_embeddings():
     assert frozen == ["rnn.bias_hh_l0", "rnn.bias_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
     with pytest.raises(ConfigError, match="nothing to train"):
         freeze(_model("lstm"), train_layers=0, freeze_embeddings=True)
+
+
+def test_adapter_files_get_the_umask_mode(tmp_path, umask):
+    model = _model("transformer")
+    names = attach_lora(model, LoraConfig(rank=2, targets=["q", "v"]))
+    save_adapter(model, tmp_path / "adapter", LoraConfig(rank=2), names, {})
+    assert file_modes(tmp_path) == {"adapter/adapter.safetensors": umask, "adapter/adapter.json": umask}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import load_config
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, EMBEDDED_TRAIN
-from lmforge.serve.chat import chat_stop_ids, render_chat
+from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
 from tests.conftest import TINY
@@ -138,7 +138,7 @@ def test_terminal_chat_with_piped_input(base, tmp_path):
     messages = chat(cfg, str(base), stdin=io.StringIO("Hello\nWho are you?\n/reset\nHi\n/exit\nignored\n"), stdout=out)
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hi"
     tm = TrainedModel.load(base)
-    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=chat_stop_ids(tm.tokenizer))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)  # stops at the end tokens, as the chat does
     prompt = render_chat(tm.tokenizer, [{"role": "user", "content": "Hi"}])
     expected = Engine(tm.model, tm.tokenizer).generate([prompt], params)[0].text
     assert expected and out.getvalue().endswith(f"(new conversation)\nmodel> {expected}\n")
@@ -178,3 +178,18 @@ def test_finetune_from_a_hugging_face_folder(chat_files, tmp_path, capsys):
     # Its tokenizer has no chat tokens: chat fine-tuning is refused in one line.
     assert call_cli(*args, "--name=hf-chat", f"--finetune.data={chat_files['data']}") == 2
     assert "has no <|im_start|> / <|im_end|> tokens" in capsys.readouterr().err
+
+
+def test_finetune_with_every_checkpoint_damaged_stops_and_keeps_it(base, chat_files, tmp_path):
+    """Fine-tuning resumes through the training loop's own path: the same refusal to restart silently."""
+    def run(*extra: str) -> int:
+        return call_cli(*_finetune_args(base, tmp_path, "damaged", f"--finetune.data={chat_files['data']}", *extra))
+
+    assert run("--finetune.stop_at=2") == 0
+    weights = tmp_path / "damaged/finetune/ckpt/step_000002/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    damaged = weights.read_bytes()
+    assert run() == 1
+    assert weights.read_bytes() == damaged
+    assert run("--train.resume=false") == 0  # the way to start over on purpose
+    assert TrainedModel.load(tmp_path / "damaged/finetune").step == 4

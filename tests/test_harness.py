@@ -93,3 +93,111 @@ def test_registered_as_a_model_type_next_to_the_builtins():
     assert get_model("dummy") is not None  # registering ours did not hide lm-eval's own models
     with pytest.raises(ValueError, match="pretrained"):
         harness.LmforgeLM()
+
+
+# ------------------------------------------- the two lm-eval routes score the same ids
+class LocalCompletionsRoute:
+    """lm-eval's ``local-completions`` log-likelihood route against ``lmforge serve``: lm-eval's own request
+    tokenization (``TemplateLM.loglikelihood`` / ``_encode_pair``, ``TemplateAPI.tok_encode`` with the exported
+    tokenizer), its payload and its parser, posted with httpx. Only lm-eval's HTTP client is left out: it needs
+    ``tenacity``, which is no test dependency."""
+
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.api_models import TemplateAPI
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    backend = "causal"
+    tokenizer_backend = "huggingface"
+    custom_prefix_token_id = None
+    loglikelihood = TemplateLM.loglikelihood
+    _encode_pair = TemplateLM._encode_pair
+    tok_encode = TemplateAPI.tok_encode
+    prefix_token_id = TemplateAPI.prefix_token_id
+
+    def __init__(self, url: str, model: str, tokenizer_dir: Path, add_bos_token: bool) -> None:
+        from transformers import AutoTokenizer
+
+        self.url, self.model, self.add_bos_token = url, model, add_bos_token
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+    def _loglikelihood_tokens(self, requests, **kw) -> list[tuple[float, bool]]:
+        import httpx
+
+        out = []
+        for _, ctx, cont in requests:
+            payload = self.LocalCompletionsAPI._create_payload(self, [ctx + cont], generate=False)
+            answer = httpx.post(self.url, json=payload, timeout=60)
+            assert answer.status_code == 200, answer.text
+            out += self.LocalCompletionsAPI.parse_logprobs(answer.json(), [ctx + cont], [len(ctx)])
+        return out
+
+
+MC_ITEMS = [
+    {"context": "PROSPERO.\nThou poisonous slave, got by the devil himself",
+     "choices": [" Upon thy wicked dam, come forth!", " and sing a merry song", " ho!"], "label": 0},
+    {"context": "", "choices": ["Full fathom five thy father lies;", "Five full fathom lies thy father;"], "label": 0},
+    {"context": "MIRANDA.\nO, wonder!\nHow many goodly creatures are there here!\nHow beauteous mankind is! O brave new",
+     "choices": [" world", " worlds", " word", " wold"], "label": 0},
+    {"context": "Shall I compare thee to a summer's", "choices": [" day?", " night?", " sea?"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Transformer run, its Hugging Face export, and a live server for it."""
+    from lmforge.export import export
+    from tests.serving import make_run, server_for
+
+    root = tmp_path_factory.mktemp("routes")
+    run = make_run(root)
+    tm = TrainedModel.load(run)
+    export(tm, "hf", root / "hf")
+    server = server_for(run)
+    yield tm, root / "hf", server
+    server.stop()
+
+
+@pytest.mark.parametrize("add_bos_token", [False, True], ids=["lm-eval default", "add_bos_token=True"])
+def test_adapter_and_local_completions_score_the_same(served, tmp_path, add_bos_token):
+    """Issue 16: the adapter put <|endoftext|> first and the server route did not (0.33 nats apart on average).
+    Both now score [bos] + context + choice; lm-eval's ``add_bos_token`` must not double it.
+
+    Tolerance 1e-4 nats per choice: both are float32 forwards of the same ids on the same CPU, but the adapter
+    scores length-sorted, padded batches while the server prefills each prompt alone, so the sums differ in
+    rounding only (about 1e-6 here); a missing or doubled begin token moves them by tenths of a nat."""
+    tm, hf_dir, server = served
+    data = tmp_path / "routes_mc.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in MC_ITEMS))
+    task = load_task(str(data))
+    pairs = [(it["context"], choice) for it in task.items for choice in it["choices"]]
+
+    adapter = harness.LmforgeLM(trained=tm, batch_size=4).loglikelihood([Request(*p) for p in pairs])
+    route = LocalCompletionsRoute(f"{server.base_url}/completions", server.model_name, hf_dir, add_bos_token)
+    served_scores = route.loglikelihood([Request(*p) for p in pairs], disable_tqdm=True)
+
+    assert [lp for lp, _ in served_scores] == pytest.approx([lp for lp, _ in adapter], abs=1e-4)
+    assert [g for _, g in served_scores] == [g for _, g in adapter]
+    own, _ = run_task(task, tm.model, tm.tokenizer, context=tm.cfg.model.context)
+    k, served_hits = 0, 0
+    for it in task.items:  # the multiple-choice accuracy through the server route equals lmforge's own
+        lls = [lp for lp, _ in served_scores[k:k + len(it["choices"])]]
+        served_hits += int(max(range(len(lls)), key=lls.__getitem__) == it["label"])
+        k += len(it["choices"])
+    assert served_hits / len(task.items) == pytest.approx(own["acc"])
+
+
+def test_exported_tokenizer_gives_the_ids_the_adapter_scores(served):
+    """transformers' tokenizer of the export (its defaults) encodes context + choice to exactly the ids the
+    adapter scores: the begin token first, then the text."""
+    from transformers import AutoTokenizer
+
+    tm, hf_dir, _ = served
+    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    scorer = harness.LmforgeLM(trained=tm).scorer
+    for it in MC_ITEMS:
+        for choice in it["choices"]:
+            ctx, cont = scorer.encode_pair(it["context"], choice)
+            assert hf_tok(it["context"] + choice)["input_ids"] == ctx + cont
+            assert ctx[0] == tm.tokenizer.bos_id == tm.tokenizer.token_to_id("<|endoftext|>")
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["bos_token"] == "<|endoftext|>"

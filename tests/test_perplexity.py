@@ -63,7 +63,7 @@ class Oracle(nn.Module):
 
 
 class ByteTokenizer:
-    eot_id = 256
+    eot_id = bos_id = 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -44,7 +44,8 @@ def test_completion_matches_the_engine(client, server, run):
 
     [c] = Engine(tm.model, tm.tokenizer).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=24))
     assert r.choices[0].text == c.text and r.choices[0].finish_reason == c.finish_reason
-    assert r.usage.prompt_tokens == len(tm.tokenizer.encode("ROMEO:"))
+    # The begin token counts: it is what the model was given (vLLM counts it too).
+    assert r.usage.prompt_tokens == len(tm.tokenizer.encode("ROMEO:")) + 1
     assert r.usage.completion_tokens == c.completion_tokens
     assert r.object == "text_completion" and r.model == server.model_name
 
@@ -82,26 +83,38 @@ def test_stop_strings_cut_the_text(client, server):
 
 
 def test_echo_logprobs_score_the_prompt(client, server, run):
-    """What lm-evaluation-harness asks: prompt token ids, echo, logprobs, max_tokens 0 or 1."""
+    """What lm-evaluation-harness asks: prompt token ids, echo, logprobs, max_tokens 0 or 1.
+
+    A scored prompt starts a new document: the server puts the begin token first (Tokenizer.with_bos) without
+    echoing it, so every prompt token, the first included, has its log-probability after that token."""
     tm = TrainedModel.load(run)
     ids = tm.tokenizer.encode("Shall I compare thee to a summer's day?")
+    seen = [tm.tokenizer.bos_id, *ids]
     with torch.no_grad():
-        logp = torch.log_softmax(tm.model(torch.tensor([ids]))[0][0], -1)
-    expected = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        logp = torch.log_softmax(tm.model(torch.tensor([seen]))[0][0], -1)  # (T+1, V): row i predicts seen[i+1]
+    expected = [logp[i, seen[i + 1]].item() for i in range(len(ids))]
     for max_tokens in (0, 1):
         r = client.completions.create(model=server.model_name, prompt=ids, echo=True, logprobs=1,
                                       max_tokens=max_tokens, temperature=0)
         lp = r.choices[0].logprobs
         assert len(lp.tokens) == len(ids) + max_tokens
-        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-        assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+        assert lp.token_logprobs[:len(ids)] == pytest.approx(expected, abs=1e-4)
         assert r.choices[0].text.startswith(tm.tokenizer.decode(ids))
         assert lp.text_offset[:3] == [0, len(tm.tokenizer.decode(ids[:1])), len(tm.tokenizer.decode(ids[:2]))]
-        for i in range(1, len(ids)):  # top-1 alternative: the argmax, with its log-probability
+        for i in range(len(ids)):  # top-1 alternative: the argmax, with its log-probability
             [(text, value)] = lp.top_logprobs[i].items()
-            assert value == pytest.approx(logp[i - 1].max().item(), abs=1e-4)
+            assert value == pytest.approx(logp[i].max().item(), abs=1e-4)
     gen = r.choices[0].logprobs
     assert gen.token_logprobs[-1] == pytest.approx(logp[-1].max().item(), abs=1e-4)  # greedy continuation
+    streamed = [c.choices[0] for c in client.completions.create(
+        model=server.model_name, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0, stream=True)]
+    assert "".join(c.text for c in streamed) == r.choices[0].text
+    assert [x for c in streamed for x in c.logprobs.token_logprobs] == pytest.approx(gen.token_logprobs, abs=1e-6)
+    # A prompt that already starts with the begin token is scored as sent: echoed whole, the token not doubled.
+    r = client.completions.create(model=server.model_name, prompt=seen, echo=True, logprobs=1, max_tokens=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(seen) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_streaming_completion_equals_plain(client, server):
@@ -195,11 +208,12 @@ def test_lm_evaluation_harness_reads_the_scores(server, run):
 
     tm = TrainedModel.load(run)
     ctx, cont = tm.tokenizer.encode("To be, or not"), tm.tokenizer.encode(" to be")
-    [greedy] = Engine(tm.model, tm.tokenizer).generate([ctx], SamplingParams(temperature=0, max_new_tokens=3,
-                                                                             stop_token_ids=[]))
+    bos = tm.tokenizer.bos_id  # the server scores the prompt after the begin token, as lmforge's own scoring does
+    [greedy] = Engine(tm.model, tm.tokenizer).generate([[bos, *ctx]], SamplingParams(
+        temperature=0, max_new_tokens=3, stop_token_ids=[]))
     with torch.no_grad():
-        logp = torch.log_softmax(tm.model(torch.tensor([ctx + cont]))[0][0], -1)
-    expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        logp = torch.log_softmax(tm.model(torch.tensor([[bos, *ctx, *cont]]))[0][0], -1)
+    expected = sum(logp[len(ctx) + i, t].item() for i, t in enumerate(cont))
     for tokens, want_greedy in ((ctx + cont, None), (ctx + greedy.token_ids, True)):
         payload = {"model": server.model_name, "prompt": [tokens], "temperature": 0, "max_tokens": 1,
                    "logprobs": 1, "seed": 1234, "echo": True}  # what local-completions sends for loglikelihood
@@ -209,7 +223,7 @@ def test_lm_evaluation_harness_reads_the_scores(server, run):
             assert is_greedy
         else:
             assert total == pytest.approx(expected, abs=1e-4)
-            assert is_greedy == all(logp[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
+            assert is_greedy == all(logp[len(ctx) + i].argmax().item() == t for i, t in enumerate(cont))
 
 
 def test_serve_command(run, tmp_path):

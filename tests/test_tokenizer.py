@@ -108,6 +108,28 @@ def test_save_load_identical(kind: str, request: pytest.FixtureRequest, tmp_path
         assert min(loaded.encode("<|endoftext|>")) >= len(SPECIAL_TOKENS)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_begin_token_rule_and_its_post_processor(kind: str, request: pytest.FixtureRequest) -> None:
+    """One rule for the begin token: with_bos puts it first once; the exported post-processor does the same."""
+    import tokenizers
+    from tokenizers import processors
+
+    tok: Tokenizer = request.getfixturevalue(kind)
+    ids = tok.encode("To be, or not to be")
+    assert tok.with_bos(ids) == [tok.bos_id, *ids] and tok.with_bos([]) == [tok.bos_id]
+    assert tok.with_bos([tok.bos_id, *ids]) == [tok.bos_id, *ids]  # never doubled
+    assert tok.bos_id == tok.token_to_id("<|endoftext|>")  # what pack.py puts before every document but a shard's first
+    exported = tok.with_bos_post_processor()
+    assert exported.encode("To be, or not to be").ids == tok.with_bos(ids)
+    assert tok.inner.encode("To be, or not to be").ids == ids  # the run's own tokenizer is unchanged
+    # An existing post-processor is kept (GPT-2's ByteLevel one); one that already adds the token is not doubled.
+    inner = tokenizers.Tokenizer.from_str(tok.inner.to_str())
+    inner.post_processor = processors.ByteLevel(trim_offsets=True)
+    again = Tokenizer(inner).with_bos_post_processor()
+    assert again.encode("To be, or not to be").ids == tok.with_bos(ids)
+    assert Tokenizer(again).with_bos_post_processor().encode("To be, or not to be").ids == tok.with_bos(ids)
+
+
 def test_training_is_deterministic() -> None:
     cfg = TokenizerConfig(kind="bpe", vocab_size=300)
     a = train_tokenizer(cfg, _sample_texts())

@@ -142,9 +142,13 @@ class PIIConfig(Section):
 class DedupConfig(Section):
     exact: bool = Field(True, description="drop documents whose normalised text was seen before")
     near: bool = Field(True, description="drop near-duplicates (MinHash LSH)")
-    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard similarity that makes a near-copy")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
-    shingle_words: int = Field(5, ge=1, description="words per shingle")
+    # Defaults chosen from the measured recall / false-positive curve in docs/data.md (benchmarks/dedup_curve.py).
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description=(
+        "estimated Jaccard similarity of the shingle sets that makes a near-copy (0.5 with 3-word shingles "
+        "catches copies with up to about 8% of words changed; docs/data.md has the curve)"))
+    num_perm: int = Field(128, ge=16, le=1024, description=(
+        "MinHash permutations (LSH bands x rows follow from this and the threshold)"))
+    shingle_words: int = Field(3, ge=1, description="words per shingle")
     decontaminate: list[str] = Field(default_factory=list, description=(
         "evaluation files or folders: drop training documents sharing a long n-gram with them "
         "(data.val and eval.text are added automatically)"))

@@ -159,6 +159,10 @@ class TrainConfig(Section):
     muon_lr_scale: float = Field(1.0, gt=0, description=(
         "muon: the Muon half's learning rate as a multiple of lr (its update is already scaled to AdamW's size)"))
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="muon: Nesterov momentum of the Muon half")
+    muon_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=(
+        "muon: dtype of the Newton-Schulz orthogonalisation; auto = bf16 where bf16 matrix products are fast "
+        "(GPUs with native bf16; CPUs with bf16 instructions, measured once per process), fp32 elsewhere (bf16 "
+        "is ~100x slower on CPUs without them); a resumed run keeps the precision it started with"))
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
     eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)")
     eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate")
@@ -168,7 +172,8 @@ class TrainConfig(Section):
     resume: bool = Field(True, description="continue from the newest valid checkpoint of the run if one exists")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
-        "autocast dtype; auto = bfloat16 on CUDA that supports it, float32 on CPU (bf16 is ~100x slower there)"))
+        "autocast dtype; auto = bfloat16 on GPUs with native bf16, float32 elsewhere (on CPUs without bf16 "
+        "instructions bf16 is ~100x slower)"))
     compile: bool | None = Field(None, description=(
         "torch.compile the model: about 1.25x the tokens/s of eager on a 2-core CPU once compiled, after a "
         "compile of about 80 s (pays off for runs of more than a few minutes; always on GPUs); "

@@ -12,7 +12,9 @@ database), ``sha1`` (of the text) and ``collected_at`` (pages also ``fetched_at`
 Bad input never stops the run unless ``collect.strict`` is set (``lmforge collect
 --strict``): an unreadable file, a malformed line, a failing query or a page that
 times out is skipped, counted under its reason and reported, and the other sources
-go on. Accounting: entries in = documents kept + entries skipped, per source. ::
+go on. Bytes that are not UTF-8 are read as cp1252 and counted (``repaired_bytes``, per
+source and in total, and ``meta.repaired_bytes`` of each document that had some).
+Accounting: entries in = documents kept + entries skipped, per source. ::
 
     from lmforge.data import collect
     result = collect.main(cfg, Path("runs/demo/collect"))
@@ -122,8 +124,12 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
             for reason, n in sorted(stats.skipped.items()):
                 if reason not in ("hidden", "empty_source", "source_failed"):
                     _warn(f"{label}: skipped {n} ({reason}), e.g. {stats.examples[reason][0]}")
+            if stats.repaired_bytes:
+                _warn(f"{label}: {stats.repaired_bytes:,} byte(s) were not UTF-8 and were read as cp1252 "
+                      "(meta.repaired_bytes says which documents)")
             per_source.append({"source": label, "kind": src.kind if src else "embedded",
                                "documents": stats.documents, "files": stats.files,
+                               "repaired_bytes": stats.repaired_bytes,
                                "skipped": dict(stats.skipped), "examples": dict(stats.examples)})
             totals.merge(stats)
     shards = writer.close()
@@ -135,6 +141,7 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
           f"shard(s); skipped {skipped:,}")
     return {
         "documents": writer.docs, "bytes": writer.text_bytes, "shards": len(shards), "shard_files": shards,
+        "repaired_bytes": totals.repaired_bytes,
         "skipped": dict(sorted(totals.skipped.items())), "sources": per_source,
         "accounting": {"in": writer.docs + skipped, "kept": writer.docs, "dropped": dict(totals.skipped)},
         "collected_at": collected_at,

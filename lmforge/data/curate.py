@@ -206,15 +206,23 @@ def _parallel(fn: Callable, jobs: list[tuple], workers: int, initargs: tuple, la
             print(f"[clean] {label} {job[0] if isinstance(job[0], str) else job[0].stem}")
 
 
+# The option behind each Gopher quality reason, for the hint; the reasons without one have only the switch.
+GOPHER_OPTIONS = {
+    "too_few_words": "--clean.quality.min_words=N", "too_many_words": "--clean.quality.max_words=N",
+    "mean_word_length": "--clean.quality.min_mean_word_len=X / --clean.quality.max_mean_word_len=X",
+    "symbols": "--clean.quality.max_symbol_ratio=X", "few_stop_words": "--clean.quality.min_stop_words=N",
+    "bullet_lines": "", "ellipsis_lines": "", "few_alphabetic_words": "",
+}
+
+
 def _hint(dropped: dict[str, int]) -> str:
     """What to change when cleaning dropped everything, from the most frequent reason."""
     reason = max(dropped, key=dropped.get) if dropped else ""
     if reason in ("wrong_language", "unsure_language"):
         return "to keep other languages set --clean.language.keep=[fr,de] (or [] for all)"
-    if reason in ("too_few_words", "too_many_words", "mean_word_length", "symbols", "few_stop_words",
-                  "bullet_lines", "ellipsis_lines", "few_alphabetic_words"):
-        return ("short or unusual texts fail Gopher's rules: set --clean.quality.min_words=N or "
-                "--clean.quality.gopher_quality=false")
+    if reason in GOPHER_OPTIONS:
+        option = f"{GOPHER_OPTIONS[reason]} or " if GOPHER_OPTIONS[reason] else ""
+        return f"the texts fail Gopher's quality rules ({reason}): set {option}--clean.quality.gopher_quality=false"
     if reason == "empty":
         return "the documents are empty"
     return "to keep the text as it is set --clean.enabled=false"

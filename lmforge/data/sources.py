@@ -24,23 +24,29 @@ Usage::
 Hugging Face datasets and web pages have their own readers in ``lmforge/data/readers/``;
 the collect stage (``lmforge/data/collect.py``) drives them all.
 
-Files inside a folder that are hidden, binary (NUL bytes), not UTF-8 or of an
-unsupported type are skipped and counted in ``ReadStats.skipped`` by reason. With
-``strict=True`` (the default for direct calls) the same problems in a file named
-explicitly, an unreadable file or a malformed line raise :class:`DataError` naming
-the file and line; with ``strict=False`` they are skipped and counted as well.
+Text is read as UTF-8; a byte that is not valid UTF-8 (a file saved as latin-1 or
+cp1252, or a mix) is read as cp1252 (``0x92`` -> ``’``; U+FFFD for the five bytes
+cp1252 leaves undefined), so one bad byte never costs the rest of the text, and the
+repaired bytes are counted in ``ReadStats.repaired_bytes`` (and ``meta.repaired_bytes``).
+
+Files inside a folder that are hidden, binary (NUL bytes), mostly not text (``not_text``:
+more than half the bytes are control bytes or not UTF-8) or of an unsupported type are
+skipped and counted in ``ReadStats.skipped`` by reason. With ``strict=True`` (the
+default for direct calls) the same problems in a file named explicitly, an unreadable
+file or a malformed line raise :class:`DataError` naming the file and line; with
+``strict=False`` they are skipped and counted as well.
 """
 
 from __future__ import annotations
 
 import bz2
-import codecs
 import fnmatch
 import glob
 import gzip
 import io
 import json
 import lzma
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +104,7 @@ class ReadStats:
 
     files: int = 0
     documents: int = 0
+    repaired_bytes: int = 0  # bytes of the documents yielded that were not UTF-8, read as cp1252 (see decode_text)
     skipped: dict[str, int] = field(default_factory=dict)
     # A few skipped paths per reason, so a user can find them without a listing of thousands.
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -116,6 +123,7 @@ class ReadStats:
     def merge(self, other: ReadStats) -> None:
         self.files += other.files
         self.documents += other.documents
+        self.repaired_bytes += other.repaired_bytes
         for reason, n in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
             shown = self.examples.setdefault(reason, [])
@@ -198,21 +206,55 @@ def open_binary(path: Path, compression: str) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def binary_reason(data: bytes, final: bool) -> str | None:
-    """'binary' for NUL bytes, 'not_utf8' for invalid UTF-8, None for text."""
+# The bytes of C0 control characters other than tab, newline, vertical tab, form feed and carriage return,
+# and DEL: text has (almost) none of them, binary data many.
+_CONTROL_BYTES = bytes([*range(1, 9), *range(14, 32), 127])
+# Bytes that were not UTF-8, as ``surrogateescape`` decoding leaves them: U+DC80..U+DCFF.
+_ESCAPED = re.compile("[\udc80-\udcff]+")
+
+
+def repair_escapes(text: str) -> tuple[str, int]:
+    """Replace the bytes a ``surrogateescape`` decoding kept as U+DC80..U+DCFF with their cp1252 characters.
+
+    Returns the text and the number of bytes repaired. cp1252 is a superset of latin-1's
+    printable characters and the usual encoding of "smart quotes" in non-UTF-8 text; its five
+    undefined bytes (0x81 0x8D 0x8F 0x90 0x9D) become U+FFFD.
+    """
+    repaired = 0
+
+    def cp1252(match: re.Match[str]) -> str:
+        nonlocal repaired
+        raw = bytes(ord(c) - 0xDC00 for c in match.group())
+        repaired += len(raw)
+        return raw.decode("cp1252", errors="replace")
+
+    return _ESCAPED.sub(cp1252, text), repaired
+
+
+def decode_text(data: bytes) -> tuple[str, int]:
+    """``data`` as text: UTF-8 where it is valid, every other byte read as cp1252; ``(text, bytes repaired)``.
+
+    Byte by byte rather than line by line, so a line that mixes UTF-8 and cp1252 keeps both.
+    """
+    return repair_escapes(data.decode("utf-8", errors="surrogateescape"))
+
+
+def binary_reason(data: bytes, repaired: int = 0) -> str | None:
+    """'binary' for NUL bytes, 'not_text' when most bytes are control bytes or not UTF-8, None for text.
+
+    ``repaired`` is what :func:`decode_text` counted for ``data``. A file in another 8-bit
+    encoding (cp1251, say) is mostly non-UTF-8 bytes too: reading it as cp1252 would give
+    nonsense, so it is not text here either.
+    """
     if b"\x00" in data:
         return "binary"
-    try:
-        # final=False tolerates a multi-byte character cut at the end of a sniffed prefix.
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
-    except UnicodeDecodeError:
-        return "not_utf8"
-    return None
+    controls = len(data) - len(data.translate(None, _CONTROL_BYTES))
+    return "not_text" if 2 * (repaired + controls) > len(data) else None
 
 
 REASON_TEXT = {
     "binary": "looks binary (contains NUL bytes)",
-    "not_utf8": "is not valid UTF-8 text",
+    "not_text": "is mostly not text (more than half its bytes are control bytes or not UTF-8)",
 }
 
 
@@ -227,7 +269,8 @@ def _read_text_file(path: Path, base: str, compression: str, explicit: bool, sta
                     opts: FileOptions) -> Iterator[Document]:
     with open_binary(path, compression) as f:
         data = f.read()
-    reason = binary_reason(data, final=True)
+    text, repaired = decode_text(data)
+    reason = binary_reason(data, repaired)
     if reason is not None:
         if explicit:
             problem(stats, opts, reason, f"{path} {REASON_TEXT[reason]}; pass UTF-8 text files")
@@ -236,8 +279,9 @@ def _read_text_file(path: Path, base: str, compression: str, explicit: bool, sta
         return
     stats.files += 1
     stats.documents += 1
-    yield Document(id=base, text=data.decode("utf-8"), source=str(path),
-                   meta={"path": str(path), "bytes": len(data)})
+    stats.repaired_bytes += repaired
+    meta = {"path": str(path), "bytes": len(data)} | ({"repaired_bytes": repaired} if repaired else {})
+    yield Document(id=base, text=text, source=str(path), meta=meta)
 
 
 def _read_file(path: Path, base: str, explicit: bool, stats: ReadStats, opts: FileOptions) -> Iterator[Document]:

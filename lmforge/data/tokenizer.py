@@ -9,9 +9,13 @@ Two kinds, both lossless on any UTF-8 text (``decode(encode(s)) == s``):
   with byte fallback), like nanoGPT's shakespeare_char but never failing.
 
 Special tokens have fixed ids 0..7 (:data:`SPECIAL_TOKENS`); ``<|endoftext|>`` marks
-document boundaries. A tokenizer imported with a Hugging Face model keeps that model's
-own end-of-text / begin / pad tokens (``specials``), saved beside ``tokenizer.json`` as
-``special_tokens_map.json``; code asks for ``eot_id`` / ``pad_id``, never for fixed ids. Text that merely spells a special token (``"<|im_end|>"`` in a
+document boundaries, and it is also the begin token: every sequence the model scores
+starts with it (:meth:`Tokenizer.with_bos`, the one rule that scoring, the server's echo +
+logprobs, lm-eval and the HF / GGUF exports share). A tokenizer imported with a Hugging
+Face model keeps that model's own end-of-text / begin / pad tokens (``specials``), saved beside ``tokenizer.json`` as
+``special_tokens_map.json``; code asks for ``eot_id`` / ``pad_id``, never for fixed ids.
+Generation stops at every id of ``end_ids`` (end of text, ``<|im_end|>``, and any further end
+token the imported model declares). Text that merely spells a special token (``"<|im_end|>"`` in a
 document) is encoded as ordinary text, so data cannot inject control tokens; code
 that needs a special token uses its id. The kind is not a separate field: it is
 read back from the saved ``tokenizer.json`` (a BPE with byte fallback and no merges
@@ -36,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.config import ConfigError, RunConfig, TokenizerConfig
 from lmforge.data.sources import DataError, stage_texts
@@ -50,6 +54,7 @@ SPECIAL_TOKENS: list[str] = [
 ]
 EOT = SPECIAL_TOKENS[0]
 PAD = SPECIAL_TOKENS[1]
+END_OF_TURN = SPECIAL_TOKENS[3]  # ends a chat turn (the ChatML template of lmforge.serve.chat)
 BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
 # Byte-level BPE cannot be smaller than its alphabet: every byte plus the special tokens.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -65,11 +70,22 @@ class Tokenizer:
 
     ``specials`` names the end-of-text (``eos_token``), begin (``bos_token``) and padding
     (``pad_token``) tokens; by default lmforge's own. ``eot_id``, ``bos_id`` and ``pad_id`` are
-    their ids (a missing bos or pad falls back to the end-of-text token).
+    their ids (a missing bos or pad falls back to the end-of-text token). ``end_tokens`` names
+    further tokens that end a generation, besides ``eos_token`` and ``<|im_end|>`` (an imported
+    model's ``generation_config.json`` may declare several); :attr:`end_ids` holds them all.
     """
 
+    # The begin-of-sequence rule, declared here once: a scored or prompted sequence starts with
+    # ``bos_id`` (lmforge's own tokenizers: ``<|endoftext|>``). Why: the pack stage writes every
+    # document followed by the end-of-text id, so in training nearly every document starts right
+    # after that token (all but the first of a shard), and the model learned "start of a document"
+    # as "after <|endoftext|>". Text scored at position 0 with nothing before it looks to the model
+    # like a window cut mid-document instead. The HF export (a tokenizer.json post-processor and
+    # ``add_bos_token``), the GGUF metadata and the server's echo + logprobs follow this flag.
+    add_bos: bool = True
+
     def __init__(self, inner: tokenizers.Tokenizer, origin: str = "tokenizer",
-                 specials: dict[str, str | None] | None = None) -> None:
+                 specials: dict[str, str | None] | None = None, end_tokens: Sequence[str] = ()) -> None:
         self.inner = inner
         # Added (special) tokens are otherwise matched inside the input text; this makes text
         # that spells "<|endoftext|>" encode as the ordinary characters it is.
@@ -85,6 +101,21 @@ class Tokenizer:
         bos_id, pad_id = (None if t is None else inner.token_to_id(t) for t in (bos, pad))
         self.bos_id: int = eot if bos_id is None else bos_id
         self.pad_id: int = eot if pad_id is None else pad_id
+        missing = [t for t in end_tokens if inner.token_to_id(t) is None]
+        if missing:
+            raise DataError(f"{origin}: end token {missing[0]!r} is not in the tokenizer")
+        self.end_tokens: list[str] = sorted(set(end_tokens))
+
+    @property
+    def end_ids(self) -> list[int]:
+        """Every token id that ends a generation: end of text, end of turn (``<|im_end|>``) and the declared ones.
+
+        The engine stops at any of them by default, for every endpoint and verb, so a chat model's
+        end of turn is never printed as text.
+        """
+        names = [self.specials["eos_token"], END_OF_TURN, *self.end_tokens]
+        ids = {self.eot_id, *(self.inner.token_to_id(t) for t in names if t is not None)}
+        return sorted(i for i in ids if i is not None)
 
     @property
     def vocab_size(self) -> int:
@@ -97,9 +128,34 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.inner.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; the exact inverse of :meth:`encode`; special ids give their text."""
-        return self.inner.decode([int(i) for i in ids], skip_special_tokens=False)
+    def with_bos(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as the start of a sequence the model sees: ``bos_id`` first, unless it already is.
+
+        A prompt of token ids that already starts with the begin token (lm-eval with
+        ``add_bos_token=True``) is left as it is, so the token is never doubled.
+        """
+        ids = [int(i) for i in ids]
+        if not self.add_bos or ids[:1] == [self.bos_id]:
+            return ids
+        return [self.bos_id, *ids]
+
+    def with_bos_post_processor(self) -> tokenizers.Tokenizer:
+        """A copy of the inner tokenizer whose post-processor applies :meth:`with_bos`, so Hugging Face's
+        tokenizer (``add_special_tokens=True``, its default) and lm-eval give the ids lmforge scores."""
+        inner = tokenizers.Tokenizer.from_str(self.inner.to_str())
+        if not self.add_bos or inner.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]:
+            return inner  # no rule to add, or the tokenizer's own post-processor already adds it
+        bos = self.id_to_token(self.bos_id)
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                 special_tokens=[(bos, self.bos_id)])
+        # Keep an existing post-processor (GPT-2's ByteLevel one trims offsets) and add ours after it.
+        existing = inner.post_processor
+        inner.post_processor = template if existing is None else processors.Sequence([existing, template])
+        return inner
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; the exact inverse of :meth:`encode`; special ids give their text unless skipped."""
+        return self.inner.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
@@ -107,18 +163,23 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.inner.id_to_token(token_id)
 
-    def save(self, directory: Path | str) -> Path:
+    def save(self, directory: Path | str, bos_post_processor: bool = False) -> Path:
         """Write ``directory/tokenizer.json`` (atomically) and return its path.
 
         An imported tokenizer's own special tokens go beside it in ``special_tokens_map.json``.
+        ``bos_post_processor`` writes :meth:`with_bos_post_processor` (for exports to other tools).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.specials != DEFAULT_SPECIALS:
-            (directory / SPECIALS_FILE).write_text(json.dumps(self.specials, indent=2) + "\n", encoding="utf-8")
+        if self.specials != DEFAULT_SPECIALS or self.end_tokens:
+            # "end_tokens" is lmforge's own key; Hugging Face's readers ignore it (HF exports rewrite this file).
+            extra = {"end_tokens": self.end_tokens} if self.end_tokens else {}
+            (directory / SPECIALS_FILE).write_text(json.dumps({**self.specials, **extra}, indent=2) + "\n",
+                                                   encoding="utf-8")
         path = directory / "tokenizer.json"
         tmp = directory / "tokenizer.json.tmp"
-        tmp.write_text(self.inner.to_str(pretty=True), encoding="utf-8")
+        inner = self.with_bos_post_processor() if bos_post_processor else self.inner
+        tmp.write_text(inner.to_str(pretty=True), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -134,7 +195,7 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
-        return cls(inner, origin=str(p), specials=read_specials(p.parent))
+        return cls(inner, origin=str(p), specials=read_specials(p.parent), end_tokens=read_end_tokens(p.parent))
 
 
 def read_specials(folder: Path) -> dict[str, str | None]:
@@ -158,6 +219,21 @@ def read_specials(folder: Path) -> dict[str, str | None]:
             if value is None or isinstance(value, str):  # null = the model has no such token
                 out.setdefault(key, value)
     return out
+
+
+def read_end_tokens(folder: Path) -> list[str]:
+    """The further end tokens lmforge saved in ``folder``'s ``special_tokens_map.json`` (``end_tokens``)."""
+    path = folder / SPECIALS_FILE
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e})") from None
+    tokens = raw.get("end_tokens", []) if isinstance(raw, dict) else []
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise DataError(f"{path}: end_tokens must be a list of token strings (got {tokens!r})")
+    return tokens
 
 
 def _detect_kind(inner: tokenizers.Tokenizer) -> str:

@@ -53,7 +53,9 @@ class LmforgeLM(LM):
         if trained is None:
             if pretrained is None:
                 raise ValueError("the lmforge model needs pretrained=<run folder or checkpoint>")
-            trained = TrainedModel.load(pretrained, device=_pick_device(device))
+            from lmforge.export.native import load_any
+
+            trained = load_any(Path(pretrained), device=_pick_device(device))
         self.trained = trained
         # lm-eval passes batch_size="auto" (or "auto:N") when asked to choose; our batches are already length-sorted.
         size = int(batch_size) if str(batch_size).isdigit() else (max_batch_size or 16)
@@ -89,7 +91,7 @@ class LmforgeLM(LM):
                                     temperature=temperature if sample else 0.0, top_p=kwargs.pop("top_p", None),
                                     top_k=kwargs.pop("top_k", None), seed=kwargs.pop("seed", 1234), stop=until)
             # Like the tasks' own scoring, a prompt starts a new document.
-            [completion] = self.engine.generate([[tok.eot_id, *tok.encode(context)]], params)
+            [completion] = self.engine.generate([tok.with_bos(tok.encode(context))], params)
             out.append(completion.text)
             self.cache_hook.add_partial("generate_until", r.args, completion.text)
         return out
@@ -176,8 +178,10 @@ def main(cfg, args: list[str]) -> dict:
 
     if not cfg.eval.tasks:
         raise ConfigError("lmforge harness needs tasks: --eval.tasks=[speaker,minimal_pairs] or task files")
+    from lmforge.export.native import load_any
+
     run = Path(args[0] if args else cfg.run_dir)
-    trained = TrainedModel.load(run)
+    trained = load_any(run)  # a run folder means its fine-tuned model when it has one, as for serve and eval
     out_dir = (run if run.is_dir() and (run / "train").is_dir() else trained.path) / "harness"
     results = evaluate(trained, list(cfg.eval.tasks), out_dir / "tasks", batch_size=cfg.eval.batch_size)
     table = scores(results)

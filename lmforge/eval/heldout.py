@@ -43,7 +43,7 @@ def main(cfg: RunConfig, run_dir: Path, pack_stats: dict) -> dict:
     tm = TrainedModel.load(run_dir)
     context = tm.cfg.model.context
     kw = dict(context=context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
-              bos_id=tm.tokenizer.eot_id, max_tokens=cfg.eval.max_tokens, progress=cfg.train.progress)
+              bos_id=tm.tokenizer.bos_id, max_tokens=cfg.eval.max_tokens, progress=cfg.train.progress)
     val_tokens = _split_tokens(run_dir / "pack", "val")
     val = evaluate_tokens(tm.model, val_tokens, **kw)
     # bits per byte needs the bytes of exactly the text scored; with max_tokens we scale by the ratio.
@@ -71,7 +71,7 @@ def evaluate_files(tm: TrainedModel, paths: list[str], cfg: RunConfig) -> dict:
             continue
         ids = np.asarray(tm.tokenizer.encode(doc.text), dtype=np.int64)
         r = evaluate_tokens(tm.model, ids, context=tm.cfg.model.context, stride=cfg.eval.stride,
-                            batch_size=cfg.eval.batch_size, bos_id=tm.tokenizer.eot_id,
+                            batch_size=cfg.eval.batch_size, bos_id=tm.tokenizer.bos_id,
                             max_tokens=cfg.eval.max_tokens, progress=cfg.train.progress)
         n_bytes = len(doc.text.encode("utf-8"))
         if r["tokens"] < len(ids):  # eval.max_tokens cut the text: count only the bytes scored

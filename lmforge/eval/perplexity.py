@@ -6,13 +6,13 @@ predicted, the tokens before them serving as context. Every target is predicted 
 smaller stride gives each token more context at the cost of more forward passes. The last window is
 aligned to the end of the text, so the tail keeps a full context and every window has the same length.
 
-With ``bos_id`` (the tokenizer's end-of-text id) in front, every token of the text is predicted, so
+With ``bos_id`` (the tokenizer's begin token, lmforge's end-of-text id) in front, every token of the text is predicted, so
 ``nats / ln 2 / bytes`` is the exact bits per byte, comparable across tokenizers::
 
     from lmforge.eval.perplexity import evaluate_text, evaluate_tokens
     r = evaluate_text(model, tokenizer, open("heldout.txt").read(), context=256, stride=128)
     print(r["loss"], r["ppl"], r["bpb"], r["acc"])
-    r = evaluate_tokens(model, token_ids, context=256, bos_id=tokenizer.eot_id)
+    r = evaluate_tokens(model, token_ids, context=256, bos_id=tokenizer.bos_id)
 
 Any model with ``forward(idx (B, T)) -> (logits (B, T, V), loss)`` can be evaluated.
 """
@@ -125,14 +125,14 @@ def bits_per_byte(nats: float, n_bytes: float) -> float:
 
 
 def evaluate_text(model: nn.Module, tokenizer, text: str, context: int, **kw) -> dict:
-    """:func:`evaluate_tokens` on ``tokenizer.encode(text)`` with ``bos_id = tokenizer.eot_id``, plus ``bytes``
+    """:func:`evaluate_tokens` on ``tokenizer.encode(text)`` with ``bos_id = tokenizer.bos_id``, plus ``bytes``
     and ``bpb``. With ``max_tokens`` cutting the text, bytes are those of the decoded ids that were scored."""
     if not text:
         raise ValueError("nothing to evaluate: the text is empty")
     ids = list(tokenizer.encode(text))
     if not ids:
         raise ValueError("nothing to evaluate: the tokenizer produced no tokens for the text")
-    kw.setdefault("bos_id", tokenizer.eot_id)
+    kw.setdefault("bos_id", tokenizer.bos_id)
     max_tokens = kw.pop("max_tokens", None)
     n_bytes = len(text.encode("utf-8"))
     if max_tokens is not None and len(ids) > max_tokens:

@@ -4,8 +4,11 @@ This is the scoring core shared by the multiple-choice tasks (:mod:`lmforge.eval
 lm-evaluation-harness adapter (:mod:`lmforge.eval.harness`), so both give the same numbers for the
 same requests. Conventions:
 
-- Every request starts a new document: the end-of-text id goes in front of the context, as the
-  packed training data puts it between documents. An empty context is therefore allowed.
+- Every request starts a new document: the begin token goes in front of the context
+  (:meth:`~lmforge.data.tokenizer.Tokenizer.with_bos`; lmforge's is the end-of-text id, which the
+  packed training data puts between documents). An empty context is therefore allowed. The server's
+  echo + logprobs and the Hugging Face export follow the same rule, so lm-eval's
+  ``local-completions`` scores the same ids as this adapter.
 - A context's trailing whitespace is moved to the front of the continuation, and the continuation's
   ids are the tail of ``encode(context + continuation)`` (a byte-level BPE joins a space with the
   word after it), falling back to ``encode(continuation)`` when the joint encoding does not start
@@ -18,7 +21,7 @@ Requests are batched by length; right padding is harmless because every model is
 
     scorer = Scorer(model, tokenizer, context=cfg.model.context)
     [(logprob, greedy)] = scorer.loglikelihood([("To be, or not to be:", " that is the question")])
-    [total] = scorer.rolling(["whole text, conditioned only on end-of-text"])
+    [total] = scorer.rolling(["whole text, conditioned only on the begin token"])
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Scorer:
 
     # ------------------------------------------------------------------ encoding
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """``([eot] + context ids, continuation ids)`` by the rules in the module docstring."""
+        """``([bos] + context ids, continuation ids)`` by the rules in the module docstring."""
         stripped = context.rstrip()
         if len(stripped) < len(context):
             continuation = context[len(stripped):] + continuation
@@ -66,7 +69,7 @@ class Scorer:
         ctx = list(self.tokenizer.encode(context)) if context else []
         whole = list(self.tokenizer.encode(context + continuation))
         cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else list(self.tokenizer.encode(continuation))
-        return [self.tokenizer.eot_id, *ctx], cont
+        return self.tokenizer.with_bos(ctx), cont
 
     # ------------------------------------------------------------------- scoring
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -76,15 +79,15 @@ class Scorer:
 
     def rolling(self, texts: Sequence[str]) -> list[float]:
         """Log-likelihood of each whole text (natural log), every token predicted once."""
-        requests = [([self.tokenizer.eot_id], list(self.tokenizer.encode(t))) for t in texts]
+        requests = [(self.tokenizer.with_bos([]), list(self.tokenizer.encode(t))) for t in texts]
         return [lp for lp, _ in self.loglikelihood_tokens(requests)]
 
     def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """``(log P(cont | ctx), greedy)`` for token-id pairs; ``ctx`` must not be empty (put eot first)."""
+        """``(log P(cont | ctx), greedy)`` for token-id pairs; ``ctx`` must not be empty (put bos first)."""
         windows: list[_Window] = []
         for i, (ctx, cont) in enumerate(requests):
             if not ctx:
-                raise ValueError(f"request {i}: the context holds no token (start it with the end-of-text id)")
+                raise ValueError(f"request {i}: the context holds no token (start it with the begin token)")
             windows += self._windows(i, list(ctx) + list(cont), len(ctx))
         totals = [0.0] * len(requests)
         greedy = [True] * len(requests)

@@ -250,12 +250,13 @@ def score_multiple_choice(task: Task, scorer: Scorer) -> tuple[dict, list[dict]]
     return result, details
 
 
-def score_generation(task: Task, engine, eot_id: int) -> tuple[dict, list[dict]]:
+def score_generation(task: Task, engine) -> tuple[dict, list[dict]]:
     """Greedy completions through the engine; exact match and F1, best over each item's answers."""
     from lmforge.serve.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=list(task.stop))
-    prompts = [[eot_id, *engine.tokenizer.encode(it["prompt"])] for it in task.items]  # a new document each
+    tok = engine.tokenizer
+    prompts = [tok.with_bos(tok.encode(it["prompt"])) for it in task.items]  # a new document each
     completions = engine.generate(prompts, params)
     em = f1 = 0.0
     details = []
@@ -277,7 +278,7 @@ def run_task(task: Task, model, tokenizer, context: int, batch_size: int = 16) -
     else:
         from lmforge.serve.engine import Engine
 
-        metrics, details = score_generation(task, Engine(model, tokenizer, device=None), tokenizer.eot_id)
+        metrics, details = score_generation(task, Engine(model, tokenizer, device=None))
     return {"task": task.name, "kind": task.kind, "items": len(task.items), **metrics}, details
 
 

@@ -118,12 +118,12 @@ def export_gguf(tm: TrainedModel, out_file: Path, qtype: str = "f32") -> list[Pa
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(ids["eot"])
+    writer.add_bos_token_id(ids["bos"])
     writer.add_eos_token_id(ids["im_end"] if ids["im_end"] is not None else ids["eot"])
     writer.add_eot_token_id(ids["eot"])
     if ids["pad"] is not None:
         writer.add_pad_token_id(ids["pad"])
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(tm.tokenizer.add_bos)  # llama.cpp then scores and prompts as lmforge does
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 

@@ -4,7 +4,8 @@
 
     config.json              LlamaForCausalLM config (export/hf_llama.py: hf_llama_config), or
                              GPT2LMHeadModel for a GPT-2 style Transformer (export/hf_gpt2.py)
-    generation_config.json   end-of-turn / end-of-text ids, so generate() stops where lmforge does
+    generation_config.json   every end token (end of turn, end of text), so generate() stops where lmforge
+                             does, and max_length = the model's context
     model.safetensors        weights under Llama / GPT-2 names (a tied lm_head is left out; transformers re-ties it)
     tokenizer.json           the run's tokenizer
     tokenizer_config.json    special tokens and the ChatML chat template (when the tokenizer has its tokens)
@@ -26,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lmforge.config import ConfigError
 from lmforge.data.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_sta
 from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
 from lmforge.models.transformer import Transformer
 from lmforge.serve.chat import CHAT_TEMPLATE, IM_END, IM_START
-from lmforge.train.checkpoint import CheckpointError
+from lmforge.train.checkpoint import CheckpointError, write_safetensors
 from lmforge.trained import TrainedModel
 
 LOGITS_TOLERANCE = 1e-4
@@ -84,9 +84,11 @@ def export_hf(tm: TrainedModel, out: Path) -> list[Path]:
     """Write the Hugging Face folder ``out``; returns the files written."""
     model, layout = hf_layout(tm)
     out.mkdir(parents=True, exist_ok=True)
-    written = [tm.tokenizer.save(out)]  # first: the files below replace its special_tokens_map.json
+    # First: the files below replace its special_tokens_map.json. The post-processor puts the begin
+    # token first as lmforge scores (Tokenizer.add_bos), so transformers and lm-eval see the same ids.
+    written = [tm.tokenizer.save(out, bos_post_processor=True)]
     ids = special_ids(tm.tokenizer)
-    stops = sorted({i for i in (ids["eot"], ids["im_end"]) if i is not None})
+    stops = tm.tokenizer.end_ids  # every end token (end of text, end of turn): generate() stops at each
     make_config = hf_gpt2_config if layout == "gpt2" else hf_llama_config
     config = make_config(model.cfg, bos_token_id=ids["bos"], eos_token_id=stops, pad_token_id=ids["pad"])
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -94,28 +96,30 @@ def export_hf(tm: TrainedModel, out: Path) -> list[Path]:
     names = {k: v for k, v in tm.tokenizer.specials.items() if v is not None}
     # The ChatML template needs its two tokens; a tokenizer imported without them gets no template.
     chat = ids["im_start"] is not None and ids["im_end"] is not None
+    # transformers' apply_chat_template tokenizes without special tokens, so the begin token lmforge puts
+    # before a conversation (Tokenizer.with_bos) is written by the template; llama.cpp adds it itself.
+    template = ("{{- bos_token }}" if tm.tokenizer.add_bos else "") + CHAT_TEMPLATE
     files = {
         "config.json": config,
+        # max_length: without it, pipeline("text-generation") runs past the context (transformers only warns).
         "generation_config.json": {"bos_token_id": ids["bos"], "eos_token_id": stops, "pad_token_id": ids["pad"],
-                                   "do_sample": False},
+                                   "max_length": model.cfg.context, "do_sample": False},
         "special_tokens_map.json": names,
         "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast", **names,
-            "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+            "unk_token": None, "add_bos_token": tm.tokenizer.add_bos, "add_eos_token": False,
             "clean_up_tokenization_spaces": False, "model_max_length": model.cfg.context,
-            **({"chat_template": CHAT_TEMPLATE} if chat else {})},
+            **({"chat_template": template} if chat else {})},
     }
     for name, body in files.items():
         (out / name).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
         written.append(out / name)
     if chat:
-        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         written.append(out / "chat_template.jinja")
     hf_weights = to_hf_gpt2_state_dict(model) if layout == "gpt2" else to_hf_llama_state_dict(model)
-    # Cloned and contiguous: safetensors refuses tensors that share memory or are views.
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_weights.items()}
     tmp = out / "model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
+    write_safetensors(hf_weights, tmp, metadata={"format": "pt"})  # the umask's mode; equal weights, equal bytes
     os.replace(tmp, out / "model.safetensors")
     written.append(out / "model.safetensors")
     return written
@@ -131,6 +135,8 @@ def check_hf(tm: TrainedModel, out: Path, tolerance: float = LOGITS_TOLERANCE) -
     theirs_ids = hf_tok(CHECK_TEXT, add_special_tokens=False)["input_ids"]
     if ours_ids != theirs_ids:
         raise CheckpointError(f"{out}: transformers tokenizes the check text differently from lmforge")
+    if hf_tok(CHECK_TEXT)["input_ids"] != tm.tokenizer.with_bos(ours_ids):
+        raise CheckpointError(f"{out}: transformers does not put the begin token first as lmforge does")
     context = tm.cfg.model.context
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, tm.cfg.model.vocab_size, (2, min(context, 64)), generator=g)

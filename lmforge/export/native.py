@@ -19,13 +19,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from lmforge.config import RunConfig
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.models import build_model
-from lmforge.train.checkpoint import CheckpointError
-from lmforge.trained import TrainedModel
+from lmforge.train.checkpoint import CheckpointError, save_weights
+from lmforge.trained import TrainedModel, run_model_path
 
 MARKER, FORMAT, VERSION = "lmforge.json", "lmforge-export", 1
 
@@ -34,7 +34,7 @@ def export_native(tm: TrainedModel, out: Path) -> list[Path]:
     """Write ``tm`` to the folder ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
-    save_model(tm.model, str(weights), metadata={"format": "pt"})  # save_model handles tied tensors
+    save_weights(tm.model, weights)  # tied tensors stored once; load_model below re-ties them
     tokenizer = tm.tokenizer.save(out)
     info = {"format": FORMAT, "version": VERSION, "step": tm.step, "config": tm.cfg.model_dump(mode="json")}
     marker = out / MARKER
@@ -66,9 +66,11 @@ def load_native(folder: Path, device: str | torch.device = "cpu") -> TrainedMode
 def load_any(path: Path, device: str | torch.device = "cpu") -> TrainedModel:
     """A run folder, checkpoint, lmforge export or Hugging Face folder (Llama-family or GPT-2).
 
-    The same loader fine-tuning starts from: :func:`lmforge.finetune.init.load_pretrained`.
+    A run folder means its fine-tuned model when it has one (:func:`lmforge.trained.run_model_path`,
+    the one rule of ``serve``, ``chat``, ``generate``, ``eval`` and ``export``). Otherwise the same loader
+    fine-tuning starts from: :func:`lmforge.finetune.init.load_pretrained`.
     """
     from lmforge.finetune.init import load_pretrained  # it imports this module
 
-    return load_pretrained(path, device)
+    return load_pretrained(run_model_path(path), device)
 

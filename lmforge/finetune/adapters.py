@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lmforge.config import ConfigError, LoraConfig
-from lmforge.train.checkpoint import CheckpointError
+from lmforge.train.checkpoint import CheckpointError, write_safetensors
 
 ADAPTER_FILE, ADAPTER_JSON, FORMAT = "adapter.safetensors", "adapter.json", "lmforge-lora"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)(?:\.|$)")
@@ -211,7 +211,7 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, folder: Path, cfg: LoraConfig, targets: list[str], info: dict) -> list[Path]:
     """``adapter.safetensors`` (the adapter tensors alone) and ``adapter.json`` (options, targets, base)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    write_safetensors(adapter_state(model), folder / ADAPTER_FILE, metadata={"format": "pt"})
     meta = {"format": FORMAT, "version": 1, "lora": cfg.model_dump(), "targets": targets, **info}
     (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return [folder / ADAPTER_FILE, folder / ADAPTER_JSON]

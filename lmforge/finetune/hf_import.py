@@ -180,7 +180,20 @@ def load_tokenizer(folder: Path, hf: dict[str, Any], vocab_size: int) -> Tokeniz
         raise CheckpointError(f"{folder}: no end-of-text token: none of tokenizer_config.json, "
                               f"special_tokens_map.json, generation_config.json or config.json names one "
                               f"that tokenizer.json holds")
-    return Tokenizer(inner, origin=str(path), specials=specials)
+    return Tokenizer(inner, origin=str(path), specials=specials, end_tokens=end_tokens(inner, generation, hf))
+
+
+def end_tokens(inner: tokenizers.Tokenizer, generation: dict[str, Any], hf: dict[str, Any]) -> list[str]:
+    """Every end token that ``generation_config.json`` and ``config.json`` declare (``eos_token_id``: an id or a
+    list of them, e.g. Llama 3's end of text and end of turn), so generation stops at each as transformers does."""
+    out = []
+    for source in (generation, hf):
+        found = source.get("eos_token_id")
+        for i in found if isinstance(found, list) else [found]:
+            token = inner.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
+            if token is not None:
+                out.append(token)
+    return out
 
 
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu") -> TrainedModel:

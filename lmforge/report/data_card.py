@@ -5,7 +5,8 @@
 - ``data_card.json``: documents and bytes in / kept / dropped, dropped per reason
   (documents and bytes), per step (in, dropped, changed, characters removed), a few
   examples of every reason, the language mix, length histograms, the collect
-  stage's per-source counts and the cleaning config;
+  stage's per-source counts (with ``repaired_bytes``: bytes that were not UTF-8 and
+  were read as cp1252) and the cleaning config;
 - ``lengths.png``: document lengths before and after cleaning (log-2 bins).
 
 :func:`card_summary` condenses it to the flat counts the run card shows in its
@@ -56,7 +57,8 @@ def write_data_card(folder: Path, collect: dict, ledger: dict, steps: list[str],
     folder = Path(folder)
     card = {
         "collect": {k: collect.get(k) for k in ("documents", "bytes", "shards", "skipped", "collected_at")}
-        | {"sources": [{k: s[k] for k in ("source", "kind", "documents", "skipped")}
+        | {"repaired_bytes": collect.get("repaired_bytes", 0),
+           "sources": [{k: s.get(k, 0) for k in ("source", "kind", "documents", "repaired_bytes", "skipped")}
                        for s in collect.get("sources", [])]},
         "clean": ledger,
         "steps": steps,
@@ -76,6 +78,7 @@ def card_summary(card: dict, top: int = 8) -> dict:
     out = {
         "collected documents": card["collect"]["documents"],
         "collect skipped entries": sum((card["collect"].get("skipped") or {}).values()),
+        "collect repaired bytes (not UTF-8)": card["collect"].get("repaired_bytes", 0),
         "cleaned documents in": clean["documents"]["in"],
         "kept documents": clean["documents"]["kept"],
         "kept bytes": clean["bytes"]["kept"],

@@ -164,7 +164,7 @@ def main(cfg: RunConfig, args: list[str]) -> None:
     path = Path(args[0] if args else cfg.run_dir)
     device = pick_device(sc.device)
     tm = load_any(path, device)
-    name = sc.model_name or tm.cfg.name
+    name = sc.model_name or tm.name
     engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=sc.max_batch, compile=sc.compile,
                     lookahead=sc.lookahead)
     key = sc.api_key or os.environ.get("LMFORGE_API_KEY") or None

@@ -48,7 +48,7 @@ class BackgroundServer:
         tm = load_any(Path(path), device)
         engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=cfg.max_batch, compile=cfg.compile,
                         lookahead=cfg.lookahead)
-        return cls(create_app(engine, cfg, cfg.model_name or tm.cfg.name, api_key=cfg.api_key), cfg.host, cfg.port)
+        return cls(create_app(engine, cfg, cfg.model_name or tm.name, api_key=cfg.api_key), cfg.host, cfg.port)
 
     @property
     def url(self) -> str:

@@ -20,7 +20,7 @@ is used: no state is ever looked inside.
 Example (the engine and the server's scheduler drive it this way)::
 
     batch = DecodeBatch(model, tokenizer, device)
-    batch.add(Request(prompt_ids, params, eot_id=tok.eot_id))
+    batch.add(Request(prompt_ids, params, end_ids=tok.end_ids))
     while batch.rows:
         for req in batch.step():
             for delta in req.take_deltas(tok): ...
@@ -51,7 +51,7 @@ class Detokenizer(Protocol):
     eot_id: int
     vocab_size: int
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 @dataclass
@@ -59,7 +59,8 @@ class Completion:
     """One finished continuation.
 
     ``token_ids`` are the sampled tokens (a stop token id is not included; the
-    tokens of a stop string are, while ``text`` is cut before it). ``logprobs``
+    tokens of a stop string are, while ``text`` is cut before it); ``text`` leaves special
+    tokens out unless ``params.skip_special_tokens`` is False. ``logprobs``
     holds, for each of ``token_ids``, its log-probability under the model
     (log-softmax of the raw logits, before penalties, temperature, top-k, top-p);
     ``top_logprobs`` the most likely alternatives when ``params.logprobs`` asked.
@@ -108,10 +109,11 @@ class _Sample:
     sent_chars: int = 0  # text already handed out as deltas
     sent_tokens: int = 0
     closed: bool = False  # the final delta was handed out
+    skip_special: bool = True  # leave special tokens out of the text (SamplingParams.skip_special_tokens)
 
     def current_text(self, tok: Detokenizer) -> str:
         """The text so far, decoding only the tokens after the settled prefix."""
-        tail = tok.decode(self.token_ids[self.settled_ids:])
+        tail = tok.decode(self.token_ids[self.settled_ids:], skip_special_tokens=self.skip_special)
         if len(self.token_ids) - self.settled_ids >= _SETTLE_EVERY and not tail.endswith("\ufffd"):
             # Token boundaries on whole characters are safe cut points for byte-level decoders.
             self.settled_ids, self.settled_text = len(self.token_ids), self.settled_text + tail
@@ -122,7 +124,7 @@ class _Sample:
 class Request:
     """One prompt to complete ``params.n`` times; its results accumulate here as the batch steps."""
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, eot_id: int,
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, end_ids: Sequence[int],
                  truncated: bool = False) -> None:
         params.validate()
         if not prompt_ids:
@@ -130,13 +132,14 @@ class Request:
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.truncated = truncated
-        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eot_id])
+        # By default every end token of the model ends a completion (end of text and end of turn).
+        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else end_ids)
         seed = params.seed
         if seed is None:  # draw one from torch's global RNG so torch.manual_seed still fixes the result
             seed = int(torch.randint(0, 2**62, (1,)).item())
         # On the CPU whatever the model's device: it only draws one uniform per row and step.
         self.generator = torch.Generator().manual_seed(seed)
-        self.samples = [_Sample() for _ in range(params.n)]
+        self.samples = [_Sample(skip_special=params.skip_special_tokens) for _ in range(params.n)]
         self.counts: Tensor | None = None  # (n, V) generated-token counts, for penalties
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_top_logprobs: list[TopLogprobs | None] | None = None

@@ -4,7 +4,8 @@ A conversation is rendered as::
 
     <|im_start|>system\\nYou answer briefly.<|im_end|>\\n<|im_start|>user\\nHi!<|im_end|>\\n<|im_start|>assistant\\n
 
-and the model's reply ends with ``<|im_end|>``. Token ids are built by joining the
+and the model's reply ends with ``<|im_end|>``, one of the tokenizer's ``end_ids`` that every
+generation stops at. Token ids are built by joining the
 special tokens' ids with the encoded text between them, because lmforge's
 tokenizer never turns text that spells a special token into its id (so a user
 cannot inject a turn boundary). :data:`CHAT_TEMPLATE` is the same format as a
@@ -14,7 +15,7 @@ runtimes render conversations exactly as lmforge does.
 Example::
 
     ids = render_chat(tokenizer, [{"role": "user", "content": "Hi!"}])
-    stops = chat_stop_ids(tokenizer)            # <|im_end|> and <|endoftext|>
+    stops = tokenizer.end_ids                   # <|im_end|> and <|endoftext|>, among others
 """
 
 from __future__ import annotations
@@ -71,8 +72,3 @@ def render_chat(tokenizer: ChatTokenizer, messages: Sequence[dict], add_generati
     if add_generation_prompt:
         ids += [start, *tokenizer.encode("assistant\n")]
     return ids
-
-
-def chat_stop_ids(tokenizer: ChatTokenizer) -> list[int]:
-    """Tokens that end an assistant turn: ``<|im_end|>`` and the end of text."""
-    return sorted({_special(tokenizer, IM_END), tokenizer.eot_id})

@@ -51,11 +51,14 @@ class Tokenizer(Protocol):
     """What the engine needs from a tokenizer (lmforge.data.tokenizer provides it)."""
 
     eot_id: int
+    end_ids: list[int]  # every token that ends a generation by default (end of text, end of turn)
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def with_bos(self, ids: Sequence[int]) -> list[int]: ...  # a prompt as the start of a document
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 class Engine:
@@ -93,8 +96,10 @@ class Engine:
     def prepare(self, prompt: str | Sequence[int], index: int = 0) -> tuple[list[int], bool]:
         """Token ids of one prompt (never empty) and whether its start was cut to fit the state.
 
-        An empty prompt becomes the end-of-text token (the start of a new document).
-        Raises ValueError naming prompt ``index`` for a token id outside the vocabulary.
+        A prompt starts a new document: the tokenizer's begin token goes first
+        (:meth:`~lmforge.data.tokenizer.Tokenizer.with_bos`, never doubled), as in scoring and in the
+        exports, so transformers and llama.cpp see the same ids for the same text. An empty prompt is
+        the begin token alone. Raises ValueError naming prompt ``index`` for a token id outside the vocabulary.
         """
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt))
@@ -104,8 +109,7 @@ class Engine:
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if not ids:
-            ids = [self.tokenizer.eot_id]
+        ids = self.tokenizer.with_bos(ids) or [self.tokenizer.eot_id]
         limit = self.max_state_len
         if limit is not None and len(ids) > limit:
             # Keep the end of the prompt, with room for at least one generated token before a re-prefill.
@@ -116,7 +120,7 @@ class Engine:
         """A :class:`Request` for one prompt, ready for a :class:`DecodeBatch` (params are validated)."""
         params.validate()
         ids, truncated = self.prepare(prompt, index)
-        return Request(ids, params, eot_id=self.tokenizer.eot_id, truncated=truncated)
+        return Request(ids, params, end_ids=self.tokenizer.end_ids, truncated=truncated)
 
     def batch(self) -> DecodeBatch:
         return DecodeBatch(self.model, self.tokenizer, self.device, self.lookahead)

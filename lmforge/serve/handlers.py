@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.serve import responses as R
 from lmforge.serve.batch import Completion, Delta
-from lmforge.serve.chat import chat_stop_ids, render_chat
+from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from lmforge.serve.scheduler import Event, QueueFull, Scheduler, Ticket
@@ -91,7 +91,7 @@ class Generation:
                 raise APIError(400, f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
                                "prompt")
             ids = list(prompt)
-        return ids or [self.tokenizer.eot_id]
+        return ids
 
     def _max_tokens(self, requested: int | None, prompt_len: int, what: str) -> int:
         """``requested`` checked against the context (400 with the counts), or what is left of it."""
@@ -191,19 +191,24 @@ class Generation:
     async def completions(self, request: Request, raw: bytes) -> Response:
         body: CompletionRequest = parse_body(CompletionRequest, raw)
         self.check_model(body.model)
-        id_lists = [self._ids(p, i) for i, p in enumerate(body.prompts())]
-        max_tokens = [self._max_tokens(body.max_tokens, len(ids), "prompt") for ids in id_lists]
+        prompts = [self._ids(p, i) for i, p in enumerate(body.prompts())]
         top = body.logprobs
         scoring = top if body.echo and top is not None else None
+        # A prompt starts a new document, as in lmforge's own scoring, lm-eval's adapter and the exports: the
+        # begin token goes first (Tokenizer.with_bos; the engine applies the same rule). It is not echoed, so
+        # the logprobs line up with the prompt sent.
+        id_lists = [self.tokenizer.with_bos(ids) or [self.tokenizer.eot_id] for ids in prompts]
+        leads = [len(a) - len(b) for a, b in zip(id_lists, prompts, strict=True)]
+        max_tokens = [self._max_tokens(body.max_tokens, len(ids), "prompt") for ids in id_lists]
         try:
-            reqs = [self.engine.request(ids, body.sampling_params(m, self.tokenizer.eot_id, logprobs=top,
+            reqs = [self.engine.request(ids, body.sampling_params(m, self.tokenizer.end_ids, logprobs=top,
                                                                   prompt_logprobs=scoring), i)
                     for i, (ids, m) in enumerate(zip(id_lists, max_tokens, strict=True))]
         except ValueError as e:
             raise APIError(400, str(e)) from None
         call = self._submit(reqs, body.n, sum(len(ids) for ids in id_lists), "cmpl")
         base = {"id": call.id, "object": "text_completion", "created": call.created, "model": self.model_name}
-        echo_text = [self.tokenizer.decode(ids) if body.echo else "" for ids in id_lists]
+        echo_text = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
 
         if body.stream:
             offsets = {i * body.n + j: len(echo_text[i]) for i in range(len(reqs)) for j in range(body.n)}
@@ -220,12 +225,13 @@ class Generation:
 
             def opening(i: int) -> list[str]:
                 """The echoed prompt of request i, sent once it is prefilled (its log-probabilities exist then)."""
-                req, lines = reqs[i], []
+                req, lines, lead = reqs[i], [], leads[i]
                 for j in range(body.n):
                     lp = None
                     if top is not None:
-                        lp = R.completion_logprobs(self.texts, req.prompt_ids, req.prompt_logprobs or [],
-                                                   req.prompt_top_logprobs)
+                        tops = None if req.prompt_top_logprobs is None else req.prompt_top_logprobs[lead:]
+                        lp = R.completion_logprobs(self.texts, req.prompt_ids[lead:],
+                                                   (req.prompt_logprobs or [])[lead:], tops)
                     extra = {"usage": None} if body.include_usage else {}
                     lines.append(sse({**base, "choices": [{"index": i * body.n + j, "text": echo_text[i],
                                                            "logprobs": lp, "finish_reason": None}], **extra}))
@@ -246,7 +252,7 @@ class Generation:
                     lp = R.completion_logprobs(self.texts, c.token_ids, c.logprobs,
                                                c.top_logprobs, len(echo_text[i]))
                     if body.echo:
-                        lp = R.merge_logprobs(R.prompt_part(self.texts, c, top=True)[1], lp)
+                        lp = R.merge_logprobs(R.prompt_part(self.texts, c, top=True, lead=leads[i])[1], lp)
                 choices.append({"index": i * body.n + j, "text": echo_text[i] + c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason})
         return JSONResponse({**base, "choices": choices, "usage": R.usage(call.prompt_tokens, completion_tokens)})
@@ -256,12 +262,12 @@ class Generation:
         body: ChatCompletionRequest = parse_body(ChatCompletionRequest, raw)
         self.check_model(body.model)
         try:
-            ids = render_chat(self.tokenizer, body.message_dicts())
+            ids = self.tokenizer.with_bos(render_chat(self.tokenizer, body.message_dicts()))
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         max_tokens = self._max_tokens(body.requested_max_tokens, len(ids), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, self.tokenizer.eot_id, chat_stop_ids(self.tokenizer), logprobs=top)
+        params = body.sampling_params(max_tokens, self.tokenizer.end_ids, logprobs=top)
         call = self._submit([self.engine.request(ids, params)], body.n, len(ids), "chatcmpl")
         base = {"id": call.id, "object": "chat.completion.chunk" if body.stream else "chat.completion",
                 "created": call.created, "model": self.model_name}

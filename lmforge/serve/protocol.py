@@ -2,7 +2,8 @@
 
 Requests are validated with pydantic models whose fields follow OpenAI's
 completions and chat completions APIs, plus vLLM's extras (``top_k``,
-``stop_token_ids``, ``ignore_eos``). Unknown fields are ignored, as OpenAI-compatible
+``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``). Every endpoint stops at every
+end token of the model (end of text and end of turn) unless ``ignore_eos`` is set. Unknown fields are ignored, as OpenAI-compatible
 servers do, so clients that send newer fields keep working; fields lmforge cannot
 honour (``logit_bias``, ``tools``, ``suffix``, ``best_of`` other than ``n``, ...) are
 refused with 400 rather than silently dropped.
@@ -13,7 +14,7 @@ Every error is an :class:`APIError`, rendered as
 Example::
 
     req = parse_body(CompletionRequest, raw_bytes)       # APIError(400) on bad JSON or fields
-    params = req.sampling_params(max_new_tokens=16, eot_id=0)
+    params = req.sampling_params(max_new_tokens=16, end_ids=tokenizer.end_ids)
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end a completion")
-    ignore_eos: bool = Field(False, description="vLLM extra: do not stop at the end-of-text token")
+    ignore_eos: bool = Field(False, description="vLLM extra: do not stop at the model's end tokens")
+    skip_special_tokens: bool = Field(True, description="vLLM extra: leave special tokens out of the text")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="the range torch generators accept")
@@ -89,17 +91,18 @@ class _Body(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
-    def sampling_params(self, max_new_tokens: int, eot_id: int, stop_ids: list[int] | None = None,
-                        logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int, end_ids: list[int], logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine's parameters; ``end_ids`` are the model's end tokens (``Tokenizer.end_ids``)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        ends = [] if self.ignore_eos else list(stop_ids or [eot_id])
+        ends = [] if self.ignore_eos else list(end_ids)
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=self.temperature,
             top_k=self.top_k if self.top_k and self.top_k > 0 else None,
             top_p=self.top_p if self.top_p < 1.0 else None, seed=self.seed, stop=stops,
             stop_token_ids=sorted(set(ends + list(self.stop_token_ids or []))),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, n=self.n,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
 
 
 class CompletionRequest(_Body):

@@ -3,14 +3,15 @@
 Each user line becomes a user turn; the whole conversation so far is rendered with the chat template
 (:func:`~lmforge.serve.chat.render_chat`) and the reply is streamed by the one generator
 (:class:`~lmforge.serve.engine.Engine`) with the ``sample`` section's settings, stopping at
-``<|im_end|>``. ``/reset`` starts a new conversation, ``/exit`` (or end of input) quits. It reads
-piped input too, so it can be scripted::
+the model's end tokens (``<|im_end|>``, ``<|endoftext|>``). ``/reset`` starts a new conversation,
+``/exit`` (or end of input) quits. It reads piped input too, so it can be scripted::
 
     lmforge chat runs/demo                       # the fine-tuned model when the run has one
     printf 'Who speaks the line "..."?\\n/exit\\n' | lmforge chat runs/demo --sample.temperature=0
 
-``RUN`` is a run folder (its fine-tuned model, else its pre-trained one), a checkpoint, an export
-or a Hugging Face folder.
+``RUN`` is a run folder (its fine-tuned model, else its pre-trained one: the rule of
+:func:`lmforge.trained.run_model_path`, the same for ``serve`` and ``generate``), a checkpoint, an
+export or a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -20,33 +21,21 @@ from pathlib import Path
 from typing import TextIO
 
 from lmforge.config import RunConfig
-from lmforge.serve.chat import chat_stop_ids, render_chat
-from lmforge.serve.engine import Engine, SamplingParams
+from lmforge.serve.chat import render_chat
+from lmforge.serve.engine import Engine
+from lmforge.serve.sample import params_from
 
 COMMANDS = "/reset = new conversation, /exit = quit"
 
 
-def resolve_model(path: str):
-    """The fine-tuned model of a run folder when it has one, else whatever ``load_any`` opens."""
-    from lmforge.export.native import load_any
-    from lmforge.train.checkpoint import Checkpointer
-    from lmforge.trained import TrainedModel
-
-    p = Path(path)
-    if Checkpointer(p / "finetune" / "ckpt").list():
-        return TrainedModel.load(p / "finetune")
-    return load_any(p)
-
-
 def main(cfg: RunConfig, path: str, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Run the chat until /exit or end of input; returns the last conversation's messages."""
+    from lmforge.export.native import load_any  # it imports the model code: only when a chat starts
+
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tm = resolve_model(path)
+    tm = load_any(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
-    sc = cfg.sample
-    params = SamplingParams(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
-                            top_p=sc.top_p, seed=sc.seed, stop=list(sc.stop),
-                            stop_token_ids=chat_stop_ids(tm.tokenizer))
+    params = params_from(cfg.sample)
     interactive = stdin.isatty()
     stdout.write(f"chatting with {tm.path} (step {tm.step}); {COMMANDS}\n")
     messages: list[dict] = []

@@ -2,8 +2,8 @@
 
 The completions API reports log-probabilities in the legacy layout that
 lm-evaluation-harness reads (``tokens``, ``token_logprobs``, ``top_logprobs``,
-``text_offset``; with ``echo`` the prompt tokens come first and the first of them
-has ``None``), the chat API in the newer one (``content: [{token, logprob, bytes,
+``text_offset``; with ``echo`` the prompt tokens come first; the first of them has
+``None`` unless the server put the begin token before it, as it does to score a prompt), the chat API in the newer one (``content: [{token, logprob, bytes,
 top_logprobs}]``). A token that is only part of a UTF-8 character is shown as
 ``bytes:\\xNN`` as OpenAI does, since its text alone is not a character.
 
@@ -120,9 +120,11 @@ def chat_logprobs(texts: TokenTexts, ids: Sequence[int], logprobs: Sequence[floa
     return {"content": content}
 
 
-def prompt_part(texts: TokenTexts, c: Completion, top: bool) -> tuple[str, dict]:
-    """The echoed prompt's text and legacy logprobs (the first token has None)."""
-    text = texts.tokenizer.decode(c.prompt_ids)
-    lps = c.prompt_logprobs if c.prompt_logprobs is not None else [None] * len(c.prompt_ids)
-    tops = c.prompt_top_logprobs if top else None
-    return text, completion_logprobs(texts, c.prompt_ids, lps, tops)
+def prompt_part(texts: TokenTexts, c: Completion, top: bool, lead: int = 0) -> tuple[str, dict]:
+    """The echoed prompt's text and legacy logprobs (the first token the model saw has None), without
+    the ``lead`` tokens the server put in front of the prompt it was sent (the begin token)."""
+    ids = c.prompt_ids[lead:]
+    text = texts.tokenizer.decode(ids)
+    lps = c.prompt_logprobs[lead:] if c.prompt_logprobs is not None else [None] * len(ids)
+    tops = c.prompt_top_logprobs[lead:] if top and c.prompt_top_logprobs is not None else None
+    return text, completion_logprobs(texts, ids, lps, tops)

@@ -16,16 +16,17 @@ from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
 
 
-def params_from(sc: SampleConfig, tokenizer) -> SamplingParams:
+def params_from(sc: SampleConfig) -> SamplingParams:
+    """The ``sample`` section as sampling parameters; generation stops at every end token of the model."""
     return SamplingParams(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
-                          top_p=sc.top_p, seed=sc.seed, stop=list(sc.stop), stop_token_ids=[tokenizer.eot_id])
+                          top_p=sc.top_p, seed=sc.seed, stop=list(sc.stop))
 
 
 def main(cfg: RunConfig, run_dir: Path) -> dict:
     """The sample stage: one completion per configured prompt, written to sample/samples.json."""
     tm = TrainedModel.load(run_dir)
     engine = Engine(tm.model, tm.tokenizer, device=None)
-    params = params_from(cfg.sample, tm.tokenizer)
+    params = params_from(cfg.sample)
     samples = []
     for prompt in cfg.sample.prompts:
         c = engine.generate([prompt], params)[0]
@@ -43,7 +44,7 @@ def generate_cli(path: str, cfg: RunConfig) -> None:
 
     tm = load_any(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
-    params = params_from(cfg.sample, tm.tokenizer)
+    params = params_from(cfg.sample)
     for prompt in cfg.sample.prompts:
         sys.stdout.write(prompt)
         for delta in engine.stream(prompt, params):

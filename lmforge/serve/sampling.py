@@ -34,8 +34,9 @@ class SamplingParams:
     ``temperature`` 0 is greedy decoding. ``top_k`` / ``top_p`` (None = off) restrict
     sampling to the k most likely tokens / the smallest set holding ``top_p`` of the
     probability. ``stop`` strings end a completion (the text is cut before them);
-    ``stop_token_ids`` end it when sampled (None = the tokenizer's end-of-text id,
-    [] = never). Penalties subtract ``presence * (count > 0) + frequency * count`` of
+    ``stop_token_ids`` end it when sampled (None = every end token of the model, the
+    tokenizer's ``end_ids``: end of text and end of turn; [] = never). Special tokens are
+    left out of the text unless ``skip_special_tokens`` is False (their ids stay in ``token_ids``). Penalties subtract ``presence * (count > 0) + frequency * count`` of
     each token already generated from its logit. ``n`` completions per prompt.
     ``max_new_tokens`` 0 only scores the prompt (with ``prompt_logprobs``).
     ``logprobs`` / ``prompt_logprobs``: None = no alternatives; k = also record the k
@@ -56,6 +57,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first field out of range; return self for chaining."""
@@ -85,6 +87,7 @@ class SamplingParams:
             ("n", is_int(self.n) and self.n >= 1, "an integer >= 1"),
             ("logprobs", top(self.logprobs), f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
             ("prompt_logprobs", top(self.prompt_logprobs), f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "True or False"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -187,9 +190,10 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
 
 def stable_length(text: str, stops: Sequence[str]) -> int:
     """How much of ``text`` is settled: not an unfinished UTF-8 character, not the start of a stop string."""
-    # A character cut short by the last token decodes to one U+FFFD, which the next token may complete;
-    # replacement characters before it stand for bytes that are invalid for good.
-    end = len(text) - 1 if text.endswith(REPLACEMENT_CHAR) else len(text)
+    # A character cut short by the last tokens decodes to U+FFFD, which the next token may complete: one
+    # for a byte-level BPE, one per byte for a byte-fallback decoder (lmforge's char tokenizer), which
+    # replaces a whole run of byte tokens while it is not valid UTF-8. So the whole trailing run waits.
+    end = len(text.rstrip(REPLACEMENT_CHAR))
     hold = 0
     for stop in stops:
         # The longest proper prefix of `stop` that ends the text could still grow into `stop`.

@@ -9,8 +9,12 @@ caller's loop state: step, loader position, config, counters) and, written last,
 Writes are atomic: everything goes to ``.tmp-step_000123-<pid>/``, each file and the folder are
 fsynced, and only then is the folder renamed to its final name, so a crash never leaves a folder that
 looks valid. Readers check sizes and sha256 before trusting a file and fall back to the previous
-checkpoint when one is truncated or damaged. Nothing is ever unpickled: safetensors for the weights and
-``torch.load(weights_only=True)`` for the rest. Typical use in a training loop::
+checkpoint when one is truncated or damaged; when every one is damaged they raise :class:`CheckpointError`
+naming them. A damaged checkpoint is never deleted: where pruning or a new save of its step would remove
+it, it is renamed ``step_000123.damaged`` instead. Nothing is ever unpickled: safetensors for the weights
+and ``torch.load(weights_only=True)`` for the rest. Weights files (here and in the exports) are written by
+:func:`write_safetensors`: the umask's file mode, and the same bytes for the same tensors. Typical use in a
+training loop::
 
     ckpt = Checkpointer(run_dir / "train" / "ckpt", keep_last=2, every=250)
     if (path := ckpt.latest_valid()) is not None:
@@ -32,13 +36,12 @@ import os
 import random
 import re
 import shutil
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.optim import Optimizer
 
@@ -54,8 +57,9 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, damaged or made for another model; the message names the path."""
 
 
-class CheckpointWarning(UserWarning):
-    """A damaged checkpoint was skipped in favour of an older one."""
+def _log(message: str) -> None:
+    """A warning for the person running lmforge: one line on stderr, as the rest of training reports."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ file safety
@@ -166,22 +170,53 @@ def _tie_groups(sd: dict[str, torch.Tensor]) -> list[list[str]]:
     return [sorted(names) for names in by_view.values() if len(names) > 1]
 
 
-def _write_weights(model: nn.Module, path: Path) -> None:
-    sd = model.state_dict()
+# safetensors' dtype names, in the order of its Dtype enum (its writer puts the later ones first)
+_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+           torch.int64: "I64"}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_DTYPES)}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` in the safetensors format, with ``open()``: every weights file lmforge writes.
+
+    safetensors' own ``save_file`` is not used for writing: it creates the file through a temporary file
+    of mode 0600, whatever the umask (since safetensors 0.8), and writes its metadata in hash order, so
+    the same weights give different bytes from one save to the next. Here the file gets the mode the
+    umask gives, like every other file, and its bytes depend only on the tensors and the metadata:
+    tensors in safetensors' own order (by dtype, widest first, so each stays aligned, then by name) and
+    metadata keys sorted: with one metadata key, the very bytes safetensors writes. Reading stays with
+    safetensors (``safe_open``), which checks the header and every offset.
+    """
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which lmforge does not write to safetensors")
+    names = sorted(tensors, key=lambda n: (-_DTYPE_RANK[tensors[n].dtype], n))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors' writer leaves it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:  # little-endian raw bytes, as safetensors stores them (every supported host is)
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``model``'s weights as one safetensors file (tied tensors once, their aliases in the metadata)."""
+    sd = _unwrap(model).state_dict()
     aliases = {}
     for group in _tie_groups(sd):
         for alias in group[1:]:  # store the tensor once under its first name
             aliases[alias] = group[0]
             del sd[alias]
-    # Different views of one storage (not plain ties) are refused by safetensors: copy them apart.
-    seen: set[tuple] = set()
-    tensors = {}
-    for name, t in sd.items():
-        t = t.detach()
-        key = (t.device, t.untyped_storage().data_ptr())
-        tensors[name] = t.cpu().clone() if key in seen and t.numel() else t.cpu().contiguous()
-        seen.add(key)
-    save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+    write_safetensors(sd, path, {"format": "pt", _TIED_KEY: json.dumps(aliases, sort_keys=True)})
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -312,7 +347,7 @@ class Checkpointer:
             except (TypeError, ValueError) as e:
                 raise TypeError(f"checkpoint state for step {step} must be JSON-serializable: {e}") from None
             (tmp / STATE).write_text(text, encoding="utf-8")
-            _write_weights(_unwrap(model), tmp / MODEL)
+            save_weights(model, tmp / MODEL)
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
             torch.save(_rng_state(), tmp / RNG)
@@ -324,11 +359,11 @@ class Checkpointer:
             _fsync(tmp / CHECKSUMS)
             _fsync(tmp)
             faults.before_rename(step, tmp)  # test hook: a kill or a disk error at the worst moment
-            old = self._hide(final, "old") if final.exists() else None  # a step saved again (resumed run)
+            old = self._retire(final, "old") if final.exists() else None  # a step saved again (resumed run)
             try:
                 os.replace(tmp, final)
             except OSError:
-                if old is not None:  # put the previous copy back rather than lose it
+                if old is not None and old.name.startswith(".tmp-"):  # put the previous copy back, not lose it
                     os.replace(old, final)
                 raise
             _fsync(self.ckpt_dir)
@@ -349,10 +384,30 @@ class Checkpointer:
         # earlier step); keeping them would let a later resume jump back onto it.
         doomed = [p for p in ckpts if _step_of(p) > step] + older[: max(0, len(older) - (self.keep_last - 1))]
         for p in doomed:  # renamed first: a crash mid-delete never leaves a half folder with a valid name
-            self._hide(p, "del")
+            self._retire(p, "del")
         for p in self.ckpt_dir.iterdir():
             if p.name.startswith(".tmp-") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _retire(self, path: Path, tag: str) -> Path:
+        """Take a checkpoint out of use: hidden for deletion if it verifies, else set aside, never deleted.
+
+        A checkpoint that does not verify was not written by this process (or was damaged since): it may
+        be the user's only copy of their work, so it is renamed ``step_000123.damaged``, which no reader
+        takes for a checkpoint and no prune touches. One written or verified here is not hashed again.
+        """
+        reason = self._check(path)
+        if reason is None:
+            return self._hide(path, tag)
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        os.replace(path, aside)
+        self._verified.pop(path, None)
+        _log(f"checkpoint {path} is damaged ({reason}); kept as {aside.name} rather than deleted")
+        return aside
 
     def _hide(self, path: Path, tag: str) -> Path:
         """Rename a checkpoint to a ``.tmp-`` name, which every reader ignores and the next prune deletes."""
@@ -386,15 +441,23 @@ class Checkpointer:
         return reason
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose files all verify; damaged ones are skipped with a warning."""
-        ckpts = self.list()
+        """The newest checkpoint whose files all verify, or None when the folder holds no checkpoint.
+
+        A damaged one is skipped with a warning line on stderr. When checkpoints exist and none verifies,
+        :class:`CheckpointError` names each with its reason: a run must never take that for "no checkpoint
+        yet" and start again from step 0.
+        """
+        ckpts, damaged = self.list(), []
         for i in range(len(ckpts) - 1, -1, -1):
             reason = self._check(ckpts[i])
             if reason is None:
                 return ckpts[i]
-            prev = ckpts[i - 1] if i > 0 else "nothing (no older checkpoint)"
-            warnings.warn(f"checkpoint {ckpts[i]} is damaged ({reason}); falling back to {prev}",
-                          CheckpointWarning, stacklevel=2)
+            damaged.append(f"{ckpts[i].name} ({reason})")
+            if i > 0:
+                _log(f"checkpoint {ckpts[i]} is damaged ({reason}); falling back to {ckpts[i - 1].name}")
+        if damaged:
+            raise CheckpointError(f"no valid checkpoint in {self.ckpt_dir}: every one is damaged: "
+                                  f"{'; '.join(damaged)}. Nothing was deleted")
         return None
 
     def load(self, path: Path, model: nn.Module, optimizer: Optimizer | None = None,
@@ -441,8 +504,5 @@ def resolve(path: Path) -> Path:
     for folder in (path, path / "ckpt", path / "train" / "ckpt"):
         ckpt = Checkpointer(folder)
         if ckpt.list():
-            found = ckpt.latest_valid()
-            if found is None:
-                raise CheckpointError(f"no valid checkpoint in {folder}: every one is damaged")
-            return found
+            return ckpt.latest_valid()  # raises when every one is damaged
     raise CheckpointError(f"no checkpoint found in {path}")

@@ -103,8 +103,19 @@ class RunCheckpoints:
         return sorted(found, key=lambda p: int(p.name[5:]))
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint of either kind (the single-file one when both hold the same step)."""
-        single, sharded = self.ckpt.latest_valid(), (self.dcp_list() or [None])[-1]
+        """The newest checkpoint of either kind (the single-file one when both hold the same step).
+
+        When checkpoints exist and none is valid, :class:`CheckpointError` names them and says how to
+        start over on purpose: a run never starts from step 0 over its user's work by itself.
+        """
+        sharded = (self.dcp_list() or [None])[-1]
+        try:
+            single = self.ckpt.latest_valid()
+        except CheckpointError as e:
+            if sharded is None:
+                raise CheckpointError(f"{e}. To train from step 0 on purpose, pass --train.resume=false (it "
+                                      f"deletes them) or move {self.ckpt.ckpt_dir} elsewhere first") from None
+            single = None  # a sharded checkpoint is left to resume from
         if sharded is None or (single is not None and int(single.name[5:]) >= int(sharded.name[5:])):
             return single
         return sharded

@@ -3,8 +3,11 @@
 :func:`build_optimizer` makes AdamW with two parameter groups: weight decay for matrices and
 embeddings (``dim >= 2``), none for norms and biases (``dim < 2``), with tied parameters once.
 With ``train.optimizer: muon`` the hidden matrices (every 2-D weight except the token embedding
-and the output head) are updated by ``torch.optim.Muon`` instead, and the rest by AdamW, through
-one :class:`MuonAdamW` that checkpoints, resumes and takes the schedule like a single optimizer.
+and the output head) are updated by :class:`Muon` instead, and the rest by AdamW, through one
+:class:`MuonAdamW` that checkpoints, resumes and takes the schedule like a single optimizer.
+:class:`Muon` is ``torch.optim.Muon``'s algorithm with its Newton-Schulz orthogonalisation in a
+dtype of our choosing (``train.muon_precision``): torch's runs it in bf16 always, which is about
+100x slower than fp32 on CPUs without bf16 instructions.
 :func:`lr_at` is the schedule as a pure function of the step, so resuming needs no schedule state::
 
     optimizer = build_optimizer(model, cfg.train, device.type)
@@ -27,11 +30,14 @@ and with ``min_lr = lr * min_lr_ratio``:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from lmforge.config import TrainConfig
+from lmforge.runtime import fast_bf16
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -73,12 +79,93 @@ def _is_io_weight(model: nn.Module, p: nn.Parameter) -> bool:
     return any(m is not None and any(p is q for q in m.parameters()) for m in io)
 
 
+def orthogonalize(g: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration on ``g`` (A, B), computed in ``dtype``; a new (A, B) tensor.
+
+    The same operations in the same order as ``torch.optim.Muon``'s, so in bf16 the result is
+    bitwise torch's. It does not converge to the exact orthogonal factor U V^T of ``g = U S V^T``
+    but to U S' V^T with S' roughly in [0.5, 1.5], which trains as well (Keller Jordan's Muon).
+    """
+    a, b, c = coefficients
+    x = g.to(dtype, copy=True)  # a copy even in fp32: the in-place division must not touch the momentum
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # iterate on the wide side: the Gram matrix is (min(A, B), min(A, B))
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm = 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a X + (b G + c G^2) X
+    return x.T if tall else x
+
+
+def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-shape rate factor: Keller's "original" or Moonshot's "match_rms_adamw"."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else 1.0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan's) for 2-D parameters, with the orthogonalisation in ``dtype`` (bf16 or fp32).
+
+    ``torch.optim.Muon`` (torch 2.9 on) hard-codes bf16; this is its step (momentum, Nesterov, decoupled
+    weight decay, per-shape rate), defaults and state (``momentum_buffer``), so in bf16 it updates
+    bitwise as torch's does and the state dicts of the two are interchangeable.
+    """
+
+    def __init__(self, params: Iterable, dtype: torch.dtype = torch.bfloat16, lr: float = 1e-3,
+                 weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        if any(p.dim() != 2 for group in self.param_groups for p in group["params"]):
+            raise ValueError("Muon updates only 2-D parameters (matrices)")
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-(lr * _lr_ratio(group["adjust_lr_fn"], p.shape)))
+
+
+_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def muon_precision(setting: str, device_type: str) -> str:
+    """``train.muon_precision`` resolved: ``auto`` is bf16 where bf16 products are fast here, fp32 elsewhere."""
+    if setting != "auto":
+        return setting
+    fast = fast_bf16(device_type)
+    if dist.is_initialized() and device_type == "cpu":
+        # CPU ranks measure apart; a near tie could split them and the DDP replicas would drift apart.
+        flag = torch.tensor([int(fast)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        fast = bool(flag.item())
+    return "bf16" if fast else "fp32"
+
+
 class MuonAdamW:
     """Muon for the hidden 2-D weights, AdamW for embeddings, head, norms and biases, as one optimizer.
 
-    ``torch.optim.Muon`` orthogonalizes each matrix's momentum with a few Newton-Schulz iterations
-    and accepts only 2-D parameters. Its learning rate is adjusted per matrix shape the way
-    Moonshot's version does (``match_rms_adamw``), so the update's size matches AdamW's and both
+    :class:`Muon` orthogonalizes each matrix's momentum with a few Newton-Schulz iterations, in
+    bf16 or fp32 (:func:`muon_precision`), and accepts only 2-D parameters. Its learning rate is
+    adjusted per matrix shape the way Moonshot's version does (``match_rms_adamw``), so the update's size matches AdamW's and both
     halves follow one schedule; ``train.muon_lr_scale`` multiplies the Muon half's rate.
     ``param_groups`` lists the groups of both (so :func:`set_lr` reaches them), and the state dict
     holds both halves, so a checkpoint resumes exactly.
@@ -94,9 +181,11 @@ class MuonAdamW:
         if any(type(p).__name__ == "DTensor" for p in hidden):
             # Newton-Schulz needs each whole matrix; FSDP holds only a shard of it on each rank.
             raise ValueError("train.optimizer muon does not work with train.parallel fsdp; use ddp or adamw")
-        self.muon = torch.optim.Muon([{"name": "muon", "params": hidden, "lr_scale": cfg.muon_lr_scale}],
-                                     lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
-                                     momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+        self.setting = cfg.muon_precision
+        self.precision = muon_precision(cfg.muon_precision, device_type)
+        self.muon = Muon([{"name": "muon", "params": hidden, "lr_scale": cfg.muon_lr_scale}],
+                         _PRECISIONS[self.precision], lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
+                         momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
         groups = [{"name": "decay", "params": [p for p in other if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"name": "no_decay", "params": [p for p in other if p.dim() < 2], "weight_decay": 0.0}]
         self.adamw = _adamw([g for g in groups if g["params"]], cfg, device_type)
@@ -114,13 +203,18 @@ class MuonAdamW:
         self.adamw.zero_grad(set_to_none)
 
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict(), "muon_precision": self.precision}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"muon", "adamw"}:
+        if not {"muon", "adamw"} <= set(state) <= {"muon", "adamw", "muon_precision"}:
             raise ValueError("the saved optimizer state is not a Muon + AdamW pair")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        saved = state.get("muon_precision")  # absent in checkpoints from before the setting
+        if self.setting == "auto" and saved in _PRECISIONS:
+            # auto is decided when a run starts and kept on resume, so the resumed run continues exactly:
+            # on a near tie the measurement behind it could come out the other way in a new process.
+            self.precision, self.muon.dtype = saved, _PRECISIONS[saved]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -128,7 +128,7 @@ def read_epub_file(path: Path, base: str, compression: str, explicit: bool, stat
             texts = []
             for name in chapters:
                 data = book.read(name)
-                if binary_reason(data, final=True) == "binary":
+                if binary_reason(data) == "binary":
                     continue  # an image or font listed in the spine by mistake
                 text, _ = html_to_text(data, recall=True)
                 if text:

@@ -10,8 +10,12 @@ whole. The file readers are called by :func:`lmforge.data.sources.read_documents
                             stats=ReadStats(), strict=False):
         ...
 
-A malformed line or row is skipped and counted (``malformed_line`` / ``no_text``) or,
-with ``strict``, raises :class:`DataError` with the file and line.
+Bytes that are not UTF-8 are read as cp1252 and counted (``ReadStats.repaired_bytes``,
+``meta.repaired_bytes``; see :func:`lmforge.data.sources.decode_text`). A line that is not
+valid JSON, or whose record is not an object or has a text or meta field of the wrong
+type, is ``malformed_line``; a record or row without text (the field missing, null, or
+empty in CSV / Parquet / datasets) is ``no_text``. Either is skipped and counted or, with
+``strict``, raises :class:`DataError` with the file and line.
 """
 
 from __future__ import annotations
@@ -33,24 +37,21 @@ from lmforge.data.sources import (
     FileOptions,
     ReadStats,
     binary_reason,
+    decode_text,
     open_binary,
     problem,
     record_to_document,
+    repair_escapes,
 )
 
 PARQUET_BATCH = 1024  # rows per Parquet record batch: small enough to keep memory flat
 
 
-def _sniff(path: Path, compression: str, explicit: bool, stats: ReadStats, opts: FileOptions, what: str,
-           lines: bool = False) -> bool:
-    """True if the start of the file looks like UTF-8 text; otherwise counts or reports it.
-
-    ``lines=True``: only NUL bytes disqualify the file; bad UTF-8 is handled line by line.
-    """
+def _sniff(path: Path, compression: str, explicit: bool, stats: ReadStats, opts: FileOptions, what: str) -> bool:
+    """True if the start of the file looks like text; otherwise counts or reports it."""
     with open_binary(path, compression) as f:
-        reason = binary_reason(f.read(SNIFF_BYTES), final=False)
-    if lines and reason == "not_utf8":
-        reason = None
+        head = f.read(SNIFF_BYTES)
+    reason = binary_reason(head, decode_text(head)[1])
     if reason is None:
         return True
     if explicit:
@@ -63,22 +64,24 @@ def _sniff(path: Path, compression: str, explicit: bool, stats: ReadStats, opts:
 def read_jsonl_file(path: Path, base: str, compression: str, explicit: bool, stats: ReadStats,
                     opts: FileOptions) -> Iterator[Document]:
     """One document per JSON line ``{text, id?, source?, meta?}``; blank lines are ignored."""
-    if not _sniff(path, compression, explicit, stats, opts, "JSON lines", lines=True):
+    if not _sniff(path, compression, explicit, stats, opts, "JSON lines"):
         return
     stats.files += 1
     with open_binary(path, compression) as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                problem(stats, opts, "malformed_line", f"{path}:{lineno}: not valid UTF-8")
-                continue
+            line, repaired = decode_text(raw)
             if not line.strip():
                 continue  # blank lines (often a trailing one) carry no document
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                problem(stats, opts, "malformed_line", f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                # Some messages end in "at" ("Unterminated string starting at"): one "at column" reads right.
+                msg = e.msg.removesuffix(" at")
+                problem(stats, opts, "malformed_line", f"{path}:{lineno}: not valid JSON ({msg} at column {e.colno})")
+                continue
+            if isinstance(obj, dict) and obj.get(opts.text_field) is None:
+                problem(stats, opts, "no_text", f"{path}:{lineno}: no text: the '{opts.text_field}' field is "
+                        f"{'null' if opts.text_field in obj else 'missing'}")
                 continue
             try:
                 doc = record_to_document(obj, f"{base}:{lineno}", str(path), opts.text_field, opts.id_field)
@@ -88,6 +91,9 @@ def read_jsonl_file(path: Path, base: str, compression: str, explicit: bool, sta
             # Provenance: where the line came from, unless the record says so itself.
             doc.meta.setdefault("path", str(path))
             doc.meta.setdefault("line", lineno)
+            if repaired:
+                doc.meta["repaired_bytes"] = repaired
+                stats.repaired_bytes += repaired
             stats.documents += 1
             yield doc
 
@@ -120,10 +126,12 @@ def read_csv_file(path: Path, base: str, compression: str, explicit: bool, stats
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     delimiter = "\t" if path.name.lower().removesuffix(compression).endswith(".tsv") else ","
     with open_binary(path, compression) as f:
-        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""), delimiter=delimiter)
+        # surrogateescape keeps bytes that are not UTF-8 (as U+DC80..U+DCFF) for repair_escapes below.
+        text_stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text_stream, delimiter=delimiter)
         try:
             columns = reader.fieldnames or []
-        except (UnicodeDecodeError, csv.Error) as e:
+        except csv.Error as e:
             problem(stats, opts, "malformed_line", f"{path}:1: unreadable header ({e})")
             return
         for column in (opts.text_field, opts.id_field):
@@ -140,15 +148,14 @@ def read_csv_file(path: Path, base: str, compression: str, explicit: bool, stats
             except csv.Error as e:
                 problem(stats, opts, "malformed_line", f"{path}:{reader.line_num}: {e}")
                 continue
-            except UnicodeDecodeError:
-                # The decoder cannot resynchronise after bad bytes; the rest of the file is lost and said so.
-                problem(stats, opts, "malformed_line", f"{path}: not valid UTF-8 after line {reader.line_num}; "
-                        "the rest of the file was skipped")
-                return
             row += 1
-            doc = _row_document(record.get(opts.text_field), record.get(opts.id_field) if opts.id_field else None,
-                                base, path, row, stats, opts, f"{path}:{reader.line_num}")
+            text, repaired = repair_escapes(record.get(opts.text_field) or "")
+            row_id = repair_escapes(record.get(opts.id_field) or "")[0] if opts.id_field else None
+            doc = _row_document(text, row_id, base, path, row, stats, opts, f"{path}:{reader.line_num}")
             if doc is not None:
+                if repaired:
+                    doc.meta["repaired_bytes"] = repaired
+                    stats.repaired_bytes += repaired
                 yield doc
 
 
