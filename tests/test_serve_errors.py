@@ -80,9 +80,10 @@ def test_bad_chat_requests_are_400(server, body, param):
 def test_context_overflow_names_the_counts(server):
     error = assert_error(post(server, "/completions", {"prompt": [7] * 100, "max_tokens": 40}), 400, "max_tokens")
     assert f"maximum context length is {CONTEXT} tokens" in error["message"]
-    assert "140 tokens (100 in the prompt, 40 for the completion)" in error["message"]
+    # The begin token the server puts first counts (Tokenizer.with_bos): 100 ids sent are 101 in the model.
+    assert "141 tokens (101 in the prompt, 40 for the completion)" in error["message"]
     error = assert_error(post(server, "/completions", {"prompt": [7] * 200, "max_tokens": 1}), 400, "prompt")
-    assert "200 in the prompt" in error["message"]
+    assert "201 in the prompt" in error["message"]
     chat = {"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 5}
     assert "in the messages" in assert_error(post(server, "/chat/completions", chat), 400)["message"]
 
