@@ -95,6 +95,9 @@ class AtomicFile:
         self.tmp = temp_path(self.path)  # the file stays open until commit() or discard() closes it
         self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else encoding or "utf-8")  # noqa: SIM115
 
+    def write(self, data: Any) -> int:
+        return self.file.write(data)
+
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
