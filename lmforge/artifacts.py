@@ -42,15 +42,16 @@ from typing import IO, Any
 
 from pydantic import BaseModel
 
-from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE
+from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, ConfigError
 
 FORMAT_VERSION = 1  # the manifest layout; also hashed into every stage fingerprint
 MANIFEST = "manifest.json"
 TEMP_SUFFIX = ".tmp"
 
 
-class ArtifactError(ValueError):
-    """A stage's file that this lmforge cannot use (a manifest of a newer format); the message names it."""
+class ArtifactError(ConfigError):
+    """A run folder this lmforge cannot use (a manifest of a newer format); the message names the file.
+    A ConfigError, so the CLI prints it without a traceback: the fix is another --name or an upgrade."""
 
 
 # ------------------------------------------------------------------ atomic writes
