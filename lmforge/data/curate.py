@@ -235,7 +235,7 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
         raise DataError(f"no collected shards in {Path(in_dir) / 'shards'}; run the collect stage first")
     out, clean = Path(out_dir), cfg.clean
     files = eval_files(cfg) if clean.enabled else []
-    key = artifacts.fingerprint(cfg, "clean", resume=True, v=WORK_VERSION, **{"in": collect_fp},
+    key = artifacts.fingerprint(cfg, "clean", resume=True, v=WORK_VERSION, collected=collect_fp,
                                 eval=artifacts.file_signature(files))
     work = out / "work"
     if not (work / "key").is_file() or (work / "key").read_text() != key:

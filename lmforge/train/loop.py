@@ -43,6 +43,7 @@ from lmforge.trained import tokenizer_digest
 if TYPE_CHECKING:
     from lmforge.finetune.setup import FinetuneSetup
 
+
 def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
     """Hash of everything that shapes the trajectory of the weights: config and training data.
 
