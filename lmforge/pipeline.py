@@ -125,9 +125,11 @@ def _finetune(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
 
 
 def _finetune_data(cfg: RunConfig) -> dict:
+    """The fine-tuning sets, by content: the embedded ones may be reinstalled with a new mtime."""
     from lmforge.finetune.setup import data_files
 
-    return {"data": artifacts.content_digest([*data_files(cfg.finetune)[0], *data_files(cfg.finetune)[1]])}
+    train, val = data_files(cfg.finetune)
+    return {"data": artifacts.content_digest([*train, *val])}
 
 
 def _collect_inputs(cfg: RunConfig) -> dict:
@@ -137,6 +139,7 @@ def _collect_inputs(cfg: RunConfig) -> dict:
 
 
 def _docs_inputs(cfg: RunConfig) -> dict:
+    """data.train and data.val: a changed file re-runs the stage (data.val is read here, not collected)."""
     return {"inputs": artifacts.file_signature([*cfg.data.train, *cfg.data.val])}
 
 
@@ -161,7 +164,7 @@ ORDER = list(STAGES)
 
 def _fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str]) -> str:
     return artifacts.digest({"v": artifacts.FORMAT_VERSION, "stage": stage.name, "keys": stage.keys(cfg),
-                   "up": [fps[u] for u in stage.upstream]})
+                             "up": [fps[u] for u in stage.upstream]})
 
 
 def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
