@@ -30,6 +30,7 @@ This module imports nothing from lmforge but the config, so every package may us
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -93,24 +94,26 @@ class AtomicFile:
     def __init__(self, path: Path | str, mode: str = "wb", encoding: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_path(self.path)  # the file stays open until commit() or discard() closes it
-        self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else encoding or "utf-8")  # noqa: SIM115
+        self.tmp = temp_path(self.path)
+        encoding = None if "b" in mode else encoding or "utf-8"
+        self.file: IO[Any] = open(self.tmp, mode, encoding=encoding)  # noqa: SIM115 - closed by commit or discard
 
     def write(self, data: Any) -> int:
         return self.file.write(data)
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
             _publish(self.tmp, self.path)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
+        except BaseException:  # a full disk, a folder in the way: the old file stays, the temporary goes
+            self.discard()
             raise
 
     def discard(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # closing flushes, and the flush may be what failed
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> IO[Any]:
