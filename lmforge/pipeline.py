@@ -3,10 +3,12 @@
     collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> finetune -> sample -> report
 
 Each stage reads folders and writes its own folder under ``runs/<name>/`` with a
-``manifest.json``: the config that shaped it, the fingerprints of its inputs,
-its output statistics and its timing. A stage whose manifest matches the
-current config and inputs is skipped, so a rerun (or a run that was killed)
-picks up where it stopped; training itself resumes from its newest checkpoint.
+``manifest.json`` (:mod:`lmforge.artifacts`): the config that shaped it, the
+fingerprints of its inputs, its output statistics and its timing. A stage whose
+manifest matches the current config and inputs is skipped, so a rerun (or a run
+that was killed) picks up where it stopped; training itself resumes from its
+newest checkpoint. Which config fields count for which stage is declared on the
+fields themselves (``reuse`` marks in :mod:`lmforge.config`), not here.
 
     from lmforge.pipeline import run
     summary = run(load_config("configs/demo.yaml"))
@@ -14,28 +16,38 @@ picks up where it stopped; training itself resumes from its newest checkpoint.
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge import artifacts
 from lmforge.config import RunConfig, save_config
 
-FORMAT_VERSION = 1
+
+def _no_inputs(cfg: RunConfig) -> dict:
+    return {}
+
+
+def _always(cfg: RunConfig) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    keys: Callable[[RunConfig], dict]  # the config that shapes this stage's output
     upstream: tuple[str, ...]
     fn: Callable[[RunConfig, Path, dict], dict]  # (cfg, run_dir, upstream outputs) -> outputs
     clean: bool = True  # remove the previous outputs before running (train keeps its checkpoints)
+    inputs: Callable[[RunConfig], dict] = _no_inputs  # signatures of the files it reads besides its upstream
+    enabled: Callable[[RunConfig], bool] = _always  # a stage switched off by its config only records that
+
+    def keys(self, cfg: RunConfig) -> dict:
+        """What shapes this stage's output: the config fields marked for it, and its input files."""
+        if not self.enabled(cfg):
+            return {"enabled": False}
+        return {**artifacts.reuse_key(cfg, self.name), **self.inputs(cfg)}
 
 
 # ------------------------------------------------------------------ stage bodies
@@ -51,10 +63,10 @@ def _clean(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
     return curate.main(cfg, run_dir / "collect", run_dir / "clean", up["collect"], up["_fp"]["collect"])
 
 
-def _clean_keys(cfg: RunConfig) -> dict:
-    from lmforge.data.curate import eval_files, file_signature
+def _eval_texts(cfg: RunConfig) -> dict:
+    from lmforge.data.curate import eval_files
 
-    return {"clean": cfg.clean.model_dump(), "eval": file_signature(eval_files(cfg))}
+    return {"eval": artifacts.file_signature(eval_files(cfg))}  # decontamination reads them
 
 
 def _docs(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
@@ -112,87 +124,47 @@ def _finetune(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
     return finetune.main(cfg, run_dir, base_val=None if cfg.finetune.init else up["eval"]["val"])
 
 
-def _finetune_keys(cfg: RunConfig) -> dict:
-    from lmforge.finetune.setup import data_files, file_digest
+def _finetune_data(cfg: RunConfig) -> dict:
+    """The fine-tuning sets, by content: the embedded ones may be reinstalled with a new mtime."""
+    from lmforge.finetune.setup import data_files
 
-    if not cfg.finetune.enabled:
-        return {"enabled": False}
-    ft = cfg.finetune
-    return {"finetune": ft.model_dump(), "data": file_digest([*data_files(ft)[0], *data_files(ft)[1]]),
-            "train": cfg.train.model_dump(include={"device", "weight_decay", "grad_clip", "beta1", "beta2", "eps"}),
-            "eval": cfg.eval.model_dump(include={"stride", "max_tokens", "batch_size"}), "seed": cfg.seed}
+    train, val = data_files(cfg.finetune)
+    return {"data": artifacts.content_digest([*train, *val])}
 
 
-def _train_keys(cfg: RunConfig) -> dict:
-    from lmforge.train.loop import RESUMABLE_CHANGES
+def _collect_inputs(cfg: RunConfig) -> dict:
+    """The files the collect stage reads: data.train and the local collect.sources (a change re-runs all)."""
+    local = (p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file) if p)
+    return {"inputs": artifacts.file_signature([*cfg.data.train, *local])}
 
-    train = {k: v for k, v in cfg.train.model_dump().items()
-             if k not in RESUMABLE_CHANGES or k in ("steps", "max_seconds")}
-    return {"model": cfg.model.model_dump(), "train": train, "seed": cfg.seed}
+
+def _docs_inputs(cfg: RunConfig) -> dict:
+    """data.train and data.val: a changed file re-runs the stage (data.val is read here, not collected)."""
+    return {"inputs": artifacts.file_signature([*cfg.data.train, *cfg.data.val])}
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("collect", lambda c: {"collect": c.collect.model_dump(), "train": c.data.train,
-                                "inputs": _input_signature(c, collect=True)}, (), _collect),
+    Stage("collect", (), _collect, inputs=_collect_inputs),
     # clean=False: the clean stage keeps finished shards of an interrupted run and wipes its folder itself.
-    Stage("clean", _clean_keys, ("collect",), _clean, clean=False),
-    Stage("docs", lambda c: {"data": c.data.model_dump(), "seed": c.seed, "inputs": _input_signature(c)}, ("clean",),
-          _docs),
-    Stage("tokenizer", lambda c: {"tokenizer": c.tokenizer.model_dump()}, ("docs",), _tokenizer),
-    Stage("pack", lambda c: {"context": c.model.context, "shard_tokens": c.data.shard_tokens}, ("docs", "tokenizer"), _pack),
-    Stage("train", _train_keys, ("pack",), _train, clean=False),
-    Stage("eval", lambda c: {"eval": c.eval.model_dump(exclude={"text"})}, ("pack", "train"), _eval),
+    Stage("clean", ("collect",), _clean, clean=False, inputs=_eval_texts),
+    Stage("docs", ("clean",), _docs, inputs=_docs_inputs),
+    Stage("tokenizer", ("docs",), _tokenizer),
+    Stage("pack", ("docs", "tokenizer"), _pack),
+    Stage("train", ("pack",), _train, clean=False),
+    Stage("eval", ("pack", "train"), _eval),
     # clean=False: an interrupted fine-tuning run resumes from its checkpoints, like train.
-    Stage("finetune", _finetune_keys, ("pack", "train", "eval"), _finetune, clean=False),
-    Stage("sample", lambda c: {"sample": c.sample.model_dump()}, ("train",), _sample),
-    Stage("report", lambda c: {"always": time.time()}, ("docs", "tokenizer", "pack", "train", "eval", "finetune", "sample"),
-          _report),
+    Stage("finetune", ("pack", "train", "eval"), _finetune, clean=False, inputs=_finetune_data,
+          enabled=lambda c: c.finetune.enabled),
+    Stage("sample", ("train",), _sample),
+    Stage("report", ("docs", "tokenizer", "pack", "train", "eval", "finetune", "sample"), _report,
+          inputs=lambda c: {"always": time.time()}),
 ]}
 ORDER = list(STAGES)
 
 
-def _input_signature(cfg: RunConfig, collect: bool = False) -> list:
-    """Name, size and mtime of every input file: a changed file re-runs the pipeline from the start.
-
-    ``collect=True``: the files the collect stage reads (data.train and the local collect.sources).
-    """
-    names = [*cfg.data.train, *cfg.data.val]
-    if collect:
-        names = [*cfg.data.train, *(p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file) if p)]
-    sig = []
-    for p in names:
-        for path in [Path(g) for g in sorted(glob.glob(p))] if glob.has_magic(p) else [Path(p)]:
-            files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-            sig += _file_stats(files)
-    return sig
-
-
-def _file_stats(files: list[Path]) -> list:
-    sig = []
-    for f in files:
-        st = f.stat() if f.exists() else None
-        sig.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return sig
-
-
 def _fingerprint(stage: Stage, cfg: RunConfig, fps: dict[str, str]) -> str:
-    blob = json.dumps({"v": FORMAT_VERSION, "stage": stage.name, "keys": stage.keys(cfg),
-                       "up": [fps[u] for u in stage.upstream]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".manifest.json.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, folder / "manifest.json")  # atomic: a reader never sees half a manifest
+    return artifacts.digest({"v": artifacts.FORMAT_VERSION, "stage": stage.name, "keys": stage.keys(cfg),
+                             "up": [fps[u] for u in stage.upstream]})
 
 
 def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
@@ -220,21 +192,20 @@ def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
         if world > 1 and name == "train":
             barrier()  # rank 0's data is ready; the other ranks take its stages' outputs from their manifests
             for done in ORDER[: ORDER.index(name)] if rank else ():
-                manifest = read_manifest(run_dir / done) or {}
+                manifest = artifacts.read_manifest(run_dir / done) or {}
                 outputs[done], outputs["_fp"][done] = manifest.get("outputs"), manifest.get("fingerprint")
         elif rank > 0:
             if "train" in outputs:  # the other ranks only train
                 break
             continue
         fp = _fingerprint(stage, cfg, outputs["_fp"])
-        manifest = read_manifest(folder)
+        manifest = artifacts.read_manifest(folder)
         if manifest and manifest.get("fingerprint") == fp and name not in force:
             print(f"[{name}] up to date, skipped (runs/{cfg.name}/{name}/manifest.json)")
             outputs[name], outputs["_seconds"][name] = manifest["outputs"], manifest["seconds"]
             outputs["_fp"][name] = fp
             continue
-        for tmp in folder.glob(".manifest.json.*"):  # a manifest cut short by a kill: never read, only removed
-            tmp.unlink()
+        artifacts.remove_temp(folder)  # a manifest cut short by a kill: never read, only removed
         if stage.clean and folder.exists():
             why = "the partial output of an interrupted run" if manifest is None else "its outdated output"
             print(f"[{name}] removing {why} ({folder})")
@@ -248,11 +219,8 @@ def run(cfg: RunConfig, until: str = "report", force: tuple[str, ...] = (),
             outputs["_stopped"] = name
             return outputs
         if rank == 0:
-            write_manifest(folder, {
-                "stage": name, "format": FORMAT_VERSION, "fingerprint": fp, "config": stage.keys(cfg),
-                "inputs": {u: outputs["_fp"][u] for u in stage.upstream}, "outputs": result,
-                "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            upstream = {u: outputs["_fp"][u] for u in stage.upstream}
+            artifacts.write_manifest(folder, name, fp, stage.keys(cfg), upstream, result, seconds)
         outputs[name], outputs["_fp"][name], outputs["_seconds"][name] = result, fp, seconds
         print(f"[{name}] done in {seconds:.1f}s")
     return outputs

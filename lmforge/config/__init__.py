@@ -10,7 +10,11 @@ defaults, a YAML recipe (``--config configs/demo.yaml``) and
 
 Every field carries a description: it is the ``--help`` text and the comment
 written beside the resolved ``config.yaml`` of each run. Unknown keys and values
-out of range raise :class:`ConfigError` naming the key.
+out of range raise :class:`ConfigError` naming the key. A field's ``reuse`` mark
+(``json_schema_extra=reuse(train=RESUMABLE)``, :func:`lmforge.config.base.reuse`)
+says what changing it does to each pipeline stage's result: invalidates it, is
+resumable, or is irrelevant; a field without one takes its section's mark, and
+:mod:`lmforge.artifacts` reads them to decide whether a stage can be skipped.
 
 - ``base``: ConfigError and the Section base class
 - ``sections``: the spine's sections and those of the sweep, compare, serve and export verbs

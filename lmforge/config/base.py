@@ -23,3 +23,20 @@ class Section(BaseModel):
                 if field.annotation == list[str] and isinstance(data.get(name), str):
                     data = {**data, name: [data[name]]}
         return data
+
+
+# What changing a field does to a stage's result, declared on the field (``json_schema_extra=reuse(...)``)
+# and read by :func:`lmforge.artifacts.fingerprint`; a field without a mark for a stage takes its section's.
+INVALIDATES = "invalidates"  # the result, and any partial result (checkpoints), is outdated: start over
+RESUMABLE = "resumable"  # the stage runs again, continuing from its checkpoints (train.steps: train on)
+IRRELEVANT = "irrelevant"  # the result stays valid (how progress is shown, which device runs it)
+REUSE_MARKS = (INVALIDATES, RESUMABLE, IRRELEVANT)
+
+
+def reuse(top: tuple[str, ...] = (), **stages: str) -> dict[str, Any]:
+    """Field metadata: ``reuse(train=RESUMABLE)``; ``top`` names the stages whose fingerprint keys this
+    field by its own name instead of under its section (the layout of fingerprints already on disk)."""
+    bad = {s: m for s, m in stages.items() if m not in REUSE_MARKS}
+    if bad:
+        raise ValueError(f"reuse marks must be one of {REUSE_MARKS}, got {bad}")
+    return {"reuse": stages, **({"reuse_top": list(top)} if top else {})}

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config.base import Section
+from lmforge.config.base import RESUMABLE, Section, reuse
 
 
 class LoraConfig(Section):
@@ -28,7 +28,7 @@ class LoraConfig(Section):
 class FinetuneConfig(Section):
     enabled: bool = Field(False, description=(
         "lmforge run: fine-tune after pre-training and evaluation (the finetune stage); `lmforge finetune` "
-        "always runs"))
+        "always runs"), json_schema_extra=reuse(finetune=RESUMABLE))
     init: str | None = Field(None, description=(
         "pretrained model to start from (--init PATH): a lmforge run folder, checkpoint or export, or a local "
         "Hugging Face folder; None = this run's own pre-trained model"))
@@ -43,7 +43,8 @@ class FinetuneConfig(Section):
         "validation data in the same format; empty = hold out finetune.val_fraction of the training items "
         "(chat: conversations, text: documents) chosen with the seed"))
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share held out for validation when finetune.val is empty")
-    steps: int = Field(200, ge=1, description="optimizer steps of fine-tuning")
+    steps: int = Field(200, ge=1, description="optimizer steps of fine-tuning",
+                       json_schema_extra=reuse(finetune=RESUMABLE))
     lr: float = Field(3e-4, gt=0, description="peak learning rate (lower than pre-training's: the weights are already good)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final learning rate as a fraction of finetune.lr")
     schedule: Literal["cosine", "wsd", "constant", "linear"] = Field("cosine", description=(
@@ -51,12 +52,17 @@ class FinetuneConfig(Section):
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
     batch_size: int = Field(8, ge=1, description="sequences (conversations or text windows) per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    eval_every: int = Field(50, ge=0, description="estimate validation loss every N steps (0 = only at the end)")
-    eval_batches: int = Field(8, ge=1, description="micro-batches per validation estimate")
-    ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    eval_every: int = Field(50, ge=0, description="estimate validation loss every N steps (0 = only at the end)",
+                            json_schema_extra=reuse(finetune=RESUMABLE))
+    eval_batches: int = Field(8, ge=1, description="micro-batches per validation estimate",
+                              json_schema_extra=reuse(finetune=RESUMABLE))
+    ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (0 = only at the end)",
+                            json_schema_extra=reuse(finetune=RESUMABLE))
     stop_at: int | None = Field(None, ge=1, description=(
-        "end this invocation after this step with a checkpoint, as if interrupted; a later run resumes"))
-    max_seconds: float | None = Field(None, gt=0, description="stop after this much fine-tuning time (None = no limit)")
+        "end this invocation after this step with a checkpoint, as if interrupted; a later run resumes"),
+        json_schema_extra=reuse(finetune=RESUMABLE))
+    max_seconds: float | None = Field(None, gt=0, description="stop after this much fine-tuning time (None = no limit)",
+                                      json_schema_extra=reuse(finetune=RESUMABLE))
     max_length: int | None = Field(None, ge=2, description=(
         "longest training sequence in tokens; None = the model's context. Longer conversations lose whole "
         "turns from the end; text is cut into windows of this length"))
@@ -72,7 +78,8 @@ class FinetuneConfig(Section):
         "its file and line ('stop'), or is skipped and counted in the stage's report ('skip')"))
     heldout_task: str | None = Field(None, description=(
         "chat multiple-choice task (JSONL of {messages, choices, label}) scored before and after "
-        "fine-tuning; None = the embedded set's held-out task when finetune.data is empty"))
+        "fine-tuning; None = the embedded set's held-out task when finetune.data is empty"),
+        json_schema_extra=reuse(finetune=RESUMABLE))
     lora: LoraConfig = Field(default_factory=LoraConfig, description="low-rank adapters (LoRA)")
 
     @model_validator(mode="after")

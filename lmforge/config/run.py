@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from lmforge.config.base import ConfigError, Section
+from lmforge.config.base import INVALIDATES, ConfigError, Section, reuse
 from lmforge.config.cleaning import CleanConfig, CollectConfig
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.sections import (
@@ -33,19 +33,29 @@ from lmforge.config.sections import (
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name: outputs go to runs_dir/name")
     runs_dir: str = Field("runs", description="folder holding all runs")
-    seed: int = Field(1337, description="global seed: data split, init, batch order, dropout")
-    data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from")
+    seed: int = Field(1337, description="global seed: data split, init, batch order, dropout",
+                      json_schema_extra=reuse(docs=INVALIDATES, train=INVALIDATES, finetune=INVALIDATES))
+    data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from",
+                              json_schema_extra=reuse(docs=INVALIDATES))
     collect: CollectConfig = Field(default_factory=CollectConfig, description=(
-        "collect stage: read files, datasets, databases and web pages into document shards"))
+        "collect stage: read files, datasets, databases and web pages into document shards"),
+        json_schema_extra=reuse(collect=INVALIDATES))
     clean: CleanConfig = Field(default_factory=CleanConfig, description=(
-        "clean stage: repair, filter, scrub, deduplicate and decontaminate the collected documents"))
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="tokenizer training")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="architecture and size")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="pre-training")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on held-out text")
+        "clean stage: repair, filter, scrub, deduplicate and decontaminate the collected documents"),
+        json_schema_extra=reuse(clean=INVALIDATES))
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="tokenizer training",
+                                        json_schema_extra=reuse(tokenizer=INVALIDATES))
+    model: ModelConfig = Field(default_factory=ModelConfig, description="architecture and size",
+                                json_schema_extra=reuse(train=INVALIDATES))
+    train: TrainConfig = Field(default_factory=TrainConfig, description="pre-training",
+                                json_schema_extra=reuse(train=INVALIDATES))
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on held-out text",
+                              json_schema_extra=reuse(eval=INVALIDATES))
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(
-        "fine-tuning a pretrained model on text or conversations (lmforge finetune; the finetune stage)"))
-    sample: SampleConfig = Field(default_factory=SampleConfig, description="text generation")
+        "fine-tuning a pretrained model on text or conversations (lmforge finetune; the finetune stage)"),
+        json_schema_extra=reuse(finetune=INVALIDATES))
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="text generation",
+                                  json_schema_extra=reuse(sample=INVALIDATES))
     compare: CompareConfig = Field(default_factory=CompareConfig, description="architecture bake-off (compare-archs)")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="hyperparameter search (lmforge sweep)")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible server (lmforge serve)")

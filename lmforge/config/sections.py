@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config.base import Section
+from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
 
 # --------------------------------------------------------------------------- data
@@ -15,7 +15,7 @@ class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description=(
         "training text: files, folders or globs (.txt .md .html .epub .jsonl .csv .parquet, optionally "
         ".gz/.xz/.bz2/.zst), read by the collect stage with collect.sources; both empty = the embedded "
-        "Shakespeare corpus"))
+        "Shakespeare corpus"), json_schema_extra=reuse(top=("collect",), collect=INVALIDATES))
     val: list[str] = Field(default_factory=list, description=(
         "validation text given explicitly (same formats); empty = hold out documents of the training text"))
     split: Literal["docs", "tail"] = Field("docs", description=(
@@ -26,7 +26,8 @@ class DataConfig(Section):
     val_docs: list[str] = Field(default_factory=list, description=(
         "document ids to hold out (e.g. [hamlet, sonnets]); overrides val_fraction for split=docs"))
     shard_tokens: int = Field(100_000_000, ge=1024, description=(
-        "tokens per packed shard file; a shard closes at the first document boundary past it"))
+        "tokens per packed shard file; a shard closes at the first document boundary past it"),
+        json_schema_extra=reuse(top=("pack",), pack=INVALIDATES))
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -83,7 +84,8 @@ class CNNConfig(Section):
 class ModelConfig(Section):
     arch: Literal["transformer", "lstm", "gru", "cnn"] = Field("transformer", description=(
         "architecture from the model registry"))
-    context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)")
+    context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)",
+                         json_schema_extra=reuse(top=("pack",), pack=INVALIDATES))
     d_model: int = Field(192, ge=8, description="embedding / residual width (replaced when model.param_budget is set)")
     param_budget: int | None = Field(None, ge=1, description=(
         "size the model by its parameter count instead: d_model (and the RNN width) becomes the multiple of 8 "
@@ -125,34 +127,39 @@ class ModelConfig(Section):
 
 # -------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1, description="optimizer steps")
+    steps: int = Field(1000, ge=1, description="optimizer steps", json_schema_extra=reuse(train=RESUMABLE))
     max_seconds: float | None = Field(None, gt=0, description=(
-        "stop after this much training time even if steps remain (None = no time limit)"))
+        "stop after this much training time even if steps remain (None = no time limit)"),
+        json_schema_extra=reuse(train=RESUMABLE))
     stop_at: int | None = Field(None, ge=1, description=(
         "end this invocation after this step with a checkpoint, as if interrupted; the LR schedule still "
-        "spans train.steps, and a later run resumes from there"))
+        "spans train.steps, and a later run resumes from there"), json_schema_extra=reuse(train=IRRELEVANT))
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches accumulated per optimizer step; the global batch is batch_size * grad_accum sequences "
         "whatever the number of ranks (docs/scale.md)"))
     micro_batch: int | None = Field(None, ge=1, description=(
         "sequences per forward pass on each rank under torchrun; None = the largest divisor of the rank's share "
-        "(batch_size * grad_accum / ranks) not above batch_size; the accumulation steps follow"))
+        "(batch_size * grad_accum / ranks) not above batch_size; the accumulation steps follow"),
+        json_schema_extra=reuse(train=IRRELEVANT))
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "under torchrun: 'ddp' = a full model copy per rank (DistributedDataParallel), 'fsdp' = parameters, "
-        "gradients and optimizer state sharded across ranks (FSDP2), for models too big for one device"))
+        "gradients and optimizer state sharded across ranks (FSDP2), for models too big for one device"),
+        json_schema_extra=reuse(train=IRRELEVANT))
     dist_timeout: float = Field(1800.0, gt=0, description=(
-        "seconds a rank waits for the others (rendezvous, barriers, collectives) before failing"))
+        "seconds a rank waits for the others (rendezvous, barriers, collectives) before failing"),
+        json_schema_extra=reuse(train=IRRELEVANT))
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final learning rate as a fraction of lr")
     schedule: Literal["cosine", "wsd", "constant", "linear"] = Field("cosine", description=(
         "after warmup: cosine decay, warmup-stable-decay, constant, or linear decay"))
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying at the end")
-    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only; not norms, biases)")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1")
-    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only; not norms, biases)",
+                                json_schema_extra=reuse(finetune=INVALIDATES))
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1", json_schema_extra=reuse(finetune=INVALIDATES))
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2", json_schema_extra=reuse(finetune=INVALIDATES))
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon", json_schema_extra=reuse(finetune=INVALIDATES))
     optimizer: Literal["adamw", "muon"] = Field("adamw", description=(
         "adamw for every parameter, or muon: Muon for the hidden 2-D weights and AdamW for embeddings, "
         "head, norms and biases"))
@@ -163,48 +170,65 @@ class TrainConfig(Section):
         "muon: dtype of the Newton-Schulz orthogonalisation; auto = bf16 where bf16 matrix products are fast "
         "(GPUs with native bf16; CPUs with bf16 instructions, measured once per process), fp32 elsewhere (bf16 "
         "is ~100x slower on CPUs without them); a resumed run keeps the precision it started with"))
-    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
-    eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)")
-    eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate")
-    log_every: int = Field(10, ge=1, description="write a metrics line every N steps")
-    ckpt_every: int = Field(250, ge=0, description="checkpoint every N steps (0 = only at the end)")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk (older ones are deleted)")
-    resume: bool = Field(True, description="continue from the newest valid checkpoint of the run if one exists")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)",
+                             json_schema_extra=reuse(finetune=INVALIDATES))
+    eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)",
+                            json_schema_extra=reuse(train=IRRELEVANT))
+    eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate",
+                              json_schema_extra=reuse(train=IRRELEVANT))
+    log_every: int = Field(10, ge=1, description="write a metrics line every N steps",
+                           json_schema_extra=reuse(train=IRRELEVANT))
+    ckpt_every: int = Field(250, ge=0, description="checkpoint every N steps (0 = only at the end)",
+                            json_schema_extra=reuse(train=IRRELEVANT))
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk (older ones are deleted)",
+                           json_schema_extra=reuse(train=IRRELEVANT))
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the run if one exists",
+                         json_schema_extra=reuse(train=IRRELEVANT))
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'",
+                        json_schema_extra=reuse(train=IRRELEVANT, finetune=INVALIDATES))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "autocast dtype; auto = bfloat16 on GPUs with native bf16, float32 elsewhere (on CPUs without bf16 "
         "instructions bf16 is ~100x slower)"))
     compile: bool | None = Field(None, description=(
         "torch.compile the model: about 1.25x the tokens/s of eager on a 2-core CPU once compiled, after a "
         "compile of about 80 s (pays off for runs of more than a few minutes; always on GPUs); "
-        "None = on for CUDA, off elsewhere"))
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
-    tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)")
-    progress: bool = Field(True, description="show a progress bar")
+        "None = on for CUDA, off elsewhere"), json_schema_extra=reuse(train=IRRELEVANT))
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)",
+                         json_schema_extra=reuse(train=IRRELEVANT))
+    tensorboard: bool = Field(True, description="also write TensorBoard events (needs the tensorboard package)",
+                              json_schema_extra=reuse(train=IRRELEVANT))
+    progress: bool = Field(True, description="show a progress bar", json_schema_extra=reuse(train=IRRELEVANT))
     early_stop_patience: int = Field(0, ge=0, description=(
         "stop when the validation loss has not improved by more than early_stop_min_delta for this many "
         "evaluations in a row (0 = never stop early)"))
     early_stop_min_delta: float = Field(0.0, ge=0.0, description=(
         "smallest drop of the validation loss (nats/token) that counts as an improvement for early stopping"))
-    tasks_every: int = Field(0, ge=0, description="also run the eval.tasks every N steps during training (0 = never)")
+    tasks_every: int = Field(0, ge=0, description="also run the eval.tasks every N steps during training (0 = never)",
+                             json_schema_extra=reuse(train=IRRELEVANT))
     max_bad_steps: int = Field(5, ge=1, description=(
         "a step whose loss or gradient norm is NaN/inf (or spikes, see spike_factor) is skipped without an "
-        "update; stop the run after this many in a row (docs/reliability.md)"))
+        "update; stop the run after this many in a row (docs/reliability.md)"),
+        json_schema_extra=reuse(train=IRRELEVANT))
     spike_factor: float | None = Field(None, gt=1.0, description=(
         "also skip a step whose loss exceeds this multiple of the running mean loss (None = off)"))
     on_save_error: Literal["stop", "continue"] = Field("stop", description=(
         "when a checkpoint cannot be written (disk full, read-only folder): 'stop' the run, or 'continue' "
-        "without that checkpoint, warning each time (the last step's checkpoint must always be written)"))
+        "without that checkpoint, warning each time (the last step's checkpoint must always be written)"),
+        json_schema_extra=reuse(train=IRRELEVANT))
 
 
 # --------------------------------------------------------------------------- eval
 class EvalConfig(Section):
     text: list[str] = Field(default_factory=list, description=(
-        "files or folders to evaluate with `lmforge eval` (empty = the run's validation text)"))
+        "files or folders to evaluate with `lmforge eval` (empty = the run's validation text)"),
+        json_schema_extra=reuse(eval=IRRELEVANT))
     stride: int | None = Field(None, ge=1, description=(
-        "sliding-window stride in tokens; None = context (non-overlapping windows); smaller = more context per token"))
-    batch_size: int = Field(16, ge=1, description="windows per forward pass")
-    max_tokens: int | None = Field(None, ge=1, description="evaluate at most this many tokens (None = all)")
+        "sliding-window stride in tokens; None = context (non-overlapping windows); smaller = more context per token"),
+        json_schema_extra=reuse(finetune=INVALIDATES))
+    batch_size: int = Field(16, ge=1, description="windows per forward pass",
+                            json_schema_extra=reuse(finetune=INVALIDATES))
+    max_tokens: int | None = Field(None, ge=1, description="evaluate at most this many tokens (None = all)",
+                                   json_schema_extra=reuse(finetune=INVALIDATES))
     tasks: list[str] = Field(default_factory=list, description=(
         "evaluation tasks the eval stage runs: names of shipped tasks (speaker, minimal_pairs, cloze) "
         "or task files (.yaml spec or .jsonl items); see lmforge/eval/tasks.py"))

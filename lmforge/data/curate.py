@@ -26,7 +26,6 @@ input starts over. Every document is accounted for: in = kept + dropped[reason].
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge import artifacts
 from lmforge.config import CleanConfig, RunConfig
 from lmforge.data.clean import Drop, build_steps
 from lmforge.data.dedup import DuplicateFinder, contaminated, eval_ngrams, fingerprint
@@ -72,12 +72,6 @@ def step_order(cfg: CleanConfig, decontaminate: bool) -> list[str]:
     """Names of the steps a document passes through, in order (the ledger's chain)."""
     names = [name for name, _ in build_steps(cfg)] if cfg.enabled else []
     return names + (["decontaminate"] if decontaminate else []) + (["dedup"] if _dedup_on(cfg) else [])
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _rejects(path: Path) -> RejectWriter:
@@ -131,11 +125,10 @@ def clean_shard(shard: Path) -> dict:
     if _dedup_on(cfg):
         arrays = {"keys": np.stack(keys) if keys else np.zeros((0, 16), np.uint8),
                   "sigs": np.stack(sigs) if sigs else np.zeros((0, 0), np.uint32)}
-        with open(work / "a" / f"{stem}.npz.tmp", "wb") as f:
+        with artifacts.AtomicFile(work / "a" / f"{stem}.npz") as f:
             np.savez(f, **arrays)
-        os.replace(work / "a" / f"{stem}.npz.tmp", work / "a" / f"{stem}.npz")
     summary = {"ledger": ledger.to_dict(), "ids": ids}
-    _atomic_json(work / "a" / f"{stem}.json", summary)  # the done-marker, written last
+    artifacts.write_json(work / "a" / f"{stem}.json", summary, indent=None)  # the done-marker, written last
     return summary
 
 
@@ -178,7 +171,7 @@ def finish_shard(stem: str, duplicates: dict[int, tuple[str, str]]) -> dict:
     writer.close()
     rejects.close()
     summary = {"ledger": ledger.to_dict()}
-    _atomic_json(work / "c" / f"{stem}.json", summary)
+    artifacts.write_json(work / "c" / f"{stem}.json", summary, indent=None)
     return summary
 
 
@@ -233,17 +226,6 @@ def eval_files(cfg: RunConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.clean.dedup.decontaminate, *cfg.data.val, *cfg.eval.text]))
 
 
-def file_signature(files: list[str]) -> list:
-    """Path, size and mtime of every file named or below a named folder: a change re-runs the stage."""
-    sig = []
-    for raw in files:
-        path = Path(raw)
-        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            st = f.stat() if f.exists() else None
-            sig.append([str(f), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return sig
-
-
 def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp: str) -> dict:
     """Clean the shards of ``in_dir`` (the collect stage's folder) into ``out_dir``; return the counts."""
     from lmforge.report.data_card import write_data_card
@@ -253,17 +235,16 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
         raise DataError(f"no collected shards in {Path(in_dir) / 'shards'}; run the collect stage first")
     out, clean = Path(out_dir), cfg.clean
     files = eval_files(cfg) if clean.enabled else []
-    key = hashlib.sha256(json.dumps({"v": WORK_VERSION, "clean": clean.model_dump(), "in": collect_fp,
-                                     "eval": file_signature(files)}, sort_keys=True, default=str).encode()).hexdigest()
+    key = artifacts.fingerprint(cfg, "clean", resume=True, v=WORK_VERSION, collected=collect_fp,
+                                eval=artifacts.file_signature(files))
     work = out / "work"
     if not (work / "key").is_file() or (work / "key").read_text() != key:
         shutil.rmtree(out, ignore_errors=True)  # a different config or input: start over
     for sub in (work / "a", work / "c", out / "rejects", out / "docs"):
         sub.mkdir(parents=True, exist_ok=True)
-    (work / "key").write_text(key)
-    partial = sorted(p for sub in (work / "a", work / "c", out / "rejects", out / "docs") for p in sub.glob("*.tmp"))
-    for p in partial:  # files of a shard whose pass a kill interrupted; the pass runs again from its start
-        p.unlink()
+    artifacts.write_text(work / "key", key)
+    # Files of a shard whose pass a kill interrupted; the pass runs again from its start.
+    partial = [p for sub in (work / "a", work / "c", out / "rejects", out / "docs") for p in artifacts.remove_temp(sub)]
     if partial:
         print(f"[clean] removed {len(partial)} half-written file(s) of an interrupted run: "
               f"{', '.join(p.name for p in partial)}")

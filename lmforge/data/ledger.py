@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.artifacts import AtomicFile
 from lmforge.data.sources import Document
 
 EXAMPLES_PER_REASON = 3
@@ -176,8 +176,7 @@ class RejectWriter:
 
     def __init__(self, path: Path | None, max_chars: int = 0) -> None:
         self.path, self.max_chars = path, max_chars
-        self.tmp = path.with_name(path.name + ".tmp") if path else None
-        self.file = open(self.tmp, "w", encoding="utf-8") if self.tmp else None  # noqa: SIM115 - closed in close()
+        self.file = AtomicFile(path, "w") if path else None
 
     def write(self, doc: Document, step: str, reason: str, detail: str) -> None:
         if self.file is None:
@@ -189,5 +188,4 @@ class RejectWriter:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            os.replace(self.tmp, self.path)
+            self.file.commit()

@@ -29,18 +29,17 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from tqdm import tqdm
 
+from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
 from lmforge.data.sources import DataError, stage_texts
 from lmforge.data.tokenizer import Tokenizer
@@ -135,8 +134,7 @@ class ShardWriter:
         self.out_dir, self.split, self.vocab_size, self.shard_tokens = out_dir, split, vocab_size, shard_tokens
         self.dtype = np.dtype(DTYPES[dtype_code(vocab_size)])
         self.paths: list[Path] = []
-        self._file: IO[bytes] | None = None
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None
         self._tokens = 0
         self._offsets = array("q", [0])
 
@@ -153,27 +151,21 @@ class ShardWriter:
 
     def _open(self) -> None:
         path = self.out_dir / f"{self.split}_{len(self.paths):03d}.bin"
-        self._tmp = path.with_name(path.name + ".tmp")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close_shard
+        self._file = AtomicFile(path, "wb")
         self._file.write(pack_header(0, 0, self.vocab_size))  # rewritten with the counts at close
         self._tokens = 0
         self._offsets = array("q", [0])
         self.paths.append(path)
 
     def _close_shard(self) -> None:
-        assert self._file is not None and self._tmp is not None
+        assert self._file is not None
         path = self.paths[-1]
-        self._file.seek(0)
+        self._file.file.seek(0)
         self._file.write(pack_header(self._tokens, len(self._offsets) - 1, self.vocab_size))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        idx_tmp = path.with_name(path.name + ".idx.tmp")
-        with open(idx_tmp, "wb") as f:
+        with AtomicFile(index_path(path)) as f:  # the index first: a shard on disk always has its index
             np.save(f, np.frombuffer(self._offsets, dtype=np.int64))
-        os.replace(idx_tmp, index_path(path))
-        os.replace(self._tmp, path)
+        self._file.commit()
+        self._file = None
 
     def close(self) -> list[Path]:
         if self._file is not None:
@@ -182,10 +174,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.discard()
             self._file = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
 
 
 def _remove_shards(out_dir: Path, split: str) -> None:

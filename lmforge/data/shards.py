@@ -15,11 +15,11 @@ never sees half a shard. Shards are the unit of parallel and resumable work::
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.artifacts import AtomicFile
 from lmforge.data.sources import DataError, Document
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -34,7 +34,7 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_bytes = shard_bytes
         self.index = first
-        self.file = None
+        self.file: AtomicFile | None = None
         self.current = {"docs": 0, "bytes": 0}
         self.shards: list[dict] = []
         self.docs = 0
@@ -45,7 +45,7 @@ class ShardWriter:
 
     def write(self, doc: Document) -> None:
         if self.file is None:
-            self.file = open(self._path(self.index).with_suffix(".jsonl.tmp"), "wb")  # noqa: SIM115
+            self.file = AtomicFile(self._path(self.index), "wb")
         if not self.lossless and _SURROGATE.search(doc.text):
             doc = Document(doc.id, _SURROGATE.sub("\ufffd", doc.text), doc.source, doc.meta)
         # surrogatepass: a lone surrogate from a JSON escape survives the round trip instead of crashing it.
@@ -61,10 +61,9 @@ class ShardWriter:
     def _finish(self) -> None:
         if self.file is None:
             return
-        self.file.close()
+        self.file.commit()
         self.file = None
         final = self._path(self.index)
-        os.replace(final.with_suffix(".jsonl.tmp"), final)
         self.shards.append({"file": final.name, **self.current})
         self.index += 1
         self.current = {"docs": 0, "bytes": 0}
@@ -76,8 +75,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self.file is not None:
-            self.file.close()
-            self._path(self.index).with_suffix(".jsonl.tmp").unlink(missing_ok=True)
+            self.file.discard()
             self.file = None
 
 

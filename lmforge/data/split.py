@@ -22,12 +22,12 @@ Empty documents are skipped and counted. Usage::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
 from lmforge.data.sources import DataError, Document, ReadStats, iter_sources, read_documents
 
@@ -39,8 +39,7 @@ class _JsonlSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.file = AtomicFile(path, "w")
         self.docs = 0
         self.chars = 0
         self.bytes = 0
@@ -55,13 +54,10 @@ class _JsonlSink:
             self.ids.append(doc.id)
 
     def close(self) -> None:
-        self.file.close()
-        # Rename only once complete, so a crash never leaves a half-written file under the final name.
-        os.replace(self.tmp, self.path)
+        self.file.commit()  # renamed only once complete: a crash never leaves half a file under the final name
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.file.discard()
 
 
 def _nonempty(docs: Iterable[Document], stats: ReadStats) -> Iterator[Document]:

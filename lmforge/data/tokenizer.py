@@ -34,7 +34,6 @@ The "tokenizer" stage is :func:`main` (``lmforge tokenize``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
+from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig, TokenizerConfig
 from lmforge.data.sources import DataError, stage_texts
 
@@ -174,13 +174,10 @@ class Tokenizer:
         if self.specials != DEFAULT_SPECIALS or self.end_tokens:
             # "end_tokens" is lmforge's own key; Hugging Face's readers ignore it (HF exports rewrite this file).
             extra = {"end_tokens": self.end_tokens} if self.end_tokens else {}
-            (directory / SPECIALS_FILE).write_text(json.dumps({**self.specials, **extra}, indent=2) + "\n",
-                                                   encoding="utf-8")
+            artifacts.write_text(directory / SPECIALS_FILE, json.dumps({**self.specials, **extra}, indent=2) + "\n")
         path = directory / "tokenizer.json"
-        tmp = directory / "tokenizer.json.tmp"
         inner = self.with_bos_post_processor() if bos_post_processor else self.inner
-        tmp.write_text(inner.to_str(pretty=True), encoding="utf-8")
-        os.replace(tmp, path)
+        artifacts.write_text(path, inner.to_str(pretty=True))
         return path
 
     @classmethod

@@ -22,12 +22,12 @@ BPE tokenizer maps onto GGUF's ``gpt2`` model; a ``char`` tokenizer is refused.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmforge.artifacts import atomic_path
 from lmforge.config import ConfigError
 from lmforge.export.hf import require_llama, special_ids
 from lmforge.export.hf_llama import to_hf_llama_state_dict
@@ -99,49 +99,48 @@ def export_gguf(tm: TrainedModel, out_file: Path, qtype: str = "f32") -> list[Pa
     ids = special_ids(tm.tokenizer)
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(tm.cfg.name)
-    writer.add_context_length(cfg.context)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(model.layers[0].mlp.gate.out_features)
-    writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(t.rope_theta)
-    writer.add_layer_norm_rms_eps(t.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype])))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which our ByteLevel pre-tokenizer uses
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(ids["bos"])
-    writer.add_eos_token_id(ids["im_end"] if ids["im_end"] is not None else ids["eot"])
-    writer.add_eot_token_id(ids["eot"])
-    if ids["pad"] is not None:
-        writer.add_pad_token_id(ids["pad"])
-    writer.add_add_bos_token(tm.tokenizer.add_bos)  # llama.cpp then scores and prompts as lmforge does
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    with atomic_path(out_file) as tmp:  # a .gguf on disk is whole: llama.cpp reads no partial file
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_name(tm.cfg.name)
+        writer.add_context_length(cfg.context)
+        writer.add_embedding_length(cfg.d_model)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_feed_forward_length(model.layers[0].mlp.gate.out_features)
+        writer.add_head_count(n_heads)
+        writer.add_head_count_kv(n_kv)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(t.rope_theta)
+        writer.add_layer_norm_rms_eps(t.norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype])))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which our ByteLevel pre-tokenizer uses
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(ids["bos"])
+        writer.add_eos_token_id(ids["im_end"] if ids["im_end"] is not None else ids["eot"])
+        writer.add_eot_token_id(ids["eot"])
+        if ids["pad"] is not None:
+            writer.add_pad_token_id(ids["pad"])
+        writer.add_add_bos_token(tm.tokenizer.add_bos)  # llama.cpp then scores and prompts as lmforge does
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
-    for hf_name, tensor in to_hf_llama_state_dict(model).items():
-        w = tensor.detach().to("cpu", torch.float32).numpy()
-        if hf_name.endswith("q_proj.weight"):
-            w = permute_rotary(w, n_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            w = permute_rotary(w, n_kv)
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ValueError(f"no GGUF name for tensor {hf_name}")
-        data, raw = (w, None) if w.ndim == 1 else _matrix(np.ascontiguousarray(w), qtype)
-        writer.add_tensor(name, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out_file)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+        for hf_name, tensor in to_hf_llama_state_dict(model).items():
+            w = tensor.detach().to("cpu", torch.float32).numpy()
+            if hf_name.endswith("q_proj.weight"):
+                w = permute_rotary(w, n_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                w = permute_rotary(w, n_kv)
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ValueError(f"no GGUF name for tensor {hf_name}")
+            data, raw = (w, None) if w.ndim == 1 else _matrix(np.ascontiguousarray(w), qtype)
+            writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return [out_file]

@@ -23,11 +23,11 @@ reads such a folder back into lmforge (``lmforge serve DIR``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from lmforge.artifacts import atomic_path, write_text
 from lmforge.config import ConfigError
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_state_dict
@@ -112,15 +112,14 @@ def export_hf(tm: TrainedModel, out: Path) -> list[Path]:
             **({"chat_template": template} if chat else {})},
     }
     for name, body in files.items():
-        (out / name).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+        write_text(out / name, json.dumps(body, indent=2) + "\n")
         written.append(out / name)
     if chat:
-        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        write_text(out / "chat_template.jinja", template)
         written.append(out / "chat_template.jinja")
     hf_weights = to_hf_gpt2_state_dict(model) if layout == "gpt2" else to_hf_llama_state_dict(model)
-    tmp = out / "model.safetensors.tmp"
-    write_safetensors(hf_weights, tmp, metadata={"format": "pt"})  # the umask's mode; equal weights, equal bytes
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        write_safetensors(hf_weights, tmp, metadata={"format": "pt"})  # the umask's mode; equal weights, equal bytes
     written.append(out / "model.safetensors")
     return written
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.artifacts import AtomicFile
 from lmforge.data.sources import DataError
 from lmforge.finetune.chat import Example
 
@@ -40,10 +41,8 @@ def save_examples(examples: list[Example], path: Path) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = np.array([t for e in examples for t in e.ids], dtype=np.int64)
     mask = np.array([m for e in examples for m in e.mask], dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, ids=ids, mask=mask, offsets=offsets)
-    tmp.replace(path)
+    with AtomicFile(path) as f:
+        np.savez(f, ids=ids, mask=mask, offsets=offsets)
 
 
 def load_examples(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,22 +23,19 @@ Usage::
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
-from lmforge.config import ConfigError, RunConfig, TrainConfig, save_config
+from lmforge import artifacts
+from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.finetune import adapters
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
-from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, file_digest, prepare_data
+from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, prepare_data
 from lmforge.trained import TrainedModel, tokenizer_digest
 
-# The finetune fields that replace train's for the fine-tuning run; the other train options carry over.
-TRAIN_KEYS = ("steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "batch_size", "grad_accum",
-              "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds")
-# finetune fields that may change between a run and its resumption (the loop's own list covers train's).
-RESUMABLE = {"enabled", "steps", "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds", "heldout_task"}
+# The finetune fields named like train's replace them for the fine-tuning run; the other train options carry over.
+TRAIN_KEYS = tuple(k for k in FinetuneConfig.model_fields if k in TrainConfig.model_fields)
 
 
 def load_pretrained(path: str | Path, device: str = "cpu") -> TrainedModel:
@@ -99,10 +96,12 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     model_cfg = base.cfg.model.model_copy(update={"param_budget": None})
     run_cfg = cfg.model_copy(update={"model": model_cfg, "train": effective_train(cfg)})
     save_config(run_cfg, out / "config.yaml")
-    shape = {k: v for k, v in ft.model_dump().items() if k not in RESUMABLE and k not in TRAIN_KEYS}
-    blob = json.dumps({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path), "finetune": shape,
-                       "data": file_digest([*train_files, *val_files]), "max_length": max_length}, sort_keys=True)
-    fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # The finetune fields that invalidate its checkpoints; those named like train's count in run_cfg.train.
+    shape = {k: v for k, v in artifacts.reuse_key(cfg, "finetune", resume=True)["finetune"].items()
+             if k not in TRAIN_KEYS}
+    fingerprint = artifacts.digest({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path),
+                                    "finetune": shape, "data": artifacts.content_digest([*train_files, *val_files]),
+                                    "max_length": max_length})
     setup = FinetuneSetup(ft, tok, tok_path, out, out / "data", base.model.state_dict(), max_length)
     text = data_stats["mode"] == "text"
     # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
@@ -115,7 +114,7 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     if ft.lora.rank:
         result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
     result["compare"] = compare(cfg, run_dir, init, base, tuned, data_stats, base_val)
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    artifacts.write_json(out / "results.json", result)
     return result
 
 
@@ -148,10 +147,8 @@ def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned:
         out["task"] = {"name": task.stem, "base": score_chat_task(base.model, base.tokenizer, context, items, bs),
                        "finetuned": score_chat_task(tuned.model, tuned.tokenizer, context, items, bs)}
     # The pre-training validation text: this run's, or that of the run the model came from.
-    from lmforge.pipeline import read_manifest
-
     for pack in (run_dir / "pack", Path(init) / "pack"):
-        manifest = read_manifest(pack)
+        manifest = artifacts.read_manifest(pack)
         if manifest:
             n_bytes = manifest["outputs"]["val"]["bytes"]
             before = base_val or shard_bpb(base.model, pack, n_bytes, **kw)

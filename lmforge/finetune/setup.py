@@ -14,7 +14,6 @@ chat (see :mod:`lmforge.finetune.data`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,18 +91,6 @@ def data_files(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     if cfg.data:
         return list(cfg.data), list(cfg.val)
     return [str(EMBEDDED_DIR / EMBEDDED_TRAIN)], list(cfg.val) or [str(EMBEDDED_DIR / EMBEDDED_VAL)]
-
-
-def file_digest(paths: list[str]) -> str:
-    """Size and content hash of every input file (folders walked): the data part of the fingerprint."""
-    h = hashlib.sha256()
-    for raw in paths:
-        p = Path(raw)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f).encode())
-            h.update(f.read_bytes() if f.is_file() else b"<missing>")
-    return h.hexdigest()[:16]
 
 
 def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lmforge import artifacts
 from lmforge.config import CleanConfig
 
 
@@ -65,9 +66,7 @@ def write_data_card(folder: Path, collect: dict, ledger: dict, steps: list[str],
         "config": cfg.model_dump(),
         "files": {"docs": "docs/", "rejects": "rejects/", "lengths_plot": "lengths.png"},
     }
-    tmp = folder / "data_card.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(folder / "data_card.json")
+    artifacts.write_text(folder / "data_card.json", json.dumps(card, indent=2, ensure_ascii=False, default=str))
     plot_lengths(ledger["length_histogram"], folder / "lengths.png")
     return card
 

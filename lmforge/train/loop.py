@@ -14,8 +14,6 @@ prepares the tokenizer and shards first, or import it::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.loader import TokenLoader
 from lmforge.data.pack import list_shards, shard_info
@@ -44,20 +43,14 @@ from lmforge.trained import tokenizer_digest
 if TYPE_CHECKING:
     from lmforge.finetune.setup import FinetuneSetup
 
-# Config keys that may change between a run and its resumption without
-# invalidating the checkpoints: how long to train and how to display it.
-RESUMABLE_CHANGES = {"steps", "max_seconds", "eval_every", "eval_batches", "log_every", "ckpt_every",
-                     "keep_last", "resume", "stop_at", "device", "threads", "tensorboard", "progress", "compile",
-                     "tasks_every", "max_bad_steps", "on_save_error",
-                     "micro_batch", "parallel", "dist_timeout"}  # how the global batch is spread over ranks
-
 
 def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
-    """Hash of everything that shapes the trajectory of the weights: config and training data."""
-    train = {k: v for k, v in cfg.train.model_dump().items() if k not in RESUMABLE_CHANGES}
-    blob = json.dumps({"model": cfg.model.model_dump(), "train": train, "seed": cfg.seed,
-                       "data": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Hash of everything that shapes the trajectory of the weights: config and training data.
+
+    The config fields are those marked as invalidating the train stage (lmforge.config); the others
+    (how long to train, how to display it, how the batch is spread over ranks) may change on resume.
+    """
+    return artifacts.fingerprint(cfg, "train", resume=True, data=data_fingerprint)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ caching the figure in ``$LMFORGE_CACHE/peak_flops.json`` (default ``~/.cache/lmf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from lmforge import artifacts
 
 METRICS_FILE = "metrics.jsonl"
 _TB_WARNED = False
@@ -77,9 +80,7 @@ class MetricsLogger:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
                     kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        artifacts.write_text(self.path, "".join(kept))
 
     def log(self, step: int, kind: str, values: dict[str, float]) -> None:
         """Append ``{"step", "kind", "time", **values}`` and mirror numbers to TensorBoard."""
@@ -301,12 +302,7 @@ def peak_flops(device: torch.device | str, measure_seconds: float = 0.5) -> floa
     if not (isinstance(value, (int, float)) and value > 0):
         value = _measure(device, dtype, n, measure_seconds)
         table[key] = value
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=2, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, cache)
-        except OSError:  # a read-only home: the figure is still right, only not remembered
-            pass
+        with contextlib.suppress(OSError):  # a read-only home: the figure is still right, only not remembered
+            artifacts.write_text(cache, json.dumps(table, indent=2, sort_keys=True))
     _MEMO[(str(cache), key)] = float(value)
     return float(value)
