@@ -21,7 +21,7 @@ import torch
 from lmforge.config import ServeConfig, TokenizerConfig, load_config
 from lmforge.data.tokenizer import EOT, Tokenizer, train_tokenizer
 from lmforge.serve.background import BackgroundServer
-from lmforge.serve.chat import IM_END
+from lmforge.data.chat import IM_END
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
 from tests.serving import CONTEXT, make_run, server_for, sse_events

@@ -18,7 +18,7 @@ from lmforge.export import export
 from lmforge.export.gguf import permute_rotary, unpermute_rotary
 from lmforge.export.gguf_check import read_gguf, reference_logits
 from lmforge.export.native import load_any
-from lmforge.serve.chat import render_chat
+from lmforge.data.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
 from tests.conftest import file_modes, run_cli

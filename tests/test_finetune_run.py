@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import load_config
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, EMBEDDED_TRAIN
-from lmforge.serve.chat import render_chat
+from lmforge.data.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.trained import TrainedModel
 from tests.conftest import TINY

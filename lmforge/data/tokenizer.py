@@ -54,7 +54,7 @@ SPECIAL_TOKENS: list[str] = [
 ]
 EOT = SPECIAL_TOKENS[0]
 PAD = SPECIAL_TOKENS[1]
-END_OF_TURN = SPECIAL_TOKENS[3]  # ends a chat turn (the ChatML template of lmforge.serve.chat)
+END_OF_TURN = SPECIAL_TOKENS[3]  # ends a chat turn (the ChatML template of lmforge.data.chat)
 BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
 # Byte-level BPE cannot be smaller than its alphabet: every byte plus the special tokens.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)

@@ -33,7 +33,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_state_dict
 from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
 from lmforge.models.transformer import Transformer
-from lmforge.serve.chat import CHAT_TEMPLATE, IM_END, IM_START
+from lmforge.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from lmforge.train.checkpoint import CheckpointError, write_safetensors
 from lmforge.trained import TrainedModel
 

@@ -25,7 +25,7 @@ from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
 from lmforge.eval.scoring import Scorer
 from lmforge.finetune.chat import check_messages
-from lmforge.serve.chat import IM_END, render_chat
+from lmforge.data.chat import IM_END, render_chat
 
 
 def load_chat_task(path: Path) -> list[dict]:

@@ -29,7 +29,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.finetune import adapters
 from lmforge.finetune.chat import encode_all, read_conversations
 from lmforge.finetune.data import ChatLoader, save_examples
-from lmforge.serve.chat import IM_END, IM_START
+from lmforge.data.chat import IM_END, IM_START
 
 EMBEDDED_DIR = Path(__file__).parent / "sets"  # the embedded fine-tuning set (build_set.py writes it)
 EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "shakespeare_qa_val.jsonl", \

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.serve import responses as R
 from lmforge.serve.batch import Completion, Delta
-from lmforge.serve.chat import render_chat
+from lmforge.data.chat import render_chat
 from lmforge.serve.engine import Engine
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from lmforge.serve.scheduler import Event, QueueFull, Scheduler, Ticket

@@ -1,7 +1,7 @@
 """``lmforge chat RUN``: a multi-turn chat with a model in the terminal.
 
 Each user line becomes a user turn; the whole conversation so far is rendered with the chat template
-(:func:`~lmforge.serve.chat.render_chat`) and the reply is streamed by the one generator
+(:func:`~lmforge.data.chat.render_chat`) and the reply is streamed by the one generator
 (:class:`~lmforge.serve.engine.Engine`) with the ``sample`` section's settings, stopping at
 the model's end tokens (``<|im_end|>``, ``<|endoftext|>``). ``/reset`` starts a new conversation,
 ``/exit`` (or end of input) quits. It reads piped input too, so it can be scripted::
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmforge.config import RunConfig
-from lmforge.serve.chat import render_chat
+from lmforge.data.chat import render_chat
 from lmforge.serve.engine import Engine
 from lmforge.serve.sample import params_from
 
