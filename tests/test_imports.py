@@ -25,6 +25,18 @@ FORBIDDEN = {
     "lmforge.train": {"lmforge.serve", "lmforge.export"},
     "lmforge.serve": {"lmforge.train"},
 }
+# Imports that close a cycle in code being rewritten elsewhere in issue #17; each goes with that rewrite,
+# and test_pending_exceptions_still_exist fails once it is gone, so this list only shrinks.
+PENDING = {
+    # the fused decode step moves out of the model (decoding rewrite)
+    ("lmforge.models.transformer_decode", "lmforge.models.transformer"): "decoding moves out of models/",
+    # the loop names the fine-tuning setup's type (training-job rewrite: the loop will not know the job's kind)
+    ("lmforge.train.loop", "lmforge.finetune.setup"): "TYPE_CHECKING only; the job rewrite removes it",
+    # the file readers import sources' primitives (Document, ReadStats, ...) and sources dispatches to them
+    # at call time: to split sources.py into primitives and dispatch (not done yet: two dozen importers)
+    ("lmforge.data.sources", "lmforge.data.readers.markup"): "sources.py to split",
+    ("lmforge.data.sources", "lmforge.data.readers.records"): "sources.py to split",
+}
 
 
 def module_name(path: Path) -> str:
@@ -60,7 +72,7 @@ def package_of(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def edges() -> list[tuple[str, str, str]]:
+def all_edges() -> list[tuple[str, str, str]]:
     """(importer, imported, "file:line") for every import of an lmforge module inside lmforge."""
     modules = all_modules()
     out = []
@@ -68,6 +80,10 @@ def edges() -> list[tuple[str, str, str]]:
         for target, line in imports_of(path, name, modules):
             out.append((name, target, f"{path.relative_to(ROOT)}:{line}"))
     return out
+
+
+def edges() -> list[tuple[str, str, str]]:
+    return [e for e in all_edges() if e[:2] not in PENDING]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -150,6 +166,22 @@ def test_no_package_cycles():
 def test_no_forbidden_arrows():
     bad = forbidden(package_arrows())
     assert not bad, "imports that cross a forbidden boundary:\n" + "\n".join(bad)
+
+
+def test_pending_exceptions_still_exist():
+    seen = {e[:2] for e in all_edges()}
+    gone = [f"{a} -> {b}" for a, b in PENDING if (a, b) not in seen]
+    assert not gone, "remove from PENDING, the import is gone: " + ", ".join(gone)
+
+
+def test_registry_names_are_the_config_choices():
+    """``model.arch``'s choices are the registry's names, each paired with its own class."""
+    from lmforge.config import ARCHS
+    from lmforge.models import REGISTRY
+
+    assert tuple(REGISTRY) == ARCHS
+    assert {n: c.__name__ for n, c in REGISTRY.items()} == {
+        "transformer": "Transformer", "lstm": "LSTMModel", "gru": "GRUModel", "cnn": "GatedCNN"}
 
 
 def test_the_walk_sees_every_kind_of_import(tmp_path: Path):

@@ -45,6 +45,7 @@ from lmforge.config.run import (
     to_yaml,
 )
 from lmforge.config.sections import (
+    ARCHS,
     CNNConfig,
     CompareConfig,
     DataConfig,
@@ -61,6 +62,7 @@ from lmforge.config.sections import (
 )
 
 __all__ = [
+    "ARCHS",
     "CNNConfig",
     "CleanConfig",
     "CollectConfig",

@@ -33,6 +33,7 @@ The "tokenizer" stage is :func:`main` (``lmforge tokenize``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -196,6 +197,11 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
         return cls(inner, origin=str(p), specials=read_specials(p.parent), end_tokens=read_end_tokens(p.parent))
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of a ``tokenizer.json``: checkpoints record it, so a model is never paired with another tokenizer."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_specials(folder: Path) -> dict[str, str | None]:

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.sources import DataError
 from lmforge.data.chat import IM_END, ROLES, render_chat
+from lmforge.data.sources import DataError
 
 EXAMPLES_KEPT = 5  # bad lines quoted in the report, per reason
 

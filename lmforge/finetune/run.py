@@ -15,9 +15,13 @@ the same optimizer, schedule, checkpoints and exact resume as pre-training. Ever
 
 Usage::
 
-    lmforge finetune --init runs/demo --name demo-chat                        # embedded chat set
-    lmforge finetune --init runs/demo --finetune.mode=text --finetune.data=[notes/] --name notes
-    lmforge finetune --init runs/demo --finetune.lora.rank=8 --name demo-lora
+    lmforge finetune --init runs/demo/train --name demo-chat                  # embedded chat set
+    lmforge finetune --init runs/demo/train --finetune.mode=text --finetune.data=[notes/] --name notes
+    lmforge finetune --init runs/demo/train --finetune.lora.rank=8 --name demo-lora
+
+``--init`` is opened by :func:`lmforge.trained.load_model` under the rule of every verb
+(:data:`lmforge.trained.PATH_RULE`): a run folder means its fine-tuned model when it has one, so
+``runs/demo/train`` names its pre-trained one.
 """
 
 from __future__ import annotations
@@ -29,23 +33,17 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ConfigError, RunConfig, TrainConfig, save_config
-from lmforge.finetune import adapters
+from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, file_digest, prepare_data
-from lmforge.trained import TrainedModel, tokenizer_digest
+from lmforge.train import lora
+from lmforge.trained import TrainedModel, load_model
 
 # The finetune fields that replace train's for the fine-tuning run; the other train options carry over.
 TRAIN_KEYS = ("steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "batch_size", "grad_accum",
               "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds")
 # finetune fields that may change between a run and its resumption (the loop's own list covers train's).
 RESUMABLE = {"enabled", "steps", "eval_every", "eval_batches", "ckpt_every", "stop_at", "max_seconds", "heldout_task"}
-
-
-def load_pretrained(path: str | Path, device: str = "cpu") -> TrainedModel:
-    """The one place that opens the model to start from (run, checkpoint, export or Hugging Face folder)."""
-    from lmforge.finetune.init import load_pretrained as load
-
-    return load(Path(path), device)
 
 
 def effective_train(cfg: RunConfig) -> TrainConfig:
@@ -81,7 +79,10 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     if ft.init is None and not (run_dir / "train").is_dir():
         raise ConfigError(f"finetune.init: no model to start from ({run_dir} has no pre-trained model); "
                           f"give one with --init PATH (a run, checkpoint, export or Hugging Face folder)")
-    base = load_pretrained(init)
+    # A run named by --init means what it means to every verb, except this run itself: its own fine-tuned
+    # model is what this stage writes, never where it starts (resuming would change the base).
+    own = ft.init is None or Path(ft.init).expanduser().resolve() == run_dir.resolve()
+    base = load_model(run_dir / "train" if own else ft.init)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     tok = base.tokenizer
@@ -111,10 +112,10 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
     if not stats["complete"]:
         return result
-    tuned = TrainedModel.load(out)  # the newest checkpoint, adapters merged
+    tuned = load_model(out)  # the newest checkpoint, adapters merged
     if ft.lora.rank:
         result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
-    result["compare"] = compare(cfg, run_dir, init, base, tuned, data_stats, base_val)
+    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
 
@@ -127,15 +128,14 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
     ckpt = checkpoint.resolve(out)
     state = checkpoint.read_state(ckpt)
     model = build_model(run_cfg.model)
-    adapters.attach_from_state(model, state["lora"])
+    lora.attach_from_state(model, state["lora"])
     checkpoint.load(ckpt, model, optimizer=None, restore_rng=False)
     info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
             "model": run_cfg.model.model_dump(), "step": state["step"]}
-    lora = run_cfg.finetune.lora
-    return adapters.save_adapter(model, out / "adapter", lora, state["lora"]["targets"], info)
+    return lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, state["lora"]["targets"], info)
 
 
-def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
+def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
             base_val: dict | None) -> dict:
     """Held-out task accuracy and validation bits per byte of the base and the fine-tuned model."""
     context, bs = base.cfg.model.context, cfg.eval.batch_size
@@ -148,10 +148,9 @@ def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned:
         out["task"] = {"name": task.stem, "base": score_chat_task(base.model, base.tokenizer, context, items, bs),
                        "finetuned": score_chat_task(tuned.model, tuned.tokenizer, context, items, bs)}
     # The pre-training validation text: this run's, or that of the run the model came from.
-    from lmforge.pipeline import read_manifest
-
-    for pack in (run_dir / "pack", Path(init) / "pack"):
-        manifest = read_manifest(pack)
+    home = base.path.parents[2] if base.path.parent.name == "ckpt" else base.path  # RUN of RUN/<stage>/ckpt/step_N
+    for pack in (run_dir / "pack", home / "pack"):
+        manifest = _pack_manifest(pack)
         if manifest:
             n_bytes = manifest["outputs"]["val"]["bytes"]
             before = base_val or shard_bpb(base.model, pack, n_bytes, **kw)
@@ -163,3 +162,11 @@ def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned:
         out["finetune_val"] = {"base": shard_bpb(base.model, data_dir, n_bytes, **kw),
                                "finetuned": shard_bpb(tuned.model, data_dir, n_bytes, **kw)}
     return out
+
+
+def _pack_manifest(folder: Path) -> dict | None:
+    """The pack stage's manifest in ``folder`` (``lmforge.pipeline`` writes it), or None."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -30,10 +30,10 @@ COMMANDS = "/reset = new conversation, /exit = quit"
 
 def main(cfg: RunConfig, path: str, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Run the chat until /exit or end of input; returns the last conversation's messages."""
-    from lmforge.export.native import load_any  # it imports the model code: only when a chat starts
+    from lmforge.trained import load_model  # it imports the model code: only when a chat starts
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tm = load_any(Path(path))
+    tm = load_model(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
     params = params_from(cfg.sample)
     interactive = stdin.isatty()
