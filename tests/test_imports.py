@@ -3,8 +3,9 @@
 Every module of the package is read with ``ast`` (imports at module level and inside functions alike:
 a deferred import is still a dependency), and two graphs are built from it: module -> module, and
 package -> package, where a package is ``lmforge.<sub>`` (``lmforge.data``, ``lmforge.trained``, ...).
-Neither may have a cycle, and the package graph may not hold a forbidden arrow (:data:`FORBIDDEN`,
-the map in docs/architecture.md). A failure names each offending import by file and line::
+Neither may have a cycle, and the package graph may not hold a forbidden arrow (models import
+nothing of lmforge but config; data imports no models or train; train no serve or export; serve no
+train). A failure names each offending import by file and line::
 
     python -m pytest tests/test_imports.py -q
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lmforge"
 
-# (from, to) package arrows that must never exist; "lmforge.*" means every lmforge package but the exceptions.
+# Package arrows that must never exist: models may import only themselves and config; FORBIDDEN[a] may not hold b.
 MODELS_MAY_IMPORT = {"lmforge.models", "lmforge.config"}
 FORBIDDEN = {
     "lmforge.data": {"lmforge.models", "lmforge.train"},
@@ -32,10 +33,6 @@ PENDING = {
     ("lmforge.models.transformer_decode", "lmforge.models.transformer"): "decoding moves out of models/",
     # the loop names the fine-tuning setup's type (training-job rewrite: the loop will not know the job's kind)
     ("lmforge.train.loop", "lmforge.finetune.setup"): "TYPE_CHECKING only; the job rewrite removes it",
-    # the file readers import sources' primitives (Document, ReadStats, ...) and sources dispatches to them
-    # at call time: to split sources.py into primitives and dispatch (not done yet: two dozen importers)
-    ("lmforge.data.sources", "lmforge.data.readers.markup"): "sources.py to split",
-    ("lmforge.data.sources", "lmforge.data.readers.records"): "sources.py to split",
 }
 
 

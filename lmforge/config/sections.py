@@ -87,7 +87,7 @@ ARCHS = ("transformer", "lstm", "gru", "cnn")
 
 class ModelConfig(Section):
     arch: Literal[ARCHS] = Field("transformer", description=(
-        "architecture from the model registry (lmforge.models.REGISTRY)"))
+        f"architecture from the model registry (lmforge.models.REGISTRY): {', '.join(ARCHS)}"))
     context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)")
     d_model: int = Field(192, ge=8, description="embedding / residual width (replaced when model.param_budget is set)")
     param_budget: int | None = Field(None, ge=1, description=(

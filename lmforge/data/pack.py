@@ -42,7 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.config import RunConfig
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 
 MAGIC = b"LMFTOKS\x00"

@@ -44,7 +44,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.config import ConfigError, RunConfig, TokenizerConfig
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 
 SPECIAL_TOKENS: list[str] = [
     "<|endoftext|>",  # 0: document boundary (EOT)

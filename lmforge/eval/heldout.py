@@ -20,7 +20,8 @@ import numpy as np
 
 from lmforge.config import RunConfig
 from lmforge.data.pack import list_shards, read_shard
-from lmforge.data.sources import DataError, read_documents
+from lmforge.data.readers.files import read_documents
+from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
 from lmforge.trained import TrainedModel, load_model
 

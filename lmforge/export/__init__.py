@@ -39,7 +39,8 @@ def export(tm: TrainedModel, fmt: str, out: Path, gguf_type: str = "f32", check:
         if check:
             result["check"] = check_gguf(tm, out, gguf_type)
     else:
-        from lmforge.export.native import export_native, load_native
+        from lmforge.export.native import export_native
+        from lmforge.trained.native import load_native
 
         files = export_native(tm, out)
         if check:

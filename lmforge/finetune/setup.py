@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig
 from lmforge.data.chat import IM_END, IM_START
 from lmforge.data.loader import TokenLoader
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.finetune.chat import encode_all, read_conversations
 from lmforge.finetune.data import ChatLoader, save_examples
