@@ -48,6 +48,7 @@ class Probe(Protocol):
 
     def maybe_run(self, step: int, model: torch.nn.Module, logger: MetricsLogger) -> None: ...
 
+
 # Config keys that may change between a run and its resumption without
 # invalidating the checkpoints: how long to train and how to display it.
 RESUMABLE_CHANGES = {"steps", "max_seconds", "eval_every", "eval_batches", "log_every", "ckpt_every",
