@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from lmforge.config import RunConfig, TokenizerConfig  # noqa: E402
 from lmforge.data.sources import embedded_corpus  # noqa: E402
-from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
+from lmforge.data.tokenizer import tokenizer_digest, train_tokenizer  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.train.checkpoint import Checkpointer  # noqa: E402
-from lmforge.trained import TrainedModel, tokenizer_digest  # noqa: E402
+from lmforge.trained import load_model  # noqa: E402
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
@@ -129,7 +129,7 @@ def decode_speed(run: Path, tokens: int, repeats: int) -> tuple[float, float]:
     from lmforge.export.hf import export_hf
     from lmforge.serve.engine import Engine, SamplingParams
 
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     out = run / "export" / "hf"
     export_hf(tm, out)
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

@@ -52,9 +52,9 @@ def _eval(cfg: RunConfig, args: list[str]) -> None:
         print(json.dumps(run(cfg, until="eval")["eval"], indent=2))
         return
     from lmforge.eval.heldout import evaluate_files
-    from lmforge.export.native import load_any
+    from lmforge.trained import load_model
 
-    tm = load_any(args[0] if args else cfg.run_dir)  # also an export or a Hugging Face folder
+    tm = load_model(args[0] if args else cfg.run_dir)  # also an export or a Hugging Face folder
     result = evaluate_files(tm, cfg.eval.text, cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "per_doc"}, indent=2))
 
@@ -66,7 +66,7 @@ def _generate(cfg: RunConfig, args: list[str]) -> None:
 
 
 def _compare_archs(cfg: RunConfig, args: list[str]) -> None:
-    from lmforge.eval.compare import main as compare
+    from lmforge.tune.bakeoff import main as compare
 
     result = compare(cfg)
     print("\n" + Path(result["files"]["md"]).read_text(encoding="utf-8"))
@@ -162,7 +162,7 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
     "chat": (_chat, "chat with a model in the terminal; /reset, /exit (PATH = run, checkpoint, export or HF folder)", ("sample",), True),
     "config": (_config, "print the resolved config as YAML", (), False),
 }
-# Verbs whose PATH is a model, opened by lmforge.export.native.load_any under one rule (lmforge.trained.PATH_RULE).
+# Verbs whose PATH is a model, opened by lmforge.trained.load_model under one rule (lmforge.trained.PATH_RULE).
 MODEL_VERBS = ("eval", "harness", "generate", "serve", "export", "chat")
 
 
@@ -195,8 +195,10 @@ def verb_help(verb: str) -> str:
     if verb in ("collect", "clean", "prepare", "run"):
         lines.append("  --strict             stop at the first bad input (same as --collect.strict=true)")
     if verb == "finetune":
+        from lmforge.trained import PATH_RULE
+
         lines.append("  --init PATH          model to start from: run, checkpoint, export or Hugging Face folder "
-                     "(same as --finetune.init=PATH)")
+                     f"(same as --finetune.init=PATH); {PATH_RULE}")
     if verb == "sweep":
         lines.append("  --space FILE         search space YAML (same as --sweep.space=FILE); see docs/tuning.md")
     lines += ["", "config keys (--key=value; values are YAML: 3e-4, true, [a, b], null):"]

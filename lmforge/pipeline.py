@@ -89,12 +89,16 @@ def _pack(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
 
 
 def _train(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.eval.tasks import TaskProbe
     from lmforge.train import loop
 
     pack = up["pack"]
     bpt = pack["val"]["bytes"] / max(1, pack["val"]["tokens"])
+    # Built here, so train imports no eval; its tasks are loaded (and checked) before training starts.
+    probe = TaskProbe(cfg.eval.tasks, cfg.train.tasks_every, Tokenizer.load(run_dir / "tokenizer"), cfg.model.context)
     return loop.main(cfg, run_dir, bytes_per_token=bpt, data_fingerprint=up["_fp"]["pack"],
-                     on_eval=up.get("_on_eval"))
+                     on_eval=up.get("_on_eval"), probe=probe)
 
 
 def _eval(cfg: RunConfig, run_dir: Path, up: dict) -> dict:

@@ -16,13 +16,13 @@ import torch
 
 from lmforge.config import RunConfig, ServeConfig, TokenizerConfig
 from lmforge.data.sources import embedded_corpus
-from lmforge.data.tokenizer import train_tokenizer
+from lmforge.data.tokenizer import tokenizer_digest, train_tokenizer
 from lmforge.models import build_model
 from lmforge.serve.api import create_app
 from lmforge.serve.background import BackgroundServer
 from lmforge.serve.engine import Engine
 from lmforge.train.checkpoint import Checkpointer
-from lmforge.trained import TrainedModel, tokenizer_digest
+from lmforge.trained import load_model
 
 CONTEXT = 128
 
@@ -44,7 +44,7 @@ def make_run(root: Path, arch: str = "transformer", context: int = CONTEXT, **mo
 
 def server_for(run: Path, model: torch.nn.Module | None = None, **serve: object) -> BackgroundServer:
     """A started server for ``run`` (optionally with another model object), with ServeConfig overrides."""
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     cfg = ServeConfig(**serve)
     engine = Engine(model if model is not None else tm.model, tm.tokenizer, max_batch=cfg.max_batch)
     app = create_app(engine, cfg, cfg.model_name or tm.cfg.name, api_key=cfg.api_key)

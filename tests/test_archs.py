@@ -22,7 +22,7 @@ from lmforge.serve.engine import Engine
 from lmforge.serve.sample import params_from
 from lmforge.train import loop
 from lmforge.train.metrics import read_metrics
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 
 from .conftest import TINY, run_cli
 
@@ -70,7 +70,7 @@ def test_run_produces_a_run_card(arch_run):
     # Validation rows carry the training seconds (the bake-off's time axis), rising with the step.
     val = [r for r in read_metrics(run / "train" / "metrics.jsonl") if r["kind"] == "val"]
     assert [r["step"] for r in val] == [6, 12] and 0 < val[0]["seconds"] < val[1]["seconds"]
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     assert tm.cfg.model.arch == arch and type(tm.model) is REGISTRY[arch]
     assert summary["params"] == tm.model.num_params()
     if arch == "gru":  # sized by budget: the chosen width is recorded and saved explicitly
@@ -86,7 +86,7 @@ def test_generate_works(arch_run):
                      "--sample.temperature=0")
     assert result.returncode == 0, result.stderr
     # Greedy, so the text is known: the engine's completion in this process, streamed after the prompt.
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     params = params_from(SampleConfig(max_new_tokens=12, temperature=0))
     completion = Engine(tm.model, tm.tokenizer).generate(["KING:"], params)[0]
     assert completion.completion_tokens == 12 or completion.finish_reason == "stop"

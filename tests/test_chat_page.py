@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from lmforge.models.rnn import GRUModel
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.serving import make_run, server_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -84,7 +84,7 @@ def test_typing_a_message_streams_a_reply(browser, runs):
 
 
 def test_stop_button_ends_the_reply_and_frees_the_slot(browser, runs):
-    tm = TrainedModel.load(runs["gru"])
+    tm = load_model(runs["gru"])
     model = EndlessGRU(tm.cfg.model)
     model.load_state_dict(tm.model.state_dict())
     model.stop_ids = tm.tokenizer.end_ids

@@ -14,8 +14,8 @@ import torch
 from lmforge.cli import main as cli_main
 from lmforge.cli import parse
 from lmforge.config import ConfigError, load_config
-from lmforge.eval.compare import arch_config
 from lmforge.report.bakeoff import rank, verdict
+from lmforge.tune.bakeoff import arch_config
 
 from .conftest import ROOT, TINY, run_cli
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data.readers.files import read_documents
 from lmforge.data.readers.records import read_dataset
-from lmforge.data.sources import DataError, FileOptions, ReadStats, read_documents
+from lmforge.data.sources import DataError, FileOptions, ReadStats
 
 PAGE = """<!doctype html><html><head><title>Bread</title></head><body>
 <nav><ul><li><a href="/">Home</a></li><li><a href="/shop">Shop</a></li><li><a href="/c">Contact</a></li></ul></nav>

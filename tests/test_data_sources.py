@@ -1,4 +1,4 @@
-"""Tests for lmforge.data.sources (readers) and lmforge.data.split (the docs stage)."""
+"""Tests for lmforge.data.readers.files and lmforge.data.sources (reading) and lmforge.data.split (the docs stage)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,8 @@ import pytest
 
 from lmforge.config import RunConfig
 from lmforge.data import split
-from lmforge.data.sources import (
-    DataError,
-    Document,
-    ReadStats,
-    embedded_corpus,
-    iter_sources,
-    read_documents,
-)
+from lmforge.data.readers.files import iter_sources, read_documents
+from lmforge.data.sources import DataError, Document, ReadStats, embedded_corpus
 
 
 def _cfg(**data) -> RunConfig:

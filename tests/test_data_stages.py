@@ -191,7 +191,7 @@ def test_cleaning_switched_off_passes_everything_through(tmp_path: Path, mixed) 
 
 
 def test_non_utf8_bytes_are_repaired_and_counted_in_the_data_card(tmp_path: Path, works) -> None:
-    from lmforge.report.data_card import card_summary
+    from lmforge.data.data_card import card_summary
 
     corpus = tmp_path / "c"
     corpus.mkdir()

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from lmforge.config import ServeConfig, TokenizerConfig, load_config
+from lmforge.data.chat import IM_END
 from lmforge.data.tokenizer import EOT, Tokenizer, train_tokenizer
 from lmforge.serve.background import BackgroundServer
-from lmforge.serve.chat import IM_END
 from lmforge.serve.engine import Engine, SamplingParams
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.serving import CONTEXT, make_run, server_for, sse_events
 from tests.test_engine import TinyLM
 
@@ -47,7 +47,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(run) -> Tokenizer:
-    return TrainedModel.load(run).tokenizer
+    return load_model(run).tokenizer
 
 
 def reply_ids(tok: Tokenizer) -> list[int]:
@@ -95,13 +95,15 @@ def test_every_endpoint_stops_at_each_end_token(run, tok, end):
 
 
 def test_generate_and_chat_verbs_stop_at_the_end_of_turn(run, tok, monkeypatch):
-    from lmforge.export import native
+    from lmforge import trained
+    from lmforge.serve import sample
     from lmforge.serve.repl import main as chat
     from lmforge.serve.sample import generate_cli
 
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     tm.model = chain_model(tok.vocab_size, [*reply_ids(tok), tok.token_to_id(IM_END)])
-    monkeypatch.setattr(native, "load_any", lambda path, device="cpu": tm)
+    for where in (trained, sample):  # chat imports load_model when it starts, generate at module level
+        monkeypatch.setattr(where, "load_model", lambda path, device="cpu": tm)
     cfg = load_config(None, ["sample.temperature=0", "sample.max_new_tokens=40", "sample.prompts=['ROMEO:']"])
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)
@@ -128,7 +130,6 @@ def test_stream_holds_back_bytes_of_an_unfinished_character():
 
 
 def test_hf_import_keeps_every_declared_end_token(tmp_path):
-    from lmforge.export.native import load_any
     from tests.test_hf_import import build
 
     folder = tmp_path / "llama"
@@ -137,7 +138,7 @@ def test_hf_import_keeps_every_declared_end_token(tmp_path):
     eos = config["eos_token_id"]
     turn = eos + 1  # a second end token, as Llama 3 declares <|eot_id|> beside <|end_of_text|>
     (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [eos, turn]}))
-    tm = load_any(folder)
+    tm = load_model(folder)
     assert {eos, turn} <= set(tm.tokenizer.end_ids)
     tm.tokenizer.save(tmp_path / "saved")  # as a fine-tuning run keeps it
     assert Tokenizer.load(tmp_path / "saved").end_ids == tm.tokenizer.end_ids
@@ -152,14 +153,13 @@ def finetuned_copy(run: Path, dest: Path) -> Path:
 
 def test_a_run_folder_means_the_same_model_for_serve_chat_generate_and_harness(run, tmp_path):
     from lmforge.cli import verb_help
-    from lmforge.export.native import load_any
     from lmforge.serve.repl import main as chat
 
     both = finetuned_copy(run, tmp_path / "both")
-    tuned, pre = load_any(both), load_any(both / "train")
+    tuned, pre = load_model(both), load_model(both / "train")
     assert tuned.path == both / "finetune" / "ckpt" / "step_000000" and tuned.name == "tiny-transformer-finetune"
     assert pre.path == both / "train" / "ckpt" / "step_000000" and pre.name == "tiny-transformer"
-    assert load_any(run).name == "tiny-transformer"  # no fine-tuning: the pre-trained model
+    assert load_model(run).name == "tiny-transformer"  # no fine-tuning: the pre-trained model
     with BackgroundServer.for_model(both, ServeConfig()) as server:
         [card] = httpx.get(f"{server.base_url}/models", timeout=30).json()["data"]
     assert card["id"] == "tiny-transformer-finetune" and card["max_model_len"] == CONTEXT
@@ -170,7 +170,7 @@ def test_a_run_folder_means_the_same_model_for_serve_chat_generate_and_harness(r
     from lmforge.trained import PATH_RULE
 
     assert LmforgeLM(pretrained=str(both), device="cpu").trained.path == tuned.path  # lmforge harness RUN
-    for verb in ("serve", "chat", "generate", "harness"):
+    for verb in ("serve", "chat", "generate", "harness", "eval", "export", "finetune"):
         assert PATH_RULE in verb_help(verb)
 
 
@@ -179,7 +179,7 @@ def test_hf_export_generation_config_stops_and_bounds_generation(run, tmp_path):
 
     from lmforge.export.hf import export_hf
 
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     export_hf(tm, tmp_path / "hf")
     gen = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert gen.max_length == CONTEXT

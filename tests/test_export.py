@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, TokenizerConfig
+from lmforge.data.chat import render_chat
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.export import export
 from lmforge.export.gguf import permute_rotary, unpermute_rotary
 from lmforge.export.gguf_check import read_gguf, reference_logits
-from lmforge.export.native import load_any
-from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.conftest import file_modes, run_cli
 from tests.serving import make_run
 
@@ -40,7 +39,7 @@ def test_hf_round_trip_logits_generation_and_chat_template(runs, tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tm = TrainedModel.load(runs["transformer"])
+    tm = load_model(runs["transformer"])
     out = tmp_path / "hf"
     result = export(tm, "hf", out)
     assert result["check"]["max_logit_diff"] < 1e-4
@@ -68,7 +67,7 @@ def test_hf_round_trip_logits_generation_and_chat_template(runs, tmp_path, monke
     templated = templated["input_ids"] if isinstance(templated, dict) or hasattr(templated, "keys") else templated
     assert list(templated) == tm.tokenizer.with_bos(render_chat(tm.tokenizer, messages))
     # ... and lmforge reads the folder back (lmforge serve DIR).
-    back = load_any(out)
+    back = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(back.model(torch.tensor([ids]))[0], tm.model(torch.tensor([ids]))[0])
 
@@ -78,7 +77,7 @@ def test_gguf_export_by_command_reads_back_and_runs(runs, tmp_path):
     r = run_cli("export", str(runs["transformer"]), "--format", "gguf", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["check"]["max_logit_diff"] < 1e-4
-    tm = TrainedModel.load(runs["transformer"])
+    tm = load_model(runs["transformer"])
     meta, tensors = read_gguf(out)
     cfg = tm.cfg.model
     assert meta["general.architecture"] == "llama" and meta["llama.context_length"] == cfg.context
@@ -106,7 +105,7 @@ def test_gguf_export_by_command_reads_back_and_runs(runs, tmp_path):
 def test_gguf_q8_0_quantizes_matrices_only(runs, tmp_path):
     import gguf
 
-    tm = TrainedModel.load(runs["transformer"])
+    tm = load_model(runs["transformer"])
     q8 = export(tm, "gguf", tmp_path / "q8.gguf", gguf_type="q8_0")
     f32 = export(tm, "gguf", tmp_path / "f32.gguf", check=False)
     assert q8["check"]["max_logit_diff"] < 0.1 * q8["check"]["max_logit"]
@@ -126,11 +125,11 @@ def test_rotary_permutation_is_invertible():
 
 
 def test_refusals_are_clear(runs, tmp_path):
-    gru = TrainedModel.load(runs["gru"])
+    gru = load_model(runs["gru"])
     for fmt in ("hf", "gguf"):
         with pytest.raises(ConfigError, match="model.arch is 'gru'.*--format lmforge"):
             export(gru, fmt, tmp_path / fmt)
-    tm = TrainedModel.load(runs["transformer"])
+    tm = load_model(runs["transformer"])
     tm.tokenizer = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
     with pytest.raises(ConfigError, match="byte-level BPE"):
         export(tm, "gguf", tmp_path / "char.gguf")
@@ -139,10 +138,10 @@ def test_refusals_are_clear(runs, tmp_path):
 
 
 def test_native_export_reloads_any_architecture(runs, tmp_path):
-    tm = TrainedModel.load(runs["gru"])
+    tm = load_model(runs["gru"])
     result = export(tm, "lmforge", tmp_path / "gru")
     assert result["check"]["max_logit_diff"] == 0.0
-    back = load_any(tmp_path / "gru")
+    back = load_model(tmp_path / "gru")
     assert back.cfg.model.arch == "gru" and back.tokenizer.vocab_size == tm.tokenizer.vocab_size
     params = SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[])
     assert Engine(back.model, back.tokenizer).generate(["Hi"], params)[0].token_ids == \
@@ -155,7 +154,7 @@ def test_exports_get_the_umask_mode_and_equal_weights_give_equal_bytes(runs, tmp
     from lmforge.export.hf import export_hf
     from lmforge.export.native import export_native
 
-    tm = TrainedModel.load(runs["transformer"])
+    tm = load_model(runs["transformer"])
     for name in ("hf", "hf-again"):
         export_hf(tm, tmp_path / name)
     export_gguf(tm, tmp_path / "gguf" / "model.gguf")

@@ -104,7 +104,7 @@ def test_plan_follows_weight_updates_and_moves():
 
 def test_wrapped_projections_keep_the_module_path():
     from lmforge.config.finetune import LoraConfig
-    from lmforge.finetune.adapters import attach_lora
+    from lmforge.train.lora import attach_lora
 
     model = make(VARIANTS["llama"])
     idx = tokens(1)

@@ -98,7 +98,7 @@ def _cli_child(args: list[str], log: str, env: dict[str, str]) -> None:
 _CTX = multiprocessing.get_context("forkserver")
 # What a run imports on its way (torch._dynamo comes with the optimizer), imported once for all children.
 _CTX.set_forkserver_preload(["torch", "torch._dynamo", "lmforge.cli", "lmforge.pipeline", "lmforge.train.loop",
-                             "lmforge.data.curate", "lmforge.data.clean", "lmforge.report.data_card"])
+                             "lmforge.data.curate", "lmforge.data.clean", "lmforge.data.data_card"])
 
 
 def _spawn(args: list[str], log: Path, **env: str) -> multiprocessing.Process:

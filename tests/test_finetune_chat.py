@@ -9,12 +9,12 @@ import jinja2
 import pytest
 
 from lmforge.config import TokenizerConfig
+from lmforge.data.chat import CHAT_TEMPLATE, IM_END, IM_START, render_chat
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.finetune.chat import encode_all, encode_conversation, read_conversations
 from lmforge.finetune.data import IGNORE, ChatLoader, save_examples
 from lmforge.finetune.evaluate import load_chat_task
-from lmforge.serve.chat import CHAT_TEMPLATE, IM_END, IM_START, render_chat
 
 # A character tokenizer: one id per character, so every position below can be counted by hand.
 MESSAGES = [

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, LoraConfig, ModelConfig
-from lmforge.finetune.adapters import (
+from lmforge.finetune.setup import freeze
+from lmforge.models import build_model
+from lmforge.train.lora import (
     LoRAConv1d,
     LoRALinear,
     LoRARNN,
@@ -20,8 +22,6 @@ from lmforge.finetune.adapters import (
     save_adapter,
     select_targets,
 )
-from lmforge.finetune.setup import freeze
-from lmforge.models import build_model
 from tests.conftest import file_modes
 
 ARCHS = {

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.config import load_config
+from lmforge.data.chat import render_chat
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, EMBEDDED_TRAIN
-from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine, SamplingParams
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.conftest import TINY
 from tests.in_process import call_cli
 from tests.serving import make_run
@@ -58,14 +58,14 @@ def test_chat_finetune_via_cli(base, chat_files, tmp_path):
     assert task["base"]["items"] == task["finetuned"]["items"] == 10 and task["base"]["chance"] == 0.25
     for name in ("config.yaml", "tokenizer/tokenizer.json", "data/chat_train.npz", "metrics.jsonl"):
         assert (out / name).is_file(), name
-    tuned, before = TrainedModel.load(out), TrainedModel.load(base)
+    tuned, before = load_model(out), load_model(base)
     assert tuned.step == 4
     idx = torch.tensor([tuned.tokenizer.encode("To be, or not to be")])
     assert not torch.equal(tuned.model(idx)[0], before.model(idx)[0])
     # A rerun finds the finished checkpoint and trains no further.
     assert call_cli(*_finetune_args(base, tmp_path, "chat", f"--finetune.data={chat_files['data']}",
                                     f"--finetune.heldout_task={chat_files['task']}")) == 0
-    assert TrainedModel.load(out).step == 4
+    assert load_model(out).step == 4
 
 
 def test_text_finetune_with_frozen_layers(base, small_corpus, tmp_path):
@@ -76,8 +76,8 @@ def test_text_finetune_with_frozen_layers(base, small_corpus, tmp_path):
     result = json.loads((tmp_path / "text" / "finetune" / "results.json").read_text())
     domain = result["compare"]["finetune_val"]
     assert domain["base"]["bpb"] > 0 and domain["finetuned"]["bpb"] > 0
-    before = TrainedModel.load(base).model.state_dict()
-    after = TrainedModel.load(tmp_path / "text" / "finetune").model.state_dict()
+    before = load_model(base).model.state_dict()
+    after = load_model(tmp_path / "text" / "finetune").model.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed and all(k.startswith("layers.1.") or k == "norm.weight" for k in changed)
 
@@ -101,11 +101,11 @@ def test_lora_run_resumes_exactly(base, chat_files, tmp_path):
     # The adapter alone, loaded onto the base, gives the merged fine-tuned model's logits.
     adapter = tmp_path / "whole/finetune/adapter"
     assert {p.name for p in adapter.iterdir()} == {"adapter.safetensors", "adapter.json"}
-    from lmforge.finetune.adapters import load_adapter
+    from lmforge.train.lora import load_adapter
 
-    plain = TrainedModel.load(base).model
+    plain = load_model(base).model
     load_adapter(plain, adapter)
-    merged = TrainedModel.load(tmp_path / "whole/finetune").model
+    merged = load_model(tmp_path / "whole/finetune").model
     idx = torch.tensor([[5, 9, 40, 7, 100, 3]])
     torch.testing.assert_close(plain.eval()(idx)[0], merged(idx)[0], atol=1e-5, rtol=0)
     # And the merged model exports like any other.
@@ -137,7 +137,7 @@ def test_terminal_chat_with_piped_input(base, tmp_path):
     out = io.StringIO()
     messages = chat(cfg, str(base), stdin=io.StringIO("Hello\nWho are you?\n/reset\nHi\n/exit\nignored\n"), stdout=out)
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hi"
-    tm = TrainedModel.load(base)
+    tm = load_model(base)
     params = SamplingParams(max_new_tokens=8, temperature=0.0)  # stops at the end tokens, as the chat does
     prompt = render_chat(tm.tokenizer, [{"role": "user", "content": "Hi"}])
     expected = Engine(tm.model, tm.tokenizer).generate([prompt], params)[0].text
@@ -174,7 +174,7 @@ def test_finetune_from_a_hugging_face_folder(chat_files, tmp_path, capsys):
                     "--finetune.lora.rank=2", "--finetune.lora.targets=[layers.*.attn.q]") == 0
     result = json.loads((tmp_path / "hf" / "finetune" / "results.json").read_text())
     assert result["train"]["steps"] == 3 and result["compare"]["finetune_val"]["finetuned"]["bpb"] > 0
-    assert TrainedModel.load(tmp_path / "hf" / "finetune").cfg.model.arch == "transformer"
+    assert load_model(tmp_path / "hf" / "finetune").cfg.model.arch == "transformer"
     # Its tokenizer has no chat tokens: chat fine-tuning is refused in one line.
     assert call_cli(*args, "--name=hf-chat", f"--finetune.data={chat_files['data']}") == 2
     assert "has no <|im_start|> / <|im_end|> tokens" in capsys.readouterr().err
@@ -192,4 +192,4 @@ def test_finetune_with_every_checkpoint_damaged_stops_and_keeps_it(base, chat_fi
     assert run() == 1
     assert weights.read_bytes() == damaged
     assert run("--train.resume=false") == 0  # the way to start over on purpose
-    assert TrainedModel.load(tmp_path / "damaged/finetune").step == 4
+    assert load_model(tmp_path / "damaged/finetune").step == 4

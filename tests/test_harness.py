@@ -16,7 +16,7 @@ from lmforge.eval.perplexity import evaluate_text
 from lmforge.eval.tasks import evaluate_tasks, load_task, run_task
 from lmforge.models import build_model
 from lmforge.serve.engine import Engine, SamplingParams
-from lmforge.trained import TrainedModel
+from lmforge.trained import TrainedModel, load_model
 
 
 class Request:
@@ -150,7 +150,7 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("routes")
     run = make_run(root)
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     export(tm, "hf", root / "hf")
     server = server_for(run)
     yield tm, root / "hf", server

@@ -23,11 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lmforge.config import ConfigError
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.export import export
-from lmforge.export.native import load_any
-from lmforge.finetune.init import load_pretrained
 from lmforge.serve.engine import Engine, SamplingParams
 from lmforge.train.checkpoint import Checkpointer, CheckpointError
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.in_process import call_cli
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
@@ -95,7 +93,7 @@ def copy(folder: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_logits_and_tokenizer_match_the_original(kind, folders):
     folder, hf = folders[kind]
-    tm = load_pretrained(folder)
+    tm = load_model(folder)
     t = tm.cfg.model.transformer
     assert (t.norm, t.pos, t.mlp, t.bias) == (("layernorm", "learned", "gelu", True) if kind == "gpt2"
                                               else ("rmsnorm", "rope", "swiglu", False))
@@ -110,13 +108,13 @@ def test_logits_and_tokenizer_match_the_original(kind, folders):
     assert tm.tokenizer.bos_id == fast.bos_token_id
     assert tm.tokenizer.encode(TEXT[:80]) == fast(TEXT[:80], add_special_tokens=False)["input_ids"]
     # eval / generate / serve open the folder through the same loader.
-    assert load_any(folder).cfg.model == tm.cfg.model
+    assert load_model(folder).cfg.model == tm.cfg.model
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_greedy_decoding_through_step_equals_generate(kind, folders):
     folder, hf = folders[kind]
-    tm = load_pretrained(folder)
+    tm = load_model(folder)
     prompt = random_ids(n=7, rows=1)
     prompt[0, 0] = tm.tokenizer.bos_id  # a prompt that starts a document: the engine adds no second begin token
     new = 6
@@ -138,7 +136,7 @@ def test_greedy_decoding_through_step_equals_generate(kind, folders):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_trains_and_round_trips_as_an_lmforge_checkpoint(kind, folders, tmp_path):
     folder, _ = folders[kind]
-    tm = load_pretrained(folder)
+    tm = load_model(folder)
     model = tm.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = random_ids(n=17, rows=4)
@@ -153,7 +151,7 @@ def test_trains_and_round_trips_as_an_lmforge_checkpoint(kind, folders, tmp_path
     run = tmp_path / "run"
     tm.tokenizer.save(run / "tokenizer")
     Checkpointer(run / "train" / "ckpt").save(2, model, opt, {"step": 2, "config": tm.cfg.model_dump()})
-    back = TrainedModel.load(run)
+    back = load_model(run)
     assert back.step == 2 and back.cfg.model == tm.cfg.model
     assert back.tokenizer.eot_id == tm.tokenizer.eot_id and back.tokenizer.specials == tm.tokenizer.specials
     with torch.no_grad():
@@ -169,7 +167,7 @@ def test_pytorch_model_bin_is_read_too(tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     idx = random_ids()
     with torch.no_grad():
-        assert (load_pretrained(tmp_path).model(idx)[0] - hf(input_ids=idx).logits).abs().max().item() < 1e-4
+        assert (load_model(tmp_path).model(idx)[0] - hf(input_ids=idx).logits).abs().max().item() < 1e-4
 
 
 def test_mistral_and_sharded_safetensors_load(folders, tmp_path):
@@ -187,7 +185,7 @@ def test_mistral_and_sharded_safetensors_load(folders, tmp_path):
         save_file({k: tensors[k] for k in keys}, str(mistral / shard), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
     (mistral / "model.safetensors.index.json").write_text(json.dumps(index))
-    tm = load_pretrained(mistral)
+    tm = load_model(mistral)
     assert tm.cfg.model.context == 32
     idx = random_ids(n=32)
     with torch.no_grad():
@@ -196,7 +194,7 @@ def test_mistral_and_sharded_safetensors_load(folders, tmp_path):
 
 def test_gpt2_exports_back_as_gpt2_with_equal_logits(folders, tmp_path):
     folder, hf = folders["gpt2"]
-    tm = load_pretrained(folder)
+    tm = load_model(folder)
     result = export(tm, "hf", tmp_path / "out")  # check=True: transformers loads it, logits compared
     assert result["check"]["max_logit_diff"] < 1e-4
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -206,20 +204,20 @@ def test_gpt2_exports_back_as_gpt2_with_equal_logits(folders, tmp_path):
     with torch.no_grad():
         assert (again(input_ids=idx).logits - hf(input_ids=idx).logits).abs().max().item() < 1e-4
     # An imported Llama, with its own </s>, goes back as Llama.
-    result = export(load_pretrained(folders["llama"][0]), "hf", tmp_path / "llama")
+    result = export(load_model(folders["llama"][0]), "hf", tmp_path / "llama")
     assert result["check"]["max_logit_diff"] < 1e-4
     assert json.loads((tmp_path / "llama" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
 
 
 def test_exports_refuse_what_they_cannot_represent(folders, tmp_path):
-    tm = load_pretrained(folders["gpt2"][0])
+    tm = load_model(folders["gpt2"][0])
     with pytest.raises(ConfigError, match=r"gguf: model.transformer.norm is 'layernorm'.*--format lmforge"):
         export(tm, "gguf", tmp_path / "x.gguf")
     tm.cfg = tm.cfg.model_copy(update={"model": tm.cfg.model.model_copy(
         update={"transformer": tm.cfg.model.transformer.model_copy(update={"mlp": "relu2"})})})
     with pytest.raises(ConfigError, match=r"norm is 'layernorm'.*Nor is it a GPT-2: model.transformer.mlp is 'relu2'"):
         export(tm, "hf", tmp_path / "hf")
-    llama = load_pretrained(folders["llama"][0])
+    llama = load_model(folders["llama"][0])
     llama.cfg = llama.cfg.model_copy(update={"model": llama.cfg.model.model_copy(
         update={"transformer": llama.cfg.model.transformer.model_copy(update={"bias": True})})})
     with pytest.raises(ConfigError, match=r"gguf: model.transformer.bias is true"):
@@ -275,7 +273,7 @@ def test_bad_folders_get_one_clear_error(case, folders, tmp_path):
     folder = copy(folders[kind][0], tmp_path)
     spoil(folder)
     with pytest.raises(CheckpointError, match=message):
-        load_pretrained(folder)
+        load_model(folder)
 
 
 def test_cli_generates_from_a_hf_folder_and_reports_errors(folders, tmp_path, capsys):
@@ -291,7 +289,7 @@ def test_cli_generates_from_a_hf_folder_and_reports_errors(folders, tmp_path, ca
 
 
 def test_imported_special_tokens_survive_save_and_load(folders, tmp_path):
-    tm = load_pretrained(folders["llama"][0])
+    tm = load_model(folders["llama"][0])
     assert tm.tokenizer.specials["eos_token"] == "</s>" and tm.tokenizer.token_to_id("<|endoftext|>") is None
     back = Tokenizer.load(tm.tokenizer.save(tmp_path))
     assert (back.eot_id, back.bos_id, back.pad_id) == (tm.tokenizer.eot_id, tm.tokenizer.bos_id, tm.tokenizer.eot_id)

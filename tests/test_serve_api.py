@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.serving import CONTEXT, make_run, server_for, sse_events
 
 
@@ -39,7 +39,7 @@ def greedy(**kw) -> dict:
 
 def test_completion_matches_the_engine(client, server, run):
     r = client.completions.create(model=server.model_name, prompt="ROMEO:", **greedy())
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     from lmforge.serve.engine import Engine, SamplingParams
 
     [c] = Engine(tm.model, tm.tokenizer).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=24))
@@ -51,7 +51,7 @@ def test_completion_matches_the_engine(client, server, run):
 
 
 def test_prompt_forms_and_n(client, server, run):
-    tok = TrainedModel.load(run).tokenizer
+    tok = load_model(run).tokenizer
     ids = tok.encode("To be")
     as_text = client.completions.create(model=server.model_name, prompt="To be", **greedy())
     as_ids = client.completions.create(model=server.model_name, prompt=ids, **greedy())
@@ -87,7 +87,7 @@ def test_echo_logprobs_score_the_prompt(client, server, run):
 
     A scored prompt starts a new document: the server puts the begin token first (Tokenizer.with_bos) without
     echoing it, so every prompt token, the first included, has its log-probability after that token."""
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     ids = tm.tokenizer.encode("Shall I compare thee to a summer's day?")
     seen = [tm.tokenizer.bos_id, *ids]
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_lm_evaluation_harness_reads_the_scores(server, run):
 
     from lmforge.serve.engine import Engine, SamplingParams
 
-    tm = TrainedModel.load(run)
+    tm = load_model(run)
     ctx, cont = tm.tokenizer.encode("To be, or not"), tm.tokenizer.encode(" to be")
     bos = tm.tokenizer.bos_id  # the server scores the prompt after the begin token, as lmforge's own scoring does
     [greedy] = Engine(tm.model, tm.tokenizer).generate([[bos, *ctx]], SamplingParams(

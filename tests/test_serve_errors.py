@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from lmforge.models.rnn import GRUModel
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 from tests.serving import CONTEXT, assert_error, make_run, server_for, sse_events
 
 
@@ -163,7 +163,7 @@ class FailingGRU(GRUModel):
 
 
 def test_error_after_streaming_began_is_an_event_then_done(runs):
-    tm = TrainedModel.load(runs["gru"])
+    tm = load_model(runs["gru"])
     model = FailingGRU(tm.cfg.model)
     model.load_state_dict(tm.model.state_dict())
     server = server_for(runs["gru"], model=model)

@@ -49,6 +49,7 @@ from lmforge.config.run import (
     to_yaml,
 )
 from lmforge.config.sections import (
+    ARCHS,
     CNNConfig,
     CompareConfig,
     DataConfig,
@@ -65,6 +66,7 @@ from lmforge.config.sections import (
 )
 
 __all__ = [
+    "ARCHS",
     "CNNConfig",
     "CleanConfig",
     "CollectConfig",

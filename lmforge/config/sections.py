@@ -81,9 +81,14 @@ class CNNConfig(Section):
     expansion: int = Field(2, ge=1, description="gated linear unit width = expansion * d_model")
 
 
+# The names of the model registry, written once: lmforge.models.REGISTRY pairs each with its class, in
+# this order. They live here because the models import config, never the other way round.
+ARCHS = ("transformer", "lstm", "gru", "cnn")
+
+
 class ModelConfig(Section):
-    arch: Literal["transformer", "lstm", "gru", "cnn"] = Field("transformer", description=(
-        "architecture from the model registry"))
+    arch: Literal[ARCHS] = Field("transformer", description=(
+        f"architecture from the model registry (lmforge.models.REGISTRY): {', '.join(ARCHS)}"))
     context: int = Field(256, ge=2, le=1_048_576, description="sequence length in tokens (training and decoding window)",
                          json_schema_extra=reuse(top=("pack",), pack=INVALIDATES))
     d_model: int = Field(192, ge=8, description="embedding / residual width (replaced when model.param_budget is set)")
@@ -272,7 +277,7 @@ class SweepConfig(Section):
 
 # ------------------------------------------------------------------------ compare
 class CompareConfig(Section):
-    archs: list[str] = Field(default_factory=lambda: ["transformer", "lstm", "gru", "cnn"], min_length=1,
+    archs: list[str] = Field(default_factory=lambda: list(ARCHS), min_length=1,
                              description="architectures `lmforge compare-archs` trains, each under runs_dir/NAME-ARCH")
     budget_seconds: float = Field(300.0, gt=0, description=(
         "training time per architecture in seconds (--budget-seconds); evaluation and checkpoints do not count"))
@@ -286,7 +291,7 @@ class CompareConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:
-        known = ModelConfig.model_fields["arch"].annotation.__args__  # the Literal's choices
+        known = ARCHS
         for where, names in (("compare.archs", self.archs), ("compare.recipes", list(self.recipes))):
             for name in names:
                 if name not in known:

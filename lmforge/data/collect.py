@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.config import RunConfig, SourceConfig
+from lmforge.data.readers.files import read_documents
 from lmforge.data.shards import ShardWriter
-from lmforge.data.sources import DataError, Document, FileOptions, ReadStats, embedded_corpus, read_documents
+from lmforge.data.sources import DataError, Document, FileOptions, ReadStats, embedded_corpus
 
 
 def sources_of(cfg: RunConfig) -> list[SourceConfig]:

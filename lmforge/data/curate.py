@@ -228,7 +228,7 @@ def eval_files(cfg: RunConfig) -> list[str]:
 
 def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp: str) -> dict:
     """Clean the shards of ``in_dir`` (the collect stage's folder) into ``out_dir``; return the counts."""
-    from lmforge.report.data_card import write_data_card
+    from lmforge.data.data_card import write_data_card
 
     shards = shard_paths(Path(in_dir) / "shards")
     if not shards:

@@ -36,7 +36,8 @@ import numpy as np
 
 from lmforge.config import DedupConfig
 from lmforge.data.quality import ngram_hashes
-from lmforge.data.sources import FileOptions, ReadStats, read_documents
+from lmforge.data.readers.files import read_documents
+from lmforge.data.sources import FileOptions, ReadStats
 
 SEED = 1  # MinHash permutation seed: signatures from different runs stay comparable
 SCHEME = "affine32"

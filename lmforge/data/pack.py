@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 
 MAGIC = b"LMFTOKS\x00"

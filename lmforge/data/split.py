@@ -29,7 +29,8 @@ import numpy as np
 
 from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
-from lmforge.data.sources import DataError, Document, ReadStats, iter_sources, read_documents
+from lmforge.data.readers.files import iter_sources, read_documents
+from lmforge.data.sources import DataError, Document, ReadStats
 
 MAX_VAL_IDS = 50  # val ids listed in the stats (the manifest stays readable for big corpora)
 

@@ -33,6 +33,7 @@ The "tokenizer" stage is :func:`main` (``lmforge tokenize``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -43,7 +44,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 
 from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig, TokenizerConfig
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 
 SPECIAL_TOKENS: list[str] = [
     "<|endoftext|>",  # 0: document boundary (EOT)
@@ -54,7 +56,7 @@ SPECIAL_TOKENS: list[str] = [
 ]
 EOT = SPECIAL_TOKENS[0]
 PAD = SPECIAL_TOKENS[1]
-END_OF_TURN = SPECIAL_TOKENS[3]  # ends a chat turn (the ChatML template of lmforge.serve.chat)
+END_OF_TURN = SPECIAL_TOKENS[3]  # ends a chat turn (the ChatML template of lmforge.data.chat)
 BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
 # Byte-level BPE cannot be smaller than its alphabet: every byte plus the special tokens.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -193,6 +195,11 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
         return cls(inner, origin=str(p), specials=read_specials(p.parent), end_tokens=read_end_tokens(p.parent))
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of a ``tokenizer.json``: checkpoints record it, so a model is never paired with another tokenizer."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_specials(folder: Path) -> dict[str, str | None]:

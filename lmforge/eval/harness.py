@@ -53,9 +53,9 @@ class LmforgeLM(LM):
         if trained is None:
             if pretrained is None:
                 raise ValueError("the lmforge model needs pretrained=<run folder or checkpoint>")
-            from lmforge.export.native import load_any
+            from lmforge.trained import load_model
 
-            trained = load_any(Path(pretrained), device=_pick_device(device))
+            trained = load_model(Path(pretrained), device=_pick_device(device))
         self.trained = trained
         # lm-eval passes batch_size="auto" (or "auto:N") when asked to choose; our batches are already length-sorted.
         size = int(batch_size) if str(batch_size).isdigit() else (max_batch_size or 16)
@@ -178,10 +178,10 @@ def main(cfg, args: list[str]) -> dict:
 
     if not cfg.eval.tasks:
         raise ConfigError("lmforge harness needs tasks: --eval.tasks=[speaker,minimal_pairs] or task files")
-    from lmforge.export.native import load_any
+    from lmforge.trained import load_model
 
     run = Path(args[0] if args else cfg.run_dir)
-    trained = load_any(run)  # a run folder means its fine-tuned model when it has one, as for serve and eval
+    trained = load_model(run)  # a run folder means its fine-tuned model when it has one, as for serve and eval
     out_dir = (run if run.is_dir() and (run / "train").is_dir() else trained.path) / "harness"
     results = evaluate(trained, list(cfg.eval.tasks), out_dir / "tasks", batch_size=cfg.eval.batch_size)
     table = scores(results)

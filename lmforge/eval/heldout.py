@@ -20,9 +20,10 @@ import numpy as np
 
 from lmforge.config import RunConfig
 from lmforge.data.pack import list_shards, read_shard
-from lmforge.data.sources import DataError, read_documents
+from lmforge.data.readers.files import read_documents
+from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
-from lmforge.trained import TrainedModel
+from lmforge.trained import TrainedModel, load_model
 
 
 def _split_tokens(data_dir: Path, split: str, limit: int | None = None) -> np.ndarray:
@@ -40,7 +41,7 @@ def _split_tokens(data_dir: Path, split: str, limit: int | None = None) -> np.nd
 
 def main(cfg: RunConfig, run_dir: Path, pack_stats: dict) -> dict:
     """The eval stage: validation and a training slice, from the packed shards."""
-    tm = TrainedModel.load(run_dir)
+    tm = load_model(run_dir / "train")  # the pre-trained model, also in a run that has a fine-tuned one
     context = tm.cfg.model.context
     kw = dict(context=context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
               bos_id=tm.tokenizer.bos_id, max_tokens=cfg.eval.max_tokens, progress=cfg.train.progress)

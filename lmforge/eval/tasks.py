@@ -310,11 +310,12 @@ class TaskProbe:
     """Runs the eval tasks every ``every`` training steps and logs their scores as metrics of kind ``tasks``.
 
     The tasks are loaded (and checked) when the probe is built, even with ``every`` 0: a bad task file
-    stops a run before it trains, not at the eval stage after it.
+    stops a run before it trains, not at the eval stage after it. The caller hands it to
+    :func:`lmforge.train.loop.main` (``probe=``), which runs it on the main rank only.
     """
 
-    def __init__(self, refs: Sequence[str], every: int, tokenizer, context: int, enabled: bool = True) -> None:
-        self.every = every if enabled else 0
+    def __init__(self, refs: Sequence[str], every: int, tokenizer, context: int) -> None:
+        self.every = every
         self.tasks = [load_task(r) for r in refs]
         self.tokenizer, self.context = tokenizer, context
 

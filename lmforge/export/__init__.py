@@ -39,7 +39,8 @@ def export(tm: TrainedModel, fmt: str, out: Path, gguf_type: str = "f32", check:
         if check:
             result["check"] = check_gguf(tm, out, gguf_type)
     else:
-        from lmforge.export.native import export_native, load_native
+        from lmforge.export.native import export_native
+        from lmforge.trained.native import load_native
 
         files = export_native(tm, out)
         if check:
@@ -59,9 +60,9 @@ def main(cfg: RunConfig, args: list[str]) -> dict:
     """The ``export`` verb: PATH (run, checkpoint) -> ``export.out`` (default RUN/export/FORMAT)."""
     ec = cfg.export
     source = Path(args[0]) if args else cfg.run_dir
-    from lmforge.export.native import load_any
+    from lmforge.trained import load_model
 
-    tm = load_any(source)  # a run, checkpoint, export or Hugging Face folder
+    tm = load_model(source)  # a run, checkpoint, export or Hugging Face folder
     # A checkpoint folder's export goes beside it (the ckpt folder ignores names other than step_N).
     base = source.parent if (source / "checksums.json").is_file() else source
     default = base / "export" / ("model.gguf" if ec.format == "gguf" else ec.format)

@@ -29,10 +29,10 @@ import torch
 
 from lmforge.artifacts import atomic_path
 from lmforge.config import ConfigError
+from lmforge.data.chat import CHAT_TEMPLATE
 from lmforge.export.hf import require_llama, special_ids
 from lmforge.export.hf_llama import to_hf_llama_state_dict
 from lmforge.models.transformer import Transformer
-from lmforge.serve.chat import CHAT_TEMPLATE
 from lmforge.trained import TrainedModel
 
 Q8_BLOCK = 32

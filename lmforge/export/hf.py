@@ -16,7 +16,7 @@ then loads the folder back with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and
 checks that its logits equal lmforge's within 1e-4 and that both tokenizers give
 the same ids (``export.check``). Only the Transformer maps onto Llama (default options,
 no ``qk_norm``) or GPT-2 (``norm=layernorm pos=learned mlp=gelu bias=true``); other models
-are refused with a pointer to ``--format lmforge``. :mod:`lmforge.finetune.hf_import`
+are refused with a pointer to ``--format lmforge``. :mod:`lmforge.trained.hf`
 reads such a folder back into lmforge (``lmforge serve DIR``).
 """
 
@@ -29,11 +29,11 @@ import torch
 
 from lmforge.artifacts import atomic_path, write_text
 from lmforge.config import ConfigError
+from lmforge.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_state_dict
 from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
 from lmforge.models.transformer import Transformer
-from lmforge.serve.chat import CHAT_TEMPLATE, IM_END, IM_START
 from lmforge.train.checkpoint import CheckpointError, write_safetensors
 from lmforge.trained import TrainedModel
 

@@ -5,10 +5,10 @@ Input is JSONL in OpenAI's ``messages`` format, one conversation per line::
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "..."}, ...]}
 
-Rendering is the ChatML template of :mod:`lmforge.serve.chat` (``CHAT_TEMPLATE``, which the Hugging
+Rendering is the ChatML template of :mod:`lmforge.data.chat` (``CHAT_TEMPLATE``, which the Hugging
 Face export writes as ``chat_template``): ids are built turn by turn from the special tokens' ids and
 the encoded text, never by re-tokenising a rendered string. A user or system turn is exactly what
-:func:`~lmforge.serve.chat.render_chat` gives at serving time; an assistant turn is the generation
+:func:`~lmforge.data.chat.render_chat` gives at serving time; an assistant turn is the generation
 prompt ``<|im_start|>assistant\\n`` (the same ids the server feeds the model) followed by the encoded
 content, ``<|im_end|>`` and a newline. The loss mask is 1 on the assistant content and its
 ``<|im_end|>`` (so the model learns to end its turn) and 0 elsewhere; ``decode(ids)`` equals the Jinja
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.chat import IM_END, ROLES, render_chat
 from lmforge.data.sources import DataError
-from lmforge.serve.chat import IM_END, ROLES, render_chat
 
 EXAMPLES_KEPT = 5  # bad lines quoted in the report, per reason
 

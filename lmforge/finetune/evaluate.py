@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from lmforge.data.chat import IM_END, render_chat
 from lmforge.data.pack import list_shards, read_shard
 from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
 from lmforge.eval.scoring import Scorer
 from lmforge.finetune.chat import check_messages
-from lmforge.serve.chat import IM_END, render_chat
 
 
 def load_chat_task(path: Path) -> list[dict]:

@@ -15,9 +15,13 @@ the same optimizer, schedule, checkpoints and exact resume as pre-training. Ever
 
 Usage::
 
-    lmforge finetune --init runs/demo --name demo-chat                        # embedded chat set
-    lmforge finetune --init runs/demo --finetune.mode=text --finetune.data=[notes/] --name notes
-    lmforge finetune --init runs/demo --finetune.lora.rank=8 --name demo-lora
+    lmforge finetune --init runs/demo/train --name demo-chat                  # embedded chat set
+    lmforge finetune --init runs/demo/train --finetune.mode=text --finetune.data=[notes/] --name notes
+    lmforge finetune --init runs/demo/train --finetune.lora.rank=8 --name demo-lora
+
+``--init`` is opened by :func:`lmforge.trained.load_model` under the rule of every verb
+(:data:`lmforge.trained.PATH_RULE`): a run folder means its fine-tuned model when it has one, so
+``runs/demo/train`` names its pre-trained one.
 """
 
 from __future__ import annotations
@@ -29,20 +33,14 @@ import torch
 
 from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
-from lmforge.finetune import adapters
+from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, prepare_data
-from lmforge.trained import TrainedModel, tokenizer_digest
+from lmforge.train import lora
+from lmforge.trained import TrainedModel, load_model
 
 # The finetune fields named like train's replace them for the fine-tuning run; the other train options carry over.
 TRAIN_KEYS = tuple(k for k in FinetuneConfig.model_fields if k in TrainConfig.model_fields)
-
-
-def load_pretrained(path: str | Path, device: str = "cpu") -> TrainedModel:
-    """The one place that opens the model to start from (run, checkpoint, export or Hugging Face folder)."""
-    from lmforge.finetune.init import load_pretrained as load
-
-    return load(Path(path), device)
 
 
 def effective_train(cfg: RunConfig) -> TrainConfig:
@@ -78,7 +76,10 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     if ft.init is None and not (run_dir / "train").is_dir():
         raise ConfigError(f"finetune.init: no model to start from ({run_dir} has no pre-trained model); "
                           f"give one with --init PATH (a run, checkpoint, export or Hugging Face folder)")
-    base = load_pretrained(init)
+    # A run named by --init means what it means to every verb, except this run itself: its own fine-tuned
+    # model is what this stage writes, never where it starts (resuming would change the base).
+    own = ft.init is None or Path(ft.init).expanduser().resolve() == run_dir.resolve()
+    base = load_model(run_dir / "train" if own else ft.init)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     tok = base.tokenizer
@@ -110,10 +111,10 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
     if not stats["complete"]:
         return result
-    tuned = TrainedModel.load(out)  # the newest checkpoint, adapters merged
+    tuned = load_model(out)  # the newest checkpoint, adapters merged
     if ft.lora.rank:
         result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
-    result["compare"] = compare(cfg, run_dir, init, base, tuned, data_stats, base_val)
+    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val)
     artifacts.write_json(out / "results.json", result)
     return result
 
@@ -126,15 +127,14 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
     ckpt = checkpoint.resolve(out)
     state = checkpoint.read_state(ckpt)
     model = build_model(run_cfg.model)
-    adapters.attach_from_state(model, state["lora"])
+    lora.attach_from_state(model, state["lora"])
     checkpoint.load(ckpt, model, optimizer=None, restore_rng=False)
     info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
             "model": run_cfg.model.model_dump(), "step": state["step"]}
-    lora = run_cfg.finetune.lora
-    return adapters.save_adapter(model, out / "adapter", lora, state["lora"]["targets"], info)
+    return lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, state["lora"]["targets"], info)
 
 
-def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
+def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
             base_val: dict | None) -> dict:
     """Held-out task accuracy and validation bits per byte of the base and the fine-tuned model."""
     context, bs = base.cfg.model.context, cfg.eval.batch_size
@@ -147,7 +147,8 @@ def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned:
         out["task"] = {"name": task.stem, "base": score_chat_task(base.model, base.tokenizer, context, items, bs),
                        "finetuned": score_chat_task(tuned.model, tuned.tokenizer, context, items, bs)}
     # The pre-training validation text: this run's, or that of the run the model came from.
-    for pack in (run_dir / "pack", Path(init) / "pack"):
+    home = base.path.parents[2] if base.path.parent.name == "ckpt" else base.path  # RUN of RUN/<stage>/ckpt/step_N
+    for pack in (run_dir / "pack", home / "pack"):
         manifest = artifacts.read_manifest(pack)
         if manifest:
             n_bytes = manifest["outputs"]["val"]["bytes"]
@@ -160,3 +161,4 @@ def compare(cfg: RunConfig, run_dir: Path, init: str, base: TrainedModel, tuned:
         out["finetune_val"] = {"base": shard_bpb(base.model, data_dir, n_bytes, **kw),
                                "finetuned": shard_bpb(tuned.model, data_dir, n_bytes, **kw)}
     return out
+

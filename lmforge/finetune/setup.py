@@ -22,13 +22,14 @@ import numpy as np
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig
+from lmforge.data.chat import IM_END, IM_START
 from lmforge.data.loader import TokenLoader
-from lmforge.data.sources import DataError, stage_texts
+from lmforge.data.readers.files import stage_texts
+from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.finetune import adapters
 from lmforge.finetune.chat import encode_all, read_conversations
 from lmforge.finetune.data import ChatLoader, save_examples
-from lmforge.serve.chat import IM_END, IM_START
+from lmforge.train import lora
 
 EMBEDDED_DIR = Path(__file__).parent / "sets"  # the embedded fine-tuning set (build_set.py writes it)
 EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "shakespeare_qa_val.jsonl", \
@@ -60,7 +61,7 @@ class FinetuneSetup:
             raise ConfigError(f"the pretrained weights do not fit the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
         if self.cfg.lora.rank:
-            self.lora_targets = adapters.attach_lora(model, self.cfg.lora, self.cfg.train_layers)
+            self.lora_targets = lora.attach_lora(model, self.cfg.lora, self.cfg.train_layers)
         else:
             freeze(model, self.cfg.train_layers, self.cfg.freeze_embeddings)
 
@@ -76,7 +77,7 @@ def freeze(model: nn.Module, train_layers: int | None, freeze_embeddings: bool) 
     n_layers = model.cfg.n_layers
     tied = {id(model.tok_emb.weight)}
     for name, p in model.named_parameters():
-        layer = adapters.layer_of(name)
+        layer = lora.layer_of(name)
         trainable = train_layers is None or layer is None or layer >= n_layers - train_layers
         if freeze_embeddings and id(p) in tied:
             trainable = False

@@ -1,11 +1,12 @@
 """The model registry: every architecture lmforge can train, behind one contract.
 
-``model.arch`` in the config names an entry of :data:`REGISTRY`; :func:`build_model`
+``model.arch`` in the config names an entry of :data:`REGISTRY` (:mod:`lmforge.models.registry`); :func:`build_model`
 builds it from a :class:`~lmforge.config.ModelConfig` whose ``vocab_size`` is set.
 All entries implement :class:`~lmforge.models.base.LanguageModel` (forward with
 loss, init, parameter and flop counts, incremental decoding), so the rest of
 lmforge never branches on the architecture. A new architecture is a new file in
-this folder and one line in :data:`REGISTRY`.
+this folder, its class in :data:`REGISTRY` and its name in :data:`lmforge.config.ARCHS` (the one list of
+names, which the config's ``model.arch`` choices and ``--help`` read: config cannot import the models).
 
 Usage::
 
@@ -19,16 +20,10 @@ from __future__ import annotations
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.base import LanguageModel
 from lmforge.models.cnn import GatedCNN
+from lmforge.models.registry import REGISTRY
 from lmforge.models.rnn import GRUModel, LSTMModel
 from lmforge.models.sizing import fit_to_budget
 from lmforge.models.transformer import Transformer
-
-REGISTRY: dict[str, type[LanguageModel]] = {
-    "transformer": Transformer,
-    "lstm": LSTMModel,
-    "gru": GRUModel,
-    "cnn": GatedCNN,
-}
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

@@ -25,6 +25,7 @@ import math
 import torch
 
 from lmforge.config import ConfigError, ModelConfig
+from lmforge.models.registry import REGISTRY
 
 WIDTH_MULTIPLE = 8  # widths stay multiples of 8: what vector units and tensor cores handle best
 MAX_WIDTH = 65_536
@@ -33,8 +34,6 @@ TOLERANCE = 0.25  # a budget no width comes within 25% of is a config error, not
 
 def count_params(cfg: ModelConfig) -> int:
     """Distinct parameters of the model that ``cfg`` describes, counted without allocating it."""
-    from lmforge.models import REGISTRY  # the registry imports this module's caller; import at use
-
     with torch.device("meta"):
         model = REGISTRY[cfg.arch](cfg)
     return model.num_params()

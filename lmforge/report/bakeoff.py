@@ -1,6 +1,6 @@
 """The bake-off report: the table and plot of ``lmforge compare-archs``.
 
-Takes the comparison that :func:`lmforge.eval.compare.main` measured and writes,
+Takes the comparison that :func:`lmforge.tune.bakeoff.main` measured and writes,
 under ``runs_dir/NAME/``:
 
 - ``compare.json``: every figure, per architecture, with the curves;

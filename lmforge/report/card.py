@@ -35,12 +35,12 @@ steps planned_steps best_val_loss best_step early_stop_patience early_stop_min_d
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmforge.report.card_eval import evaluation, overfitting
 from lmforge.report.card_finetune import finetuning
+from lmforge.report.card_inputs import CardInputs
 from lmforge.report.plots import training_curves
 from lmforge.report.render import (
     Code,
@@ -90,22 +90,6 @@ SUMMARY_LABELS = {
 _DATA_ROWS = {"docs": "documents", "bytes": "bytes", "chars": "characters", "tokens": "tokens"}
 _TOKENIZER_LABELS = {"vocab_size": "vocabulary size", "bytes_per_token": "bytes per token"}
 FIGURE = "loss.png"  # the training-curves figure (the name predates its extra panels)
-
-
-@dataclass
-class CardInputs:
-    """Everything a section may show; ``extra`` carries the data of added sections."""
-
-    name: str
-    config_yaml: str
-    summary: dict
-    metrics: list[dict]
-    data_stats: dict = field(default_factory=dict)
-    tokenizer_stats: dict = field(default_factory=dict)
-    eval_stats: dict = field(default_factory=dict)
-    samples: list[dict] = field(default_factory=list)
-    training: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
 
 
 Section = Callable[[CardInputs], list]  # the blocks of one section, its heading first

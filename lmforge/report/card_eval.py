@@ -8,19 +8,17 @@
   the early-stopping outcome, and whatever else the eval stage returned.
 
 Both are sections of :data:`lmforge.report.card.SECTIONS`: functions of
-:class:`~lmforge.report.card.CardInputs` returning blocks.
+:class:`~lmforge.report.card_inputs.CardInputs` returning blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lmforge.report.card_inputs import CardInputs
 from lmforge.report.plots import gap_points, points
 from lmforge.report.render import Heading, Para, Table, fmt, kv_table
-
-if TYPE_CHECKING:
-    from lmforge.report.card import CardInputs
 
 _GAP_SMALL, _GAP_LARGE = 0.05, 0.25  # overfitting verdict thresholds on (val - train) loss, nats/token
 MAX_GAP_ROWS = 12  # rows of the gap-over-time table; longer runs show evenly spaced estimates

@@ -53,7 +53,7 @@ def _data_stats(outputs: dict) -> dict:
     stats = dict(outputs["docs"])
     card = Path(outputs.get("clean", {}).get("data_card", ""))
     if card.is_file():
-        from lmforge.report.data_card import card_summary
+        from lmforge.data.data_card import card_summary
 
         stats["cleaning"] = card_summary(json.loads(card.read_text(encoding="utf-8")))
     return stats

@@ -155,15 +155,15 @@ def main(cfg: RunConfig, args: list[str]) -> None:
     import torch
     import uvicorn
 
-    from lmforge.export.native import load_any
     from lmforge.runtime import pick_device
+    from lmforge.trained import load_model
 
     sc = cfg.serve
     if sc.threads:
         torch.set_num_threads(sc.threads)
     path = Path(args[0] if args else cfg.run_dir)
     device = pick_device(sc.device)
-    tm = load_any(path, device)
+    tm = load_model(path, device)
     name = sc.model_name or tm.name
     engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=sc.max_batch, compile=sc.compile,
                     lookahead=sc.lookahead)

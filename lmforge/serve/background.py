@@ -40,12 +40,12 @@ class BackgroundServer:
     @classmethod
     def for_model(cls, path: str | Path, cfg: ServeConfig | None = None, device: str = "cpu") -> BackgroundServer:
         """A server for a run, checkpoint or exported folder, as ``lmforge serve PATH`` would build it."""
-        from lmforge.export.native import load_any
         from lmforge.serve.api import create_app
         from lmforge.serve.engine import Engine
+        from lmforge.trained import load_model
 
         cfg = cfg or ServeConfig()
-        tm = load_any(Path(path), device)
+        tm = load_model(Path(path), device)
         engine = Engine(tm.model, tm.tokenizer, device=device, max_batch=cfg.max_batch, compile=cfg.compile,
                         lookahead=cfg.lookahead)
         return cls(create_app(engine, cfg, cfg.model_name or tm.name, api_key=cfg.api_key), cfg.host, cfg.port)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lmforge.data.chat import render_chat
 from lmforge.serve import responses as R
 from lmforge.serve.batch import Completion, Delta
-from lmforge.serve.chat import render_chat
 from lmforge.serve.engine import Engine
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from lmforge.serve.scheduler import Event, QueueFull, Scheduler, Ticket

@@ -1,7 +1,7 @@
 """``lmforge chat RUN``: a multi-turn chat with a model in the terminal.
 
 Each user line becomes a user turn; the whole conversation so far is rendered with the chat template
-(:func:`~lmforge.serve.chat.render_chat`) and the reply is streamed by the one generator
+(:func:`~lmforge.data.chat.render_chat`) and the reply is streamed by the one generator
 (:class:`~lmforge.serve.engine.Engine`) with the ``sample`` section's settings, stopping at
 the model's end tokens (``<|im_end|>``, ``<|endoftext|>``). ``/reset`` starts a new conversation,
 ``/exit`` (or end of input) quits. It reads piped input too, so it can be scripted::
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmforge.config import RunConfig
-from lmforge.serve.chat import render_chat
+from lmforge.data.chat import render_chat
 from lmforge.serve.engine import Engine
 from lmforge.serve.sample import params_from
 
@@ -30,10 +30,10 @@ COMMANDS = "/reset = new conversation, /exit = quit"
 
 def main(cfg: RunConfig, path: str, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Run the chat until /exit or end of input; returns the last conversation's messages."""
-    from lmforge.export.native import load_any  # it imports the model code: only when a chat starts
+    from lmforge.trained import load_model  # it imports the model code: only when a chat starts
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tm = load_any(Path(path))
+    tm = load_model(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
     params = params_from(cfg.sample)
     interactive = stdin.isatty()

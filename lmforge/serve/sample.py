@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.config import RunConfig, SampleConfig
 from lmforge.serve.engine import Engine, SamplingParams
-from lmforge.trained import TrainedModel
+from lmforge.trained import load_model
 
 
 def params_from(sc: SampleConfig) -> SamplingParams:
@@ -24,7 +24,7 @@ def params_from(sc: SampleConfig) -> SamplingParams:
 
 def main(cfg: RunConfig, run_dir: Path) -> dict:
     """The sample stage: one completion per configured prompt, written to sample/samples.json."""
-    tm = TrainedModel.load(run_dir)
+    tm = load_model(run_dir / "train")  # the pre-trained model, also in a run that has a fine-tuned one
     engine = Engine(tm.model, tm.tokenizer, device=None)
     params = params_from(cfg.sample)
     samples = []
@@ -39,10 +39,8 @@ def main(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def generate_cli(path: str, cfg: RunConfig) -> None:
-    """Stream one completion per prompt to stdout as it is produced (``path``: anything ``load_any`` opens)."""
-    from lmforge.export.native import load_any
-
-    tm = load_any(Path(path))
+    """Stream one completion per prompt to stdout as it is produced (``path``: anything ``load_model`` opens)."""
+    tm = load_model(Path(path))
     engine = Engine(tm.model, tm.tokenizer, device=None)
     params = params_from(cfg.sample)
     for prompt in cfg.sample.prompts:

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -26,8 +26,7 @@ from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig
 from lmforge.data.loader import TokenLoader
 from lmforge.data.pack import list_shards, shard_info
-from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.tasks import TaskProbe
+from lmforge.data.tokenizer import Tokenizer, tokenizer_digest
 from lmforge.models import build_model, fit_to_budget
 from lmforge.runtime import Runtime
 from lmforge.train.checkpoint import Checkpointer
@@ -38,10 +37,15 @@ from lmforge.train.guard import StepGuard, save_checkpoint
 from lmforge.train.metrics import MetricsLogger, Throughput, peak_flops
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.preemption import Preemption
-from lmforge.trained import tokenizer_digest
 
 if TYPE_CHECKING:
     from lmforge.finetune.setup import FinetuneSetup
+
+
+class Probe(Protocol):
+    """Eval tasks every N steps (:class:`lmforge.eval.tasks.TaskProbe`), built by the caller: train imports no eval."""
+
+    def maybe_run(self, step: int, model: torch.nn.Module, logger: MetricsLogger) -> None: ...
 
 
 def train_fingerprint(cfg: RunConfig, data_fingerprint: str = "") -> str:
@@ -75,7 +79,7 @@ def estimate_val_loss(model: torch.nn.Module, loader_args: dict, n_batches: int,
 
 
 def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, data_fingerprint: str = "",
-         on_eval: OnEval | None = None, finetune: FinetuneSetup | None = None) -> dict:
+         on_eval: OnEval | None = None, finetune: FinetuneSetup | None = None, probe: Probe | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     t_start = time.time()
     cfg = cfg.model_copy(deep=True)  # vocab_size is filled in below; the caller's config stays as given
@@ -113,7 +117,6 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     fingerprint = train_fingerprint(cfg, data_fingerprint)
     tok_digest = tokenizer_digest(finetune.tokenizer_path if finetune else run_dir / "tokenizer" / "tokenizer.json")
     stopper = EarlyStopper(tc.early_stop_patience, tc.early_stop_min_delta, on_eval)  # may end the run at an eval
-    probe = TaskProbe(cfg.eval.tasks, tc.tasks_every, tok, context, enabled=rt.is_main)  # tasks every N steps
 
     # --------------------------------------------------------------- resume
     step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -199,7 +202,8 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
                 last_val["bpb"] = last_val["loss"] / math.log(2) / bytes_per_token
             logger.log(step, "val", {**last_val, "seconds": train_seconds})
             last_step = stopper.update(step, last_val) or last_step
-        probe.maybe_run(step, model, logger)
+        if probe is not None and rt.is_main:
+            probe.maybe_run(step, model, logger)
         logger.advance(step, {"loss": train_loss, "val": last_val.get("loss"),
                               "tok/s": f"{meter.tokens_per_s():,.0f}"})
         if ckpt.should_save(step, last_step):  # every rank: RunCheckpoints decides who writes

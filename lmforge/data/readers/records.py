@@ -3,7 +3,7 @@
 The text comes from a chosen field (``text`` unless told otherwise), the id from an
 optional id field, else ``<file>:<line>`` or ``<file>:<row>``; ``meta`` records the
 path and line or row. Files are streamed (Parquet in record batches), never loaded
-whole. The file readers are called by :func:`lmforge.data.sources.read_documents`;
+whole. The file readers are called by :func:`lmforge.data.readers.files.read_documents`;
 :func:`read_dataset` is the collect stage's reader for ``dataset:`` sources::
 
     for doc in read_dataset("my_dataset/", split="train", text_field="content", id_field=None,

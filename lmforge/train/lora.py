@@ -14,7 +14,10 @@ An adapter adds ``(alpha / r) * B @ A`` to a frozen weight ``W`` (``A`` is ``r x
 Embeddings and the output head are not adapted by default (a head tied to the embedding would be
 adapted on one side only). lmforge uses its own small LoRA rather than peft because the registry
 models are plain ``nn.Module``s with recurrent layers peft does not cover, and the merged model must
-keep the exact parameter names the checkpoint, export and serving code expect::
+keep the exact parameter names the checkpoint, export and serving code expect. It lives with training,
+like the other things applied to a model from outside (DDP, FSDP, compile in :mod:`lmforge.train.distributed`),
+because fine-tuning attaches adapters and :func:`lmforge.trained.load_model` merges them, and the loader
+must not import the fine-tuning stage that itself loads models::
 
     names = attach_lora(model, LoraConfig(rank=8, targets=["q", "v"]))   # base frozen, adapters trainable
     save_adapter(model, Path("adapter"), cfg)                             # adapter.safetensors + adapter.json

@@ -1,5 +1,9 @@
 """The chat format: ChatML turns built from the tokenizer's special tokens.
 
+Its one home, read by fine-tuning (:mod:`lmforge.finetune.chat`, which adds loss masks), serving
+(the API and ``lmforge chat``) and export (the template written into Hugging Face and GGUF files):
+rendering a conversation to token ids is tokenization, so it lives with the tokenizer.
+
 A conversation is rendered as::
 
     <|im_start|>system\\nYou answer briefly.<|im_end|>\\n<|im_start|>user\\nHi!<|im_end|>\\n<|im_start|>assistant\\n

@@ -1,4 +1,4 @@
-"""The architecture bake-off: ``lmforge compare-archs``.
+"""The architecture bake-off: ``lmforge compare-archs``, a tuning of the one choice that is the model family.
 
 Trains every architecture of ``compare.archs`` on the same text with the same
 tokenizer and the same training-time budget, then compares them. Each family is
@@ -9,8 +9,9 @@ over it. Only the model and training sections differ between the runs, so the
 documents, the tokenizer and the token shards are the same for all (the
 tokenizer digests are checked and recorded).
 
-How the time budget is kept fair: a short probe times a few training steps of
-each model on the real batch shape, the run gets as many steps as fit in
+How the time budget is kept fair: a short probe times a few steps of THE
+training loop (:func:`lmforge.train.loop.main`, in a scratch folder on the
+run's own shards) for each model, the run gets as many steps as fit in
 ``compare.budget_seconds`` (so its learning-rate schedule completes), and
 ``train.max_seconds`` stops it at the budget whatever the probe said. The plan
 is kept in ``runs_dir/NAME/plan.json``, so rerunning the command reuses the
@@ -31,16 +32,18 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from lmforge.config import ConfigError, RunConfig, load_config, save_config
-from lmforge.models import build_model, fit_to_budget
-from lmforge.runtime import Runtime, pick_device
+from lmforge.data.tokenizer import tokenizer_digest
+from lmforge.runtime import pick_device
+from lmforge.train import loop
 from lmforge.train.metrics import read_metrics
-from lmforge.train.optim import build_optimizer
+from lmforge.trained import load_model
 
 PROBE_WARMUP, PROBE_STEPS = 2, 5  # untimed steps (allocations, caches), then timed ones; the median counts
 DECODE_REPEATS = 3
@@ -66,27 +69,23 @@ def arch_config(cfg: RunConfig, arch: str) -> RunConfig:
         raise ConfigError(f"compare.recipes.{arch} (model.arch={arch}): {str(e).removeprefix('config: ')}") from None
 
 
-def seconds_per_step(cfg: RunConfig, vocab_size: int) -> float:
-    """Median time of one optimizer step (forward, backward, clip, update) of ``cfg``'s model on random tokens."""
-    tc = cfg.train
-    rt = Runtime.setup(tc, seed=cfg.seed)
-    model = build_model(fit_to_budget(cfg.model.model_copy(update={"vocab_size": vocab_size}))).to(rt.device)
-    model.train()
-    optimizer = build_optimizer(model, tc, rt.device.type)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, vocab_size, (2, tc.batch_size, cfg.model.context), generator=gen).to(rt.device)
-    times = []
-    for _ in range(PROBE_WARMUP + PROBE_STEPS):
-        t0 = time.perf_counter()
-        for _ in range(tc.grad_accum):
-            with rt.autocast():
-                _, loss = model(x, y)
-            (loss / tc.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rt.sync()
-        times.append(time.perf_counter() - t0)
+def seconds_per_step(cfg: RunConfig) -> float:
+    """Median time of one optimizer step of ``cfg``'s model: a few steps of THE training loop, timed by it.
+
+    The probe trains in a scratch run folder that borrows this run's tokenizer and token shards, so it
+    times exactly what training will run (loader, forward, backward, clip, update; DDP or compile when set).
+    """
+    steps = PROBE_WARMUP + PROBE_STEPS
+    tc = cfg.train.model_copy(update={"steps": steps, "log_every": 1, "eval_every": 0, "eval_batches": 1,
+                                      "max_seconds": None, "stop_at": None, "resume": False, "progress": False,
+                                      "tensorboard": False, "tasks_every": 0, "early_stop_patience": 0})
+    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
+        scratch = Path(tmp)
+        for part in ("tokenizer", "pack"):
+            (scratch / part).symlink_to((cfg.run_dir / part).resolve(), target_is_directory=True)
+        loop.main(cfg.model_copy(update={"train": tc}), scratch)
+        seconds = [r["seconds"] for r in read_metrics(scratch / "train" / "metrics.jsonl") if r.get("kind") == "train"]
+    times = [b - a for a, b in zip([0.0, *seconds], seconds, strict=False)]  # the loop logs cumulative seconds
     return statistics.median(times[PROBE_WARMUP:])
 
 
@@ -99,14 +98,14 @@ def _plan_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_run(cfg: RunConfig, vocab_size: int, plan: dict) -> tuple[dict, bool]:
+def plan_run(cfg: RunConfig, plan: dict) -> tuple[dict, bool]:
     """Steps for one family and whether they are new: reused from ``plan`` when its config is unchanged,
     else measured by the probe."""
     key = _plan_key(cfg)
     known = plan.get(cfg.model.arch)
     if known and known.get("key") == key:
         return known, False
-    sps = seconds_per_step(cfg, vocab_size)
+    sps = seconds_per_step(cfg)
     steps = max(1, int(cfg.compare.budget_seconds / sps))
     return {"key": key, "seconds_per_step": sps, "steps": steps,
             "eval_every": max(1, steps // cfg.compare.val_points)}, True
@@ -115,9 +114,8 @@ def plan_run(cfg: RunConfig, vocab_size: int, plan: dict) -> tuple[dict, bool]:
 def decode_speed(run_dir: Path, prompt: str, n_tokens: int) -> float:
     """Greedy decoding tokens/s at batch 1 (prompt prefill included), the median of a few timed runs."""
     from lmforge.serve.engine import Engine, SamplingParams
-    from lmforge.trained import TrainedModel
 
-    tm = TrainedModel.load(run_dir)
+    tm = load_model(run_dir / "train")  # the pre-trained model, also in a run that has a fine-tuned one
     engine = Engine(tm.model, tm.tokenizer, device=None)
     # stop_token_ids=[]: never stop early, so every run generates exactly n_tokens.
     engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[]))  # warm-up
@@ -156,7 +154,6 @@ def main(cfg: RunConfig) -> dict:
     """Train and measure every family of ``cfg.compare.archs``; returns the comparison (also written to disk)."""
     from lmforge.pipeline import run
     from lmforge.report.bakeoff import write_bakeoff
-    from lmforge.trained import tokenizer_digest
 
     out_dir = cfg.run_dir
     configs = {arch: arch_config(cfg, arch) for arch in cfg.compare.archs}  # every recipe checked before training
@@ -167,8 +164,8 @@ def main(cfg: RunConfig) -> dict:
     rows, digests = [], {}
     for arch, acfg in configs.items():
         print(f"== {arch}: {cfg.compare.budget_seconds:g} s of training, run {acfg.run_dir}")
-        outputs = run(acfg, until="pack")
-        plan[arch], fresh = plan_run(acfg, outputs["tokenizer"]["vocab_size"], plan)
+        run(acfg, until="pack")  # the probe trains on this run's own tokenizer and shards
+        plan[arch], fresh = plan_run(acfg, plan)
         plan_path.write_text(json.dumps(plan, indent=2))
         tree = acfg.model_dump()
         tree["train"].update(steps=plan[arch]["steps"], eval_every=plan[arch]["eval_every"])

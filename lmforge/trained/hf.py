@@ -1,7 +1,7 @@
-"""Load a local Hugging Face causal-LM folder as an lmforge model: weights, tokenizer and config.
+"""Read a local Hugging Face causal-LM folder as an lmforge model: weights, tokenizer and config.
 
 The folder is what ``save_pretrained`` writes: ``config.json`` (mapped by
-:mod:`lmforge.finetune.hf_config`), ``model.safetensors`` (or a sharded
+:mod:`lmforge.trained.hf_config`), ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` read with
 ``weights_only=True``, never unpickling code) and ``tokenizer.json`` with its
 ``tokenizer_config.json`` / ``special_tokens_map.json``. Tensors are renamed onto
@@ -35,10 +35,11 @@ from torch import Tensor
 
 from lmforge.config import RunConfig
 from lmforge.data.tokenizer import DEFAULT_SPECIALS, Tokenizer, read_specials
-from lmforge.finetune.hf_config import LLAMA_TYPES, model_config
 from lmforge.models import build_model
 from lmforge.train.checkpoint import CheckpointError
-from lmforge.trained import TrainedModel
+from lmforge.trained.hf_config import LLAMA_TYPES, model_config
+from lmforge.trained.model import TrainedModel
+from lmforge.trained.native import MARKER
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _LLAMA_LAYER = {
@@ -194,6 +195,12 @@ def end_tokens(inner: tokenizers.Tokenizer, generation: dict[str, Any], hf: dict
             if token is not None:
                 out.append(token)
     return out
+
+
+def is_hf_folder(path: Path) -> bool:
+    """True for a folder that looks like a Hugging Face model (config.json or weights under HF's names)."""
+    return path.is_dir() and not (path / MARKER).is_file() and any(
+        (path / name).is_file() for name in ("config.json", *WEIGHT_FILES))
 
 
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu") -> TrainedModel:
