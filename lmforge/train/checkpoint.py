@@ -28,6 +28,9 @@ only says when::
 
 Eval and serving use :func:`resolve` (run folder, ckpt folder or checkpoint -> checkpoint),
 :func:`load` (into a built model), :func:`load_weights` and :func:`read_state`.
+
+The module is longer than 600 lines on purpose: it is the one place that serializes (DESIGN.md), and
+the file format, its verification and the writer that must keep both are read best side by side.
 """
 
 from __future__ import annotations
@@ -458,10 +461,12 @@ class Checkpointer:
     def load(self, path: Path | None = None, restore_rng: bool = True) -> dict | None:
         """Restore ``state``, weights, optimizer and RNG from ``path``; returns the saved state dict.
 
-        Without ``path``: the newest valid checkpoint (a resume), or None when there is none yet. The
-        state is restored first, so a checkpoint of another config is refused before its weights are read.
+        Without ``path``: the newest valid checkpoint (a resume, said on stdout), or None when there is
+        none yet. The state is restored first, so a checkpoint of another config is refused before its
+        weights are read.
         """
-        if path is None:
+        resuming = path is None
+        if resuming:
             try:
                 path = self.latest_valid()
             except CheckpointError as e:
@@ -483,6 +488,8 @@ class Checkpointer:
         layout.read(path, self.model, self.optimizer)
         if restore_rng:
             _set_rng_state(torch.load(path / RNG, map_location="cpu", weights_only=True))
+        if resuming:
+            print(f"resumed from {path} at step {saved.get('step')}")
         return saved
 
     # ------------------------------------------------------------------ saving
