@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lmforge.train import checkpoint as ckpt_mod
 from lmforge.train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    SingleFile,
     load,
     load_weights,
     read_state,
@@ -364,3 +366,32 @@ def test_equal_weights_give_identical_weights_files(tmp_path):
     # The same format as safetensors' own writer, byte for byte, where its metadata order cannot vary.
     ckpt_mod.write_safetensors(tensors, tmp_path / "one.safetensors", {"format": "pt"})
     assert (tmp_path / "one.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+
+
+def test_sharded_layout_is_atomic_checksummed_and_resumes_like_the_single_file_one(tmp_path):
+    """The DCP layout on one process: the same checkpointer seals, verifies, falls back and converts."""
+    from lmforge.train.checkpoint_dcp import GatheredFile, Sharded
+
+    model, opt = _trained()
+    ck = Checkpointer(tmp_path / "ckpt", model, opt, {"step": 2}, layouts=(Sharded(), GatheredFile()))
+    with warnings.catch_warnings():  # DCP notes that no process group is up: one process is meant here
+        warnings.simplefilter("ignore")
+        sharded = ck.write(2)
+    assert sharded == tmp_path / "dcp" / "step_000002"
+    assert set(json.loads((sharded / "checksums.json").read_text())) == {".metadata", "__0_0.distcp", "rng.pt",
+                                                                           "state.json"}
+    verify(sharded)
+    assert ck.finish() == tmp_path / "ckpt" / "step_000002"  # the single file eval and serving read
+    assert torch.equal(load_weights(tmp_path / "ckpt" / "step_000002")["emb.weight"], model.emb.weight.detach())
+    shutil.rmtree(tmp_path / "ckpt")
+
+    fresh, fresh_opt = _trained(seed=9)
+    resumed = Checkpointer(tmp_path / "ckpt", fresh, fresh_opt, {}, layouts=(SingleFile(), Sharded()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert resumed.load() == {"step": 2}
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    _flip_bit(sharded / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"step_000002 \(__0_0.distcp does not match its sha256"):
+        resumed.load()
