@@ -102,11 +102,12 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     shape = {k: v for k, v in ft.model_dump().items() if k not in RESUMABLE and k not in TRAIN_KEYS}
     blob = json.dumps({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path), "finetune": shape,
                        "data": file_digest([*train_files, *val_files]), "max_length": max_length}, sort_keys=True)
-    fingerprint = loop.train_fingerprint(run_cfg, hashlib.sha256(blob.encode()).hexdigest()[:16])
+    data_fp = hashlib.sha256(blob.encode()).hexdigest()[:16]
     text = data_stats["mode"] == "text"
     # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
     bpt = data_stats["val"]["bytes"] / max(1, data_stats["val"]["tokens"] - data_stats["val"]["docs"]) if text else None
-    job = build_job(run_cfg, out, tok, tok_path, base.model.state_dict(), max_length, fingerprint, bpt)
+    job = build_job(run_cfg, out, tok, tok_path, base.model.state_dict(), max_length,
+                    lambda resolved: loop.train_fingerprint(resolved, data_fp), bpt)
     stats = loop.train(job)
     result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
     if not stats["complete"]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "sha
 
 
 def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: Path,
-              init_state: dict[str, Tensor], context: int, fingerprint: str,
+              init_state: dict[str, Tensor], context: int, fingerprint: Callable[[RunConfig], str],
               bytes_per_token: float | None) -> TrainJob:
     """The fine-tuning job over ``out`` (checkpoints in ``ckpt/``, data in ``data/``), starting from
     ``init_state``, the pretrained weights; ``cfg`` is the run config with the fine-tuning train fields."""

@@ -12,7 +12,7 @@ extras, and what the checkpoint must match to be resumed). The job's
 :class:`~lmforge.train.checkpoint.Checkpointer` saves them as one checkpoint and restores them all::
 
     job = build_job(cfg, tokenizer=tok, tokenizer_path=..., data_dir=run_dir / "pack",
-                    out_dir=run_dir / "train", fingerprint=train_fingerprint(cfg, data_fp))
+                    out_dir=run_dir / "train", fingerprint=lambda resolved: train_fingerprint(resolved, fp))
     job.resume()                     # the newest checkpoint restored into every part, or a fresh start
     ...
     job.ckpt.save(job.progress.step, last_step)
@@ -189,12 +189,14 @@ class TrainJob:
 
 
 def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, data_dir: Path, out_dir: Path,
-              fingerprint: str, context: int | None = None, make_loader: Callable = TokenLoader,
+              fingerprint: Callable[[RunConfig], str], context: int | None = None, make_loader: Callable = TokenLoader,
               prepare: Callable[[nn.Module], dict[str, Stateful]] | None = None,
               bytes_per_token: float | None = None, on_eval: OnEval | None = None) -> TrainJob:
     """Assemble a job: runtime, model (``prepare`` loads pretrained weights or adds adapters, returning the
     extra state to checkpoint), parallelism, optimizer, loaders, guards and checkpointer, in the order
-    that fixes the random streams (the same weights and batches as every earlier lmforge for a seed)."""
+    that fixes the random streams (the same weights and batches as every earlier lmforge for a seed).
+    ``fingerprint`` hashes the resolved config (vocabulary and width filled in), as every checkpoint
+    has recorded it."""
     started = time.time()
     cfg = cfg.model_copy(deep=True)  # vocab_size is filled in below; the caller's config stays as given
     tc = cfg.train
@@ -220,7 +222,7 @@ def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, dat
     guard = StepGuard(tc.max_bad_steps, tc.spike_factor, par.micro_batch * par.accum,  # NaN/inf: skip the update
                       hint=f"The checkpoints in {ckpt_dir} are intact; lower train.lr (now {tc.lr}) or "
                            f"raise train.warmup_steps, then run the same command to resume")
-    identity = {"fingerprint": fingerprint, "config": cfg.model_dump(),
+    identity = {"fingerprint": fingerprint(cfg), "config": cfg.model_dump(),
                 "tokenizer_sha256": tokenizer_digest(tokenizer_path)}
     job = TrainJob(cfg, rt, par, model, fwd, optimizer, loader, lambda: make_loader(**val_args), guard,
                    EarlyStopper(tc.early_stop_patience, tc.early_stop_min_delta, on_eval),  # may end a run at an eval

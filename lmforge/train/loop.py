@@ -51,7 +51,8 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
     """Pre-train on ``run_dir``'s packed shards into ``run_dir/train``; returns the run's summary."""
     job = build_job(cfg, tokenizer=Tokenizer.load(run_dir / "tokenizer"),
                     tokenizer_path=run_dir / "tokenizer" / "tokenizer.json", data_dir=run_dir / "pack",
-                    out_dir=run_dir / "train", fingerprint=train_fingerprint(cfg, data_fingerprint),
+                    out_dir=run_dir / "train",
+                    fingerprint=lambda resolved: train_fingerprint(resolved, data_fingerprint),
                     bytes_per_token=bytes_per_token, on_eval=on_eval)
     return train(job)
 
