@@ -61,7 +61,7 @@ def make_run(root: Path, args: argparse.Namespace) -> Path:
                                          "transformer": {"n_heads": args.heads}})
     torch.manual_seed(0)
     state = {"step": 0, "config": cfg.model_dump(mode="json"), "tokenizer_sha256": tokenizer_digest(tok_path)}
-    Checkpointer(run / "train" / "ckpt").save(0, build_model(cfg.model), None, state)
+    Checkpointer(run / "train" / "ckpt", build_model(cfg.model), None, state).write(0)
     return run
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main as cli_main
-from lmforge.config import SampleConfig, load_config
+from lmforge.config import RunConfig, SampleConfig, load_config
 from lmforge.models import REGISTRY
 from lmforge.serve.engine import Engine
 from lmforge.serve.sample import params_from
@@ -129,6 +129,11 @@ def test_exact_resume(arch, runs: Path, packed: Path):
     a = load_file(straight / "train" / "ckpt" / "step_000008" / "model.safetensors")
     b = load_file(resumed / "train" / "ckpt" / "step_000008" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The fingerprint hashes the resolved config (vocabulary filled in), as every checkpoint written so far
+    # has it: otherwise the checkpoints already on disk would be refused at resume.
+    state = json.loads((resumed / "train" / "ckpt" / "step_000008" / "state.json").read_text())
+    resolved = RunConfig.model_validate(state["config"])
+    assert resolved.model.vocab_size > 0 and state["fingerprint"] == loop.train_fingerprint(resolved)
 
 
 def _fails_with(result, *needles: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lmforge.train import checkpoint as ckpt_mod
 from lmforge.train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    SingleFile,
     load,
     load_weights,
     read_state,
@@ -63,11 +65,17 @@ def _draws() -> tuple:
     return torch.rand(4).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
 
+def _save(ck: Checkpointer, step: int, model: nn.Module, opt, state: dict) -> Path:
+    """Write checkpoint ``step`` of these parts with ``ck`` (its folder, settings and what it has verified)."""
+    ck.model, ck.optimizer, ck.state = model, opt, state
+    return ck.write(step)
+
+
 def _save_steps(tmp_path: Path, steps, keep_last: int = 10) -> Checkpointer:
     ck = Checkpointer(tmp_path / "ckpt", keep_last=keep_last)
     for s in steps:
         model, opt = _trained(seed=s)
-        ck.save(s, model, opt, {"step": s})
+        _save(ck, s, model, opt, {"step": s})
     return ck
 
 
@@ -78,7 +86,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     torch.manual_seed(11)
     np.random.seed(12)
     random.seed(13)
-    path = ck.save(7, model, opt, state)
+    path = _save(ck, 7, model, opt, state)
     expected = _draws()
 
     assert path == tmp_path / "ckpt" / "step_000007"
@@ -90,7 +98,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 
     fresh, fresh_opt = _trained(seed=99)
     _draws()  # move every generator away from the saved state
-    loaded = Checkpointer(tmp_path / "ckpt").load(path, fresh, fresh_opt)
+    loaded = Checkpointer(tmp_path / "ckpt", fresh, fresh_opt).load(path)
     assert loaded == state
     assert _draws() == expected
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
@@ -115,33 +123,63 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 def test_resumed_training_matches_uninterrupted(tmp_path):
     model, opt = _trained()
     ck = Checkpointer(tmp_path)
-    path = ck.save(2, model, opt, {})
+    path = _save(ck, 2, model, opt, {})
     torch.manual_seed(5)
     idx = torch.randint(0, 16, (2, 5))
     model(idx, idx)[1].backward()
     opt.step()
 
     other, other_opt = _trained(seed=3)
-    ck.load(path, other, other_opt, restore_rng=False)
+    Checkpointer(tmp_path, other, other_opt).load(path, restore_rng=False)
     other(idx, idx)[1].backward()
     other_opt.step()
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_should_save_and_keep_last(tmp_path):
+def test_save_writes_when_due_and_keeps_last(tmp_path):
     ck = _save_steps(tmp_path, [1, 2, 3, 4], keep_last=2)
     assert [p.name for p in ck.list()] == ["step_000003", "step_000004"]
-    every = Checkpointer(tmp_path, every=250)
-    assert [every.should_save(s, False) for s in (249, 250, 500, 501)] == [False, True, True, False]
-    assert every.should_save(501, True)
-    assert not Checkpointer(tmp_path, every=0).should_save(500, False)
+    model, opt = _trained()
+    every = Checkpointer(tmp_path / "every", model, opt, {}, every=250, keep_last=5)
+    assert [every.save(s) is not None for s in (249, 250, 500, 501)] == [False, True, True, False]
+    assert every.save(501, last_step=True) == tmp_path / "every" / "step_000501"
+    assert [p.name for p in every.list()] == ["step_000250", "step_000500", "step_000501"]
+    assert Checkpointer(tmp_path / "zero", model, opt, {}, every=0).save(500) is None
+    assert not (tmp_path / "zero").exists()
+
+
+def test_save_error_policy_stops_or_goes_on_but_never_skips_the_last_step(tmp_path, monkeypatch):
+    """A disk error while saving: ``stop`` ends with one line naming folder and errno; ``continue`` warns
+    and trains on, except at the last step; the failed write leaves no debris and the older one intact."""
+    model, opt = _trained()
+    real_replace = ckpt_mod.os.replace
+
+    def full_disk(src, dst):  # the rename of a sealed checkpoint folder fails as on a full disk
+        if Path(src).name.startswith(".tmp-step_"):
+            raise OSError(28, "No space left on device", str(src))
+        real_replace(src, dst)
+
+    for policy in ("stop", "continue"):
+        ck = Checkpointer(tmp_path / policy, model, opt, {}, every=1, on_error=policy)
+        assert ck.save(1) is not None
+        monkeypatch.setattr(ckpt_mod.os, "replace", full_disk)
+        if policy == "stop":
+            with pytest.raises(CheckpointError, match=r"could not write checkpoint step 2 to .*stop: \[Errno 28\].*"
+                                                      r"step_000001, is intact"):
+                ck.save(2)
+        else:
+            assert ck.save(2) is None  # reported on stderr; training goes on
+            with pytest.raises(CheckpointError, match=r"step 3 .*\(it is the last step's: the run's result\)"):
+                ck.save(3, last_step=True)
+        monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+        assert sorted(p.name for p in (tmp_path / policy).iterdir()) == ["step_000001"]
 
 
 def test_saving_an_earlier_step_removes_the_abandoned_later_ones(tmp_path):
     ck = _save_steps(tmp_path, [10, 20, 30])
     model, opt = _trained()
-    ck.save(20, model, opt, {"step": 20, "again": True})
+    _save(ck, 20, model, opt, {"step": 20, "again": True})
     assert [p.name for p in ck.list()] == ["step_000010", "step_000020"]
     assert read_state(ck.list()[-1]) == {"step": 20, "again": True}
 
@@ -170,7 +208,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, rea
         warnings.simplefilter("error")
         assert ck.latest_valid() == tmp_path / "ckpt" / "step_000002"
     with pytest.raises(CheckpointError, match=f"step_000003 is damaged: .*{reason}"):
-        ck.load(newest, TinyLM())
+        Checkpointer(tmp_path / "ckpt", TinyLM()).load(newest)
     with pytest.raises(CheckpointError, match=f"step_000003 is damaged: .*{reason}"):
         load(newest, TinyLM())
     with pytest.raises(CheckpointError, match="damaged"):
@@ -213,12 +251,12 @@ def test_pruning_and_resaving_never_delete_a_damaged_checkpoint(tmp_path):
     ck = Checkpointer(folder, keep_last=2)  # a new process, resuming
     assert ck.latest_valid() == folder / "step_000002"
     model, opt = _trained(seed=7)
-    ck.save(3, model, opt, {"step": 3})
+    _save(ck, 3, model, opt, {"step": 3})
     assert [p.name for p in ck.list()] == ["step_000002", "step_000003"]
     for step, files in damaged.items():
         assert _contents(folder / f"step_{step:06d}.damaged") == files
     assert read_state(folder / "step_000003") == {"step": 3}
-    ck.save(4, model, opt, {"step": 4})  # rotation as usual for the checkpoints that verify
+    _save(ck, 4, model, opt, {"step": 4})  # rotation as usual for the checkpoints that verify
     assert [p.name for p in ck.list()] == ["step_000003", "step_000004"]
     assert sorted(p.name for p in folder.iterdir()) == [
         "step_000001.damaged", "step_000003", "step_000003.damaged", "step_000004", "step_000004.damaged"]
@@ -232,7 +270,7 @@ def test_leftover_tmp_folder_is_ignored_and_cleaned(tmp_path):
     assert ck.list() == [tmp_path / "ckpt" / "step_000001"]
     assert ck.latest_valid() == tmp_path / "ckpt" / "step_000001"
     model, opt = _trained()
-    ck.save(2, model, opt, {})
+    _save(ck, 2, model, opt, {})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001", "step_000002"]
 
 
@@ -245,34 +283,34 @@ def test_crash_mid_write_leaves_no_valid_looking_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.torch, "save", crash)
     model, opt = _trained()
     with pytest.raises(OSError, match="disk full"):
-        ck.save(2, model, opt, {})
+        _save(ck, 2, model, opt, {})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001"]
     assert ck.latest_valid() == tmp_path / "ckpt" / "step_000001"
 
 
 def test_strict_load_names_keys_of_a_different_model(tmp_path):
     model, opt = _trained()
-    path = Checkpointer(tmp_path).save(1, model, opt, {})
+    path = Checkpointer(tmp_path, model, opt, {}).write(1)
     with pytest.raises(CheckpointError, match=r"different model config: shape mismatches: emb\.weight: "
                                               r"checkpoint \(16, 8\) vs model \(16, 12\)"):
-        Checkpointer(tmp_path).load(path, TinyLM(d=12))
+        Checkpointer(tmp_path, TinyLM(d=12)).load(path)
     with pytest.raises(CheckpointError, match=r"missing keys: proj\.bias, proj\.weight"):
-        Checkpointer(tmp_path).load(path, TinyLM(extra=True))
+        Checkpointer(tmp_path, TinyLM(extra=True)).load(path)
     # An untied model may start from tied weights; a tied one cannot take two different matrices.
     untied = TinyLM(tie=False)
-    Checkpointer(tmp_path).load(path, untied)
+    Checkpointer(tmp_path, untied).load(path)
     assert torch.equal(untied.head.weight, model.emb.weight)
-    untied_path = Checkpointer(tmp_path / "u").save(1, TinyLM(tie=False), None, {})
+    untied_path = Checkpointer(tmp_path / "u", TinyLM(tie=False), None, {}).write(1)
     with pytest.raises(CheckpointError, match="tie_embeddings differs"):
-        Checkpointer(tmp_path / "u").load(untied_path, TinyLM())
+        Checkpointer(tmp_path / "u", TinyLM()).load(untied_path)
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
-        Checkpointer(tmp_path / "u").load(untied_path, TinyLM(tie=False), torch.optim.AdamW(TinyLM().parameters()))
+        Checkpointer(tmp_path / "u", TinyLM(tie=False), torch.optim.AdamW(TinyLM().parameters())).load(untied_path)
 
 
 def test_non_serializable_state_is_refused_before_writing(tmp_path):
     model, opt = _trained()
     with pytest.raises(TypeError, match="JSON-serializable"):
-        Checkpointer(tmp_path).save(1, model, opt, {"bad": object()})
+        Checkpointer(tmp_path, model, opt, {"bad": object()}).write(1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -280,8 +318,8 @@ def test_resolve_accepts_checkpoint_ckpt_dir_and_run_dir(tmp_path):
     run = tmp_path / "run"
     ck = Checkpointer(run / "train" / "ckpt")
     model, opt = _trained()
-    ck.save(1, model, opt, {})
-    newest = ck.save(2, model, opt, {})
+    _save(ck, 1, model, opt, {})
+    newest = _save(ck, 2, model, opt, {})
     assert resolve(run) == newest
     assert resolve(run / "train" / "ckpt") == newest
     assert resolve(newest) == newest
@@ -295,7 +333,7 @@ def test_resolve_accepts_checkpoint_ckpt_dir_and_run_dir(tmp_path):
 def test_checkpoint_files_get_the_umask_mode(tmp_path, umask):
     """Weights included: safetensors' own writer would leave model.safetensors at 0600 whatever the umask."""
     model, opt = _trained()
-    path = Checkpointer(tmp_path / "ckpt").save(1, model, opt, {"step": 1})
+    path = Checkpointer(tmp_path / "ckpt", model, opt, {"step": 1}).write(1)
     modes = file_modes(path)
     assert set(modes) == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "checksums.json"}
     assert modes == dict.fromkeys(modes, umask)
@@ -315,7 +353,7 @@ def test_equal_weights_give_identical_weights_files(tmp_path):
     """The bytes depend on the tensors alone: not on insertion order, nor on the metadata's order."""
     files = []
     for i, order in enumerate((["a", "a2", "b", "b2"], ["b2", "b", "a2", "a"], ["a", "a2", "b", "b2"])):
-        path = Checkpointer(tmp_path / str(i)).save(1, _tied_twice(order), None, {"step": 1})
+        path = Checkpointer(tmp_path / str(i), _tied_twice(order), None, {"step": 1}).write(1)
         files.append((path / "model.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
     tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).half(), "i": torch.arange(4), "z": torch.tensor(2.0)}
@@ -328,3 +366,32 @@ def test_equal_weights_give_identical_weights_files(tmp_path):
     # The same format as safetensors' own writer, byte for byte, where its metadata order cannot vary.
     ckpt_mod.write_safetensors(tensors, tmp_path / "one.safetensors", {"format": "pt"})
     assert (tmp_path / "one.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+
+
+def test_sharded_layout_is_atomic_checksummed_and_resumes_like_the_single_file_one(tmp_path):
+    """The DCP layout on one process: the same checkpointer seals, verifies, falls back and converts."""
+    from lmforge.train.checkpoint_dcp import GatheredFile, Sharded
+
+    model, opt = _trained()
+    ck = Checkpointer(tmp_path / "ckpt", model, opt, {"step": 2}, layouts=(Sharded(), GatheredFile()))
+    with warnings.catch_warnings():  # DCP notes that no process group is up: one process is meant here
+        warnings.simplefilter("ignore")
+        sharded = ck.write(2)
+    assert sharded == tmp_path / "dcp" / "step_000002"
+    assert set(json.loads((sharded / "checksums.json").read_text())) == {".metadata", "__0_0.distcp", "rng.pt",
+                                                                           "state.json"}
+    verify(sharded)
+    assert ck.finish() == tmp_path / "ckpt" / "step_000002"  # the single file eval and serving read
+    assert torch.equal(load_weights(tmp_path / "ckpt" / "step_000002")["emb.weight"], model.emb.weight.detach())
+    shutil.rmtree(tmp_path / "ckpt")
+
+    fresh, fresh_opt = _trained(seed=9)
+    resumed = Checkpointer(tmp_path / "ckpt", fresh, fresh_opt, {}, layouts=(SingleFile(), Sharded()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert resumed.load() == {"step": 2}
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    _flip_bit(sharded / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"step_000002 \(__0_0.distcp does not match its sha256"):
+        resumed.load()

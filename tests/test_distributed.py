@@ -25,6 +25,7 @@ from lmforge.config import ConfigError, TrainConfig, load_config
 from lmforge.data.loader import TokenLoader
 from lmforge.models import build_model
 from lmforge.runtime import Runtime
+from lmforge.train.checkpoint import verify
 from lmforge.train.distributed import Parallel, plan_batches
 from lmforge.train.metrics import gpu_peak_flops
 from tests.conftest import ROOT, TINY
@@ -149,7 +150,8 @@ def test_fsdp_matches_one_process_and_resumes_from_shards(prepared, single: Path
     _assert_same_run(fsdp, single)  # compares the single-file checkpoint converted at the end
     for step in ("step_000003", LAST):
         shards = sorted(p.name for p in (fsdp / "train" / "dcp" / step).iterdir())
-        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"]
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "checksums.json", "rng.pt", "state.json"]
+        verify(fsdp / "train" / "dcp" / step)  # sharded checkpoints are checksummed like single-file ones
     assert [p.name for p in (fsdp / "train" / "ckpt").iterdir()] == [LAST]
 
     # The sharded checkpoint of step 3 resumes on one process, without a process group.

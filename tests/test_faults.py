@@ -3,9 +3,11 @@
 One reference run trains the tiny model for STEPS steps; the others break on purpose and must resume
 to bitwise the same weights (promised on the same machine and thread count: docs/reliability.md). Processes are real wherever a kill is involved: children of a
 multiprocessing fork server that has imported torch and lmforge once, so a restart costs milliseconds,
-not an interpreter start-up; each runs the CLI's ``main`` and dies by a real SIGKILL. The hooks of
-``lmforge/train/faults.py`` (env ``LMFORGE_FAULT_*``) make the rare failures happen on cue. All runs use
-one torch thread: two threads on two shared cores are many times slower.
+not an interpreter start-up; each runs the CLI's ``main`` and dies by a real SIGKILL. The rare failures
+happen on cue from outside the production code: a public function is patched in the test's process or
+the child's (``os.replace`` for a save that dies or fails at the rename, the model's ``forward`` for a
+NaN loss), or a real child is killed at a moment observed from outside. All runs use one torch thread:
+two threads on two shared cores are many times slower.
 
     .venv/bin/pytest -q tests/test_faults.py
 """
@@ -30,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.train import faults
+from lmforge.models.transformer import Transformer
 from lmforge.train.checkpoint import Checkpointer, read_state, verify
 
 from .conftest import ROOT, TINY
@@ -83,9 +85,51 @@ def _ckpts(run: Path) -> list[str]:
     return [p.name for p in found]
 
 
-def _cli_child(args: list[str], log: str, env: dict[str, str]) -> None:
-    """``lmforge ARGS`` in a fresh child process, its output appended to ``log``."""
-    os.environ.update(env)
+def _fail_rename(step: int, fail) -> None:
+    """Patch ``os.replace`` so that renaming checkpoint ``step`` into place calls ``fail(tmp)`` instead: the
+    worst moment, its files all written and fsynced, its folder not yet under its final name."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name == f".tmp-step_{step:06d}":
+            fail(Path(src))
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
+def _disk_error(code: int):
+    def fail(folder: Path) -> None:  # what a full disk (ENOSPC) or a read-only folder (EROFS) raises
+        raise OSError(code, os.strerror(code), str(folder))
+
+    return fail
+
+
+def _kill(folder: Path) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: what a power cut or OOM killer does
+
+
+def _nan_losses(monkeypatch, attempts: set[int]) -> None:
+    """The loss of these update attempts (1-based, skipped ones included) becomes NaN, through the graph,
+    so the gradients are NaN too."""
+    real, seen = Transformer.forward, [0]
+
+    def forward(self, idx, targets=None):
+        logits, loss = real(self, idx, targets)
+        if self.training and targets is not None:
+            seen[0] += 1
+            if seen[0] in attempts:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def _cli_child(args: list[str], log: str, kill_at: int | None) -> None:
+    """``lmforge ARGS`` in a fresh child process, its output appended to ``log``; SIGKILLed while saving
+    checkpoint ``kill_at`` if given."""
+    if kill_at is not None:
+        _fail_rename(kill_at, _kill)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # a file, not a pipe: a killed child never blocks
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -101,14 +145,14 @@ _CTX.set_forkserver_preload(["torch", "torch._dynamo", "lmforge.cli", "lmforge.p
                              "lmforge.data.curate", "lmforge.data.clean", "lmforge.data.data_card"])
 
 
-def _spawn(args: list[str], log: Path, **env: str) -> multiprocessing.Process:
-    proc = _CTX.Process(target=_cli_child, args=(args, str(log), env))
+def _spawn(args: list[str], log: Path, kill_at: int | None = None) -> multiprocessing.Process:
+    proc = _CTX.Process(target=_cli_child, args=(args, str(log), kill_at))
     proc.start()
     return proc
 
 
-def _run(args: list[str], log: Path, **env: str) -> int:
-    proc = _spawn(args, log, **env)
+def _run(args: list[str], log: Path, kill_at: int | None = None) -> int:
+    proc = _spawn(args, log, kill_at)
     proc.join(300)
     return proc.exitcode
 
@@ -134,8 +178,7 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(runs: Path, sm
         run = _clone(runs, name)
         log, metrics = runs / f"{name}.log", run / "train" / "metrics.jsonl"
         if chains == 0:  # the first life dies inside a checkpoint write: files written, not yet renamed
-            assert _run(_args(runs, small_corpus, name), log, **{faults.SAVE: f"kill@{2 * EVERY}"}) \
-                == -signal.SIGKILL, log.read_text()
+            assert _run(_args(runs, small_corpus, name), log, kill_at=2 * EVERY) == -signal.SIGKILL, log.read_text()
             left = sorted(p.name for p in (run / "train" / "ckpt").iterdir())
             assert len(left) == 2 and left[0].startswith(f".tmp-step_{2 * EVERY:06d}")  # half-written, ignored
             assert Checkpointer(run / "train" / "ckpt").latest_valid().name == f"step_{EVERY:06d}"
@@ -209,21 +252,24 @@ def test_every_checkpoint_damaged_stops_the_run_and_deletes_nothing(runs, small_
 def test_disk_error_while_saving_stops_and_keeps_the_last_checkpoint(runs, small_corpus, monkeypatch, capsys,
                                                                      kind, code):
     run = _clone(runs, f"disk-{kind}")
-    monkeypatch.setenv(faults.SAVE, f"{kind}@{2 * EVERY}")
+    monkeypatch.setattr(os, "replace", os.replace)  # undone after the test
+    _fail_rename(2 * EVERY, _disk_error(code))
     assert call_cli(*_args(runs, small_corpus, run.name)) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and str(run / "train" / "ckpt") in error and f"[Errno {code}]" in error
     assert _ckpts(run) == [f"step_{EVERY:06d}"]  # the previous one intact, no debris of the failed one
     assert not (run / "train" / "manifest.json").exists()
 
-    monkeypatch.delenv(faults.SAVE)  # space freed: the same command resumes and ends as if nothing happened
+    monkeypatch.undo()  # space freed: the same command resumes and ends as if nothing happened
     assert call_cli(*_args(runs, small_corpus, run.name)) == 0
     assert _same(_final(run), _final(runs / "ref"))
 
 
 def test_on_save_error_continue_trains_on_without_that_checkpoint(runs, small_corpus, monkeypatch):
     run = _clone(runs, "disk-continue")
-    monkeypatch.setenv(faults.SAVE, f"enospc@{2 * EVERY},erofs@{STEPS - EVERY}")
+    monkeypatch.setattr(os, "replace", os.replace)  # undone after the test
+    _fail_rename(2 * EVERY, _disk_error(28))
+    _fail_rename(STEPS - EVERY, _disk_error(30))
     assert call_cli(*_args(runs, small_corpus, run.name, "--train.on_save_error=continue")) == 0
     failed = [(r["step"], r["errno"]) for r in _metrics(run) if r["kind"] == "save_error"]
     assert failed == [(2 * EVERY, 28), (STEPS - EVERY, 30)]  # each one recorded, none silent
@@ -233,7 +279,8 @@ def test_on_save_error_continue_trains_on_without_that_checkpoint(runs, small_co
 
 def test_the_last_checkpoint_must_be_written_even_with_continue(runs, small_corpus, monkeypatch):
     run = _clone(runs, "disk-last")
-    monkeypatch.setenv(faults.SAVE, f"enospc@{STEPS}")
+    monkeypatch.setattr(os, "replace", os.replace)  # undone after the test
+    _fail_rename(STEPS, _disk_error(28))
     assert call_cli(*_args(runs, small_corpus, run.name, "--train.on_save_error=continue")) == 1
     assert _ckpts(run) == [f"step_{STEPS - 2 * EVERY:06d}", f"step_{STEPS - EVERY:06d}"]
     assert not (run / "train" / "manifest.json").exists()  # not marked done
@@ -284,7 +331,7 @@ def test_real_full_disk_and_read_only_folder_keep_the_last_checkpoint(runs, smal
 # ------------------------------------------------------------------ bad numbers
 def test_nan_step_is_skipped_leaving_weights_optimizer_and_schedule_untouched(runs, small_corpus, monkeypatch):
     run = _clone(runs, "nan-once")
-    monkeypatch.setenv(faults.NAN_STEPS, "4")  # the 4th update attempt: its loss and gradients are NaN
+    _nan_losses(monkeypatch, {4})  # the 4th update attempt: its loss and gradients are NaN
     assert call_cli(*_args(runs, small_corpus, run.name, "--train.stop_at=4")) == 0
     ckpt = run / "train" / "ckpt" / "step_000004"
     state = read_state(ckpt)
@@ -305,13 +352,13 @@ def test_nan_step_is_skipped_leaving_weights_optimizer_and_schedule_untouched(ru
 
 def test_k_bad_steps_in_a_row_stop_the_run_with_the_last_checkpoint_intact(runs, small_corpus, monkeypatch, capsys):
     run = _clone(runs, "nan-row")
-    monkeypatch.setenv(faults.NAN_STEPS, "5,6,7")
+    _nan_losses(monkeypatch, {5, 6, 7})
     assert call_cli(*_args(runs, small_corpus, run.name, "--train.max_bad_steps=3")) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: training stopped at step 5") and "train.max_bad_steps=3" in error
     assert [r["step"] for r in _metrics(run) if r["kind"] == "skip"] == [5, 5, 5]
     assert _ckpts(run) == [f"step_{EVERY:06d}"]
-    monkeypatch.delenv(faults.NAN_STEPS)  # the last good checkpoint resumes to the reference's weights
+    monkeypatch.undo()  # the last good checkpoint resumes to the reference's weights
     assert call_cli(*_args(runs, small_corpus, run.name)) == 0
     assert _same(_final(run), _final(runs / "ref"))
 

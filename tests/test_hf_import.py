@@ -150,7 +150,7 @@ def test_trains_and_round_trips_as_an_lmforge_checkpoint(kind, folders, tmp_path
     assert all(torch.isfinite(torch.tensor(losses))) and losses[2] < losses[1] < losses[0]
     run = tmp_path / "run"
     tm.tokenizer.save(run / "tokenizer")
-    Checkpointer(run / "train" / "ckpt").save(2, model, opt, {"step": 2, "config": tm.cfg.model_dump()})
+    Checkpointer(run / "train" / "ckpt", model, opt, {"step": 2, "config": tm.cfg.model_dump()}).write(2)
     back = load_model(run)
     assert back.step == 2 and back.cfg.model == tm.cfg.model
     assert back.tokenizer.eot_id == tm.tokenizer.eot_id and back.tokenizer.specials == tm.tokenizer.specials

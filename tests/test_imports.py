@@ -31,8 +31,6 @@ FORBIDDEN = {
 PENDING = {
     # the fused decode step moves out of the model (decoding rewrite)
     ("lmforge.models.transformer_decode", "lmforge.models.transformer"): "decoding moves out of models/",
-    # the loop names the fine-tuning setup's type (training-job rewrite: the loop will not know the job's kind)
-    ("lmforge.train.loop", "lmforge.finetune.setup"): "TYPE_CHECKING only; the job rewrite removes it",
 }
 
 

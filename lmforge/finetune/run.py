@@ -2,7 +2,7 @@
 
 The pretrained model (``finetune.init``, or the run's own pre-trained model) is loaded, its tokenizer
 saved beside the fine-tuning run, the data prepared (:mod:`lmforge.finetune.setup`), and then THE
-training loop (:mod:`lmforge.train.loop`) runs with a :class:`~lmforge.finetune.setup.FinetuneSetup`:
+training loop (:func:`lmforge.train.loop.train`) runs the job :func:`lmforge.finetune.setup.build_job` builds:
 the same optimizer, schedule, checkpoints and exact resume as pre-training. Everything goes to
 ``runs/<name>/finetune/``::
 
@@ -35,7 +35,7 @@ from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
-from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, FinetuneSetup, data_files, prepare_data
+from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, build_job, data_files, prepare_data
 from lmforge.train import lora
 from lmforge.trained import TrainedModel, load_model
 
@@ -100,14 +100,15 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # The finetune fields that invalidate its checkpoints; those named like train's count in run_cfg.train.
     shape = {k: v for k, v in artifacts.reuse_key(cfg, "finetune", resume=True)["finetune"].items()
              if k not in TRAIN_KEYS}
-    fingerprint = artifacts.digest({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path),
-                                    "finetune": shape, "data": artifacts.content_digest([*train_files, *val_files]),
-                                    "max_length": max_length})
-    setup = FinetuneSetup(ft, tok, tok_path, out, out / "data", base.model.state_dict(), max_length)
+    data_fp = artifacts.digest({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path),
+                                "finetune": shape, "data": artifacts.content_digest([*train_files, *val_files]),
+                                "max_length": max_length})
     text = data_stats["mode"] == "text"
     # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
     bpt = data_stats["val"]["bytes"] / max(1, data_stats["val"]["tokens"] - data_stats["val"]["docs"]) if text else None
-    stats = loop.main(run_cfg, run_dir, bytes_per_token=bpt, data_fingerprint=fingerprint, finetune=setup)
+    job = build_job(run_cfg, out, tok, tok_path, base.model.state_dict(), max_length,
+                    lambda resolved: loop.train_fingerprint(resolved, data_fp), bpt)
+    stats = loop.train(job)
     result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
     if not stats["complete"]:
         return result

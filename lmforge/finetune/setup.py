@@ -1,11 +1,11 @@
-"""What the training loop needs to fine-tune instead of pre-train, in one object.
+"""The fine-tuning job: what THE training loop runs to fine-tune instead of pre-train.
 
-:class:`FinetuneSetup` is handed to :func:`lmforge.train.loop.main` (``finetune=setup``); the loop
-then takes from it the tokenizer, the data folder and loader class, the output folder, and calls
-:meth:`FinetuneSetup.prepare` on the freshly built model: load the pretrained weights, then either
-attach LoRA adapters (base frozen) or freeze what ``finetune.train_layers`` / ``freeze_embeddings``
-leave out. Everything else (optimizer over the trainable parameters, schedule, checkpoints, exact
-resume, validation, logging) is the pre-training loop's own.
+:func:`build_job` builds a :class:`~lmforge.train.job.TrainJob` like pre-training's, from the
+fine-tuning run's own pieces: the pretrained model's tokenizer, the prepared data folder and its loader
+(chat batches or text shards), the output folder, and a ``prepare`` step on the freshly built model
+(load the pretrained weights, then either attach LoRA adapters, base frozen, or freeze what
+``finetune.train_layers`` / ``freeze_embeddings`` leave out). Everything else (optimizer over the
+trainable parameters, schedule, checkpoints, exact resume, validation, logging) is the loop's own.
 
 :func:`prepare_data` writes the data folder once: token shards for text, encoded conversations for
 chat (see :mod:`lmforge.finetune.data`).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,46 +30,37 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.finetune.chat import encode_all, read_conversations
 from lmforge.finetune.data import ChatLoader, save_examples
 from lmforge.train import lora
+from lmforge.train.job import Record, TrainJob
+from lmforge.train.job import build_job as build_train_job
 
 EMBEDDED_DIR = Path(__file__).parent / "sets"  # the embedded fine-tuning set (build_set.py writes it)
 EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "shakespeare_qa_val.jsonl", \
     "shakespeare_qa_heldout.jsonl"
 
 
-@dataclass
-class FinetuneSetup:
-    cfg: FinetuneConfig
-    tokenizer: Tokenizer
-    tokenizer_path: Path  # the saved tokenizer.json the checkpoints point to
-    out_dir: Path  # checkpoints (ckpt/), metrics.jsonl
-    data_dir: Path  # token shards (text) or chat_{train,val}.npz (chat)
-    init_state: dict[str, Tensor]  # the pretrained weights
-    context: int  # longest training sequence (finetune.max_length, at most the model's context)
-    lora_targets: list[str] = field(default_factory=list)
+def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: Path,
+              init_state: dict[str, Tensor], context: int, fingerprint: Callable[[RunConfig], str],
+              bytes_per_token: float | None) -> TrainJob:
+    """The fine-tuning job over ``out`` (checkpoints in ``ckpt/``, data in ``data/``), starting from
+    ``init_state``, the pretrained weights; ``cfg`` is the run config with the fine-tuning train fields."""
+    ft = cfg.finetune
 
-    @property
-    def loader(self):
-        """The loader class the loop builds its train and validation loaders with."""
-        if self.cfg.mode == "chat":
-            return functools.partial(ChatLoader, pad_id=self.tokenizer.pad_id)
-        return TokenLoader
-
-    def prepare(self, model: nn.Module) -> None:
-        """Pretrained weights in, then adapters or frozen layers; called before the optimizer is built."""
-        missing, unexpected = model.load_state_dict(self.init_state, strict=False)
+    def prepare(model: nn.Module) -> dict[str, Record]:
+        """Pretrained weights in, then adapters or frozen layers; before the optimizer is built."""
+        missing, unexpected = model.load_state_dict(init_state, strict=False)
         if missing or unexpected:
             raise ConfigError(f"the pretrained weights do not fit the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
-        if self.cfg.lora.rank:
-            self.lora_targets = lora.attach_lora(model, self.cfg.lora, self.cfg.train_layers)
-        else:
-            freeze(model, self.cfg.train_layers, self.cfg.freeze_embeddings)
-
-    def checkpoint_state(self) -> dict:
-        """Extra checkpoint state: how to rebuild the adapters when the checkpoint is loaded."""
-        if not self.cfg.lora.rank:
+        if not ft.lora.rank:
+            freeze(model, ft.train_layers, ft.freeze_embeddings)
             return {}
-        return {"lora": {"config": self.cfg.lora.model_dump(), "targets": self.lora_targets}}
+        targets = lora.attach_lora(model, ft.lora, ft.train_layers)
+        return {"lora": Record({"config": ft.lora.model_dump(), "targets": targets})}  # to rebuild the adapters
+
+    loader = functools.partial(ChatLoader, pad_id=tokenizer.pad_id) if ft.mode == "chat" else TokenLoader
+    return build_train_job(cfg, tokenizer=tokenizer, tokenizer_path=tokenizer_path, data_dir=out / "data",
+                     out_dir=out, fingerprint=fingerprint, context=context, make_loader=loader,
+                     prepare=prepare, bytes_per_token=bytes_per_token)
 
 
 def freeze(model: nn.Module, train_layers: int | None, freeze_embeddings: bool) -> None:

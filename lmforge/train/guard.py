@@ -1,4 +1,4 @@
-"""Guards of the training loop: bad numbers skip an update, a failed checkpoint save is never silent.
+"""The training loop's guard against bad numbers: a NaN, infinite or spiking loss skips an update.
 
 :class:`StepGuard` looks at each step's loss and gradient norm before the optimizer runs. A NaN or
 infinite value (or, with ``train.spike_factor``, a loss above that multiple of the running mean) makes
@@ -15,13 +15,10 @@ the loop skip the update:
 The check is one ``torch.isfinite`` on the loss and the norm already computed (a device sync on a GPU,
 free on a CPU); the spike guard also reads the loss value, so it is off by default.
 
-:func:`save_checkpoint` writes a checkpoint and turns a disk error (full disk, read-only folder) into
-a one-line report naming the folder and the errno: training stops (``train.on_save_error=stop``) or goes
-on without that checkpoint with a warning each time (``continue``); the last step's checkpoint is the
-run's result, so failing to write it always stops. Used by ``lmforge/train/loop.py``::
+A failed checkpoint save is the checkpointer's to handle (``train.on_save_error``, in
+:class:`lmforge.train.checkpoint.Checkpointer`). Used by ``lmforge/train/loop.py``::
 
     guard = StepGuard(tc.max_bad_steps, tc.spike_factor, batch * tc.grad_accum, hint="...")
-    loss = guard.inject(loss, step)                  # test hook (LMFORGE_FAULT_NAN_STEPS), else a no-op
     if guard.skip(step, step_loss, grad_norm, loader, at, logger): ...   # no update this time
 """
 
@@ -29,15 +26,10 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
-from torch import nn
-from torch.optim import Optimizer
 
 from lmforge.data.loader import TokenLoader
-from lmforge.train import faults
-from lmforge.train.checkpoint import Checkpointer, CheckpointError
 from lmforge.train.metrics import MetricsLogger
 
 SPIKE_BETA = 0.95  # running mean of the loss over roughly the last 20 good steps
@@ -61,13 +53,6 @@ class StepGuard:
         self.skipped = 0  # over the whole run (restored on resume)
         self.in_a_row = 0
         self.mean, self.good = 0.0, 0  # spike guard: running mean of good losses and how many it holds
-        self._nan_attempts = faults.nan_attempts()
-
-    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """Test hook: NaN for the attempts listed in ``LMFORGE_FAULT_NAN_STEPS``, else ``loss`` itself."""
-        if self._nan_attempts and step + self.skipped + 1 in self._nan_attempts:
-            return loss * float("nan")  # through the graph, so the gradients are NaN too
-        return loss
 
     def _reason(self, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> tuple[str | None, float]:
         # The loop passes the global batch's loss and norm, the same on every rank, so all ranks agree.
@@ -124,22 +109,3 @@ class StepGuard:
 def _position(state: dict) -> str:
     return ", ".join(f"{k} {state[k]}" for k in ("epoch", "cursor") if k in state) or "unknown"
 
-
-def save_checkpoint(ckpt: Checkpointer, on_error: str, logger: MetricsLogger, step: int, model: nn.Module,
-                    optimizer: Optimizer, state: dict, last_step: bool) -> Path | None:
-    """``ckpt.save(...)``, with a disk error reported in one line and handled as ``on_error`` says."""
-    try:
-        return ckpt.save(step, model, optimizer, state)
-    except OSError as e:
-        found = ckpt.list()
-        kept = f"the newest checkpoint, {found[-1].name}, is intact" if found else "no older checkpoint exists"
-        what = f"could not write checkpoint step {step} to {ckpt.ckpt_dir}: [Errno {e.errno}] {e.strerror or e}"
-        if on_error == "stop" or last_step:
-            why = "" if on_error == "stop" else " (it is the last step's: the run's result)"
-            logger.close()  # the metrics so far reach the disk before the run ends
-            raise CheckpointError(f"{what}; training stopped{why} and {kept}. Free space or make the folder "
-                                  f"writable, then run the same command to resume") from None
-        logger.log(step, "save_error", {"errno": e.errno, "error": e.strerror or str(e), "folder": str(ckpt.ckpt_dir)})
-        print(f"WARNING: {what}; training continues WITHOUT this checkpoint (train.on_save_error=continue); "
-              f"{kept}", file=sys.stderr, flush=True)
-        return None
