@@ -167,7 +167,7 @@ def test_compiled_step_matches_eager_tokens_and_logits():
     theirs = [compiled.generate([p], params)[0].token_ids for p in prompts]  # alone: batch 1, the compiled step
     assert ours == theirs
     assert [c.token_ids for c in compiled.generate(prompts, params)] == ours  # together: the fused eager step
-    assert compiled.decoder.signature, "the compiled graph was never called"
+    assert compiled.decoder.compiled_steps, "the compiled graph was never called"
     idx = tokens(1)
     with torch.inference_mode():
         torch.testing.assert_close(one_by_one(compiled.decoder, idx, prefill=4), model(idx)[0][:, 4:],
@@ -182,7 +182,7 @@ def test_compiled_step_refuses_buffers_it_was_not_built_for():
         want, _ = model(idx)
         one_by_one(decoder, idx, prefill=4)  # compiles for contiguous (1, kv, T, hd) buffers
         _, state = decoder.step(idx[:, :4], model.new_state(1))
-        # The same values in buffers with other strides: the graph's unguarded calls must not read them blindly.
+        # The same values in buffers with other strides: the graph must not read them as if contiguous.
         odd = tuple(t.transpose(2, 3).contiguous().transpose(2, 3) for t in state.tensors)
         state = dataclasses.replace(state, tensors=odd)
         assert not state.tensors[0].is_contiguous()

@@ -258,10 +258,9 @@ class FastTransformer(Decoder):
         super().__init__(model)
         self.params = list(model.parameters())
         self.marks: list[tuple[int, int]] = []
-        self.plans_made = 0
         self.plan = self._plan()
         self.compiled: Callable[..., Any] | None = None
-        self.signature: tuple = ()  # the plan and input layouts of the last guarded call of the compiled graph
+        self.compiled_steps = 0  # steps run through the compiled graph
         if compile:
             # Static shapes, one graph for every position; inductor's C++ wrapper calls the kernels with less
             # Python per step than its default one (measured: docs/benchmarks.md).
@@ -273,7 +272,6 @@ class FastTransformer(Decoder):
         marks = [(p._version, p.data_ptr()) for p in self.params]
         if marks != self.marks:
             self.plan, self.marks = DecodePlan(self.model), marks
-            self.plans_made += 1
         return self.plan
 
     def _fused(self, idx: Tensor) -> bool:
@@ -317,17 +315,8 @@ class FastTransformer(Decoder):
     def _compiled_one(self, plan: DecodePlan, idx: Tensor, k: list[Tensor], v: list[Tensor],
                       lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         assert self.compiled is not None
-        idx, lens = idx.long().contiguous(), lens.long()
-        signature = (self.plans_made, idx.shape, idx.stride(), lens.stride(), k[0].shape, k[0].stride(), k[0].dtype, k[0].device,
-                     all(t.is_contiguous() for t in (*k, *v)))
-        if signature == self.signature:
-            # The same plan and layouts as the call that compiled the graph: checking dynamo's guards again
-            # would cost a third of a small model's step, so they are skipped (public stance, torch >= 2.6).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self.compiled(plan, idx, k, v, lens)
-        out = self.compiled(plan, idx, k, v, lens)  # guarded: compiles for inputs not seen before
-        self.signature = signature
-        return out
+        self.compiled_steps += 1
+        return self.compiled(plan, idx.long().contiguous(), k, v, lens.long())
 
 def accelerate(model: nn.Module, compile: bool = False) -> FastTransformer | None:
     """A :class:`FastTransformer` for a plain lmforge Transformer (:meth:`DecodePlan.supports`), else None."""
