@@ -117,7 +117,7 @@ def main() -> None:
         compiled = None
         if args.compile:
             start = time.perf_counter()
-            compiled = Engine(copy.deepcopy(tm.model), tok, device=args.device, compile=True)  # own copy: per-model flag
+            compiled = Engine(copy.deepcopy(tm.model), tok, device=args.device, compile=True)  # own copy: the engines share nothing
             print(f"compiling the decode step took {time.perf_counter() - start:.1f} s")
         ours = ours_c = theirs = 0.0
         for _ in range(args.repeats):  # in turns: all sides see the same machine load

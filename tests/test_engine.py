@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.models.base import DecodeState
 from lmforge.serve.engine import Engine, SamplingParams, _stable_length, sample_next
 
 VOCAB = 257  # byte tokenizer: id = byte + 1, 0 = end of text
@@ -34,7 +35,7 @@ class ByteTokenizer:
 
 
 class TinyLM(nn.Module):
-    """Bigram logits (a V x V table) plus an optional positional script; the decode state is (B,) positions.
+    """Bigram logits (a V x V table) plus an optional positional script; the decode state holds only lengths.
 
     With a script, the token at position p strongly predicts ``script[p % len(script)]``,
     so greedy decoding after an empty prompt spells out the script.
@@ -46,12 +47,8 @@ class TinyLM(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.table = nn.Parameter(table if table is not None else torch.randn(VOCAB, VOCAB, generator=g))
         self.script = script
-        self._max_len = max_len
+        self.max_len = max_len
         self.step_shapes: list[tuple[int, int]] = []  # (batch, new tokens) of every step call
-
-    @property
-    def max_state_len(self) -> int | None:
-        return self._max_len
 
     def _logits(self, idx: Tensor, start: Tensor) -> Tensor:
         logits = self.table[idx]  # (B, T, V)
@@ -66,22 +63,13 @@ class TinyLM(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def new_state(self, batch_size: int) -> Tensor:
-        return torch.zeros(batch_size, dtype=torch.long)
+    def new_state(self, batch_size: int) -> DecodeState:
+        return DecodeState((), torch.zeros(batch_size, dtype=torch.long), capacity=self.max_len)
 
-    def step(self, idx: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        if idx.size(0) != state.size(0):
-            raise ValueError(f"batch {idx.size(0)} does not match the state's {state.size(0)}")
-        if self._max_len is not None and int(state.max()) + idx.size(1) > self._max_len:
-            raise ValueError("the state is full")
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        state.check_step(idx)
         self.step_shapes.append((idx.size(0), idx.size(1)))
-        return self._logits(idx, state), state + idx.size(1)
-
-    def reorder_state(self, state: Tensor, index: Tensor) -> Tensor:
-        return state.index_select(0, index)
-
-    def concat_states(self, states: list[Tensor]) -> Tensor:
-        return torch.cat(states)
+        return self._logits(idx, state.lens), state.advanced((), idx.size(1))
 
 
 TOK = ByteTokenizer()

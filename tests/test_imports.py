@@ -26,12 +26,6 @@ FORBIDDEN = {
     "lmforge.train": {"lmforge.serve", "lmforge.export"},
     "lmforge.serve": {"lmforge.train"},
 }
-# Imports that close a cycle in code being rewritten elsewhere in issue #17; each goes with that rewrite,
-# and test_pending_exceptions_still_exist fails once it is gone, so this list only shrinks.
-PENDING = {
-    # the fused decode step moves out of the model (decoding rewrite)
-    ("lmforge.models.transformer_decode", "lmforge.models.transformer"): "decoding moves out of models/",
-}
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +61,7 @@ def package_of(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def all_edges() -> list[tuple[str, str, str]]:
+def edges() -> list[tuple[str, str, str]]:
     """(importer, imported, "file:line") for every import of an lmforge module inside lmforge."""
     modules = all_modules()
     out = []
@@ -75,10 +69,6 @@ def all_edges() -> list[tuple[str, str, str]]:
         for target, line in imports_of(path, name, modules):
             out.append((name, target, f"{path.relative_to(ROOT)}:{line}"))
     return out
-
-
-def edges() -> list[tuple[str, str, str]]:
-    return [e for e in all_edges() if e[:2] not in PENDING]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -161,12 +151,6 @@ def test_no_package_cycles():
 def test_no_forbidden_arrows():
     bad = forbidden(package_arrows())
     assert not bad, "imports that cross a forbidden boundary:\n" + "\n".join(bad)
-
-
-def test_pending_exceptions_still_exist():
-    seen = {e[:2] for e in all_edges()}
-    gone = [f"{a} -> {b}" for a, b in PENDING if (a, b) not in seen]
-    assert not gone, "remove from PENDING, the import is gone: " + ", ".join(gone)
 
 
 def test_registry_names_are_the_config_choices():

@@ -1,8 +1,9 @@
-"""Several greedy tokens per model call: ``decode_greedy`` and the engine's ``lookahead``.
+"""Several greedy tokens per model call: ``Decoder.greedy`` and the engine's ``lookahead``.
 
-Run: ``.venv/bin/pytest tests/test_lookahead.py``. ``decode_greedy(idx, state, n)`` must
-give exactly what ``n`` calls of ``step`` with an argmax between them give, for every
-architecture and for the Transformer's compiled step; the engine must produce the same
+Run: ``.venv/bin/pytest tests/test_lookahead.py``. ``Decoder(model).greedy(idx, state, n)``
+must give exactly what ``n`` calls of ``step`` with an argmax between them give, for every
+architecture, and the Transformer's fused and compiled steps (``lmforge.serve.fast_transformer``)
+the same tokens within rounding of the logits; the engine must produce the same
 completions (tokens, text, finish reasons, log-probabilities) with a lookahead of 8 as
 with none, through stop tokens, stop strings, ``max_new_tokens`` and full context windows.
 """
@@ -14,10 +15,11 @@ import copy
 import pytest
 import torch
 
-import lmforge.serve.batch as batch_module
 from lmforge.config import ModelConfig
 from lmforge.models import build_model
+from lmforge.serve.decoder import Decoder
 from lmforge.serve.engine import Engine, SamplingParams
+from lmforge.serve.fast_transformer import FastTransformer
 from tests.test_engine import TOK, TinyLM
 
 V = 64
@@ -45,43 +47,43 @@ def stepped(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[torch
     return torch.cat(picked, 1), torch.cat(logps, 1), logits[:, -1]
 
 
-def greedy(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    logits, state = model.step(prompt, model.new_state(prompt.shape[0]))
+def greedy(decoder: Decoder, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    model = decoder.model
+    logits, state = decoder.step(prompt, model.new_state(prompt.shape[0]))
     token = logits[:, -1].argmax(-1, keepdim=True)
-    picked, logps, last, state = model.decode_greedy(token, state, n)
+    picked, logps, last, state = decoder.greedy(token, state, n)
     after, _ = model.step(last.argmax(-1, keepdim=True), state)  # the state goes on from the n-th token
     return picked, logps, last, after
 
 
-@pytest.mark.parametrize("arch", ["transformer", "lstm", "gru", "cnn"])
+@pytest.mark.parametrize("arch", ["transformer", "transformer-fused", "lstm", "gru", "cnn"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_decode_greedy_equals_stepping(arch: str, rows: int) -> None:
-    model = tiny(arch)
+def test_greedy_equals_stepping(arch: str, rows: int) -> None:
+    model = tiny(arch.split("-")[0])
+    decoder = FastTransformer(model) if arch.endswith("fused") else Decoder(model)
     prompt = torch.randint(0, V, (rows, 5), generator=torch.Generator().manual_seed(rows))
     with torch.inference_mode():
         want_picked, want_logps, want_last = stepped(model, prompt, 6)
-        picked, logps, last, _ = greedy(model, prompt, 6)
-        one = model.decode_greedy(prompt[:, -1:], model.step(prompt[:, :-1], model.new_state(rows))[1], 1)
+        picked, logps, last, _ = greedy(decoder, prompt, 6)
+        one = decoder.greedy(prompt[:, -1:], model.step(prompt[:, :-1], model.new_state(rows))[1], 1)
     assert picked.shape == (rows, 5) and picked.dtype == torch.int64 and logps.dtype == torch.float32
-    # Picked tokens exactly, log-probabilities within rounding. LSTM/GRU/CNN decode through the default
-    # loop over step (the same arithmetic as the reference); the Transformer's own loop differs by rounding
-    # only, and its top-two logit margins here are above 0.1, far above 1e-5: no argmax can flip.
+    # Picked tokens exactly, log-probabilities within rounding. The plain decoder loops over step (the same
+    # arithmetic as the reference); the fused Transformer step differs by rounding only, and the top-two
+    # logit margins here are above 0.1, far above 1e-5: no argmax can flip.
     assert torch.equal(picked, want_picked)
     torch.testing.assert_close(logps, want_logps, atol=1e-6, rtol=0)
     torch.testing.assert_close(last, want_last, atol=1e-5, rtol=0)
     assert one[0].shape == (rows, 0) and one[1].shape == (rows, 0)  # n = 1: one step, nothing picked
 
 
-def test_compiled_decode_greedy_matches_eager() -> None:
+def test_compiled_greedy_matches_eager() -> None:
     eager = tiny("transformer")
-    compiled = copy.deepcopy(eager)
-    assert compiled.compile_decoding()
+    compiled = FastTransformer(copy.deepcopy(eager), compile=True)
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
-        want = greedy(eager, prompt, 9)
+        want = greedy(Decoder(eager), prompt, 9)
         got = greedy(compiled, prompt, 9)
-    cached = compiled.__dict__["_decode_plan"].plan
-    assert cached.compiled is not None and cached.compiled.graph is not None, "the compiled graph was not used"
+    assert compiled.compiled_steps == 9, "the compiled graph was not used for every step"
     assert torch.equal(got[0], want[0])
     for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
@@ -93,15 +95,15 @@ def completions(engine: Engine, prompts: list, params: SamplingParams) -> list[t
 
 
 def spy_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The n of every multi-token call the batch makes to a model without ``decode_greedy``."""
+    """The n of every multi-token call the batch makes through the plain :class:`Decoder`."""
     calls: list[int] = []
-    real = batch_module.greedy_loop
+    real = Decoder.greedy
 
-    def counting(model, idx, state, n):  # noqa: ANN001, ANN202
+    def counting(self, idx, state, n):  # noqa: ANN001, ANN202
         calls.append(n)
-        return real(model, idx, state, n)
+        return real(self, idx, state, n)
 
-    monkeypatch.setattr(batch_module, "greedy_loop", counting)
+    monkeypatch.setattr(Decoder, "greedy", counting)
     return calls
 
 
@@ -136,16 +138,17 @@ def test_engine_lookahead_on_a_transformer_with_a_full_window() -> None:
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]  # the second refills after a few tokens
     want = completions(Engine(model, TOK, lookahead=1), prompts, params)
     calls: list[int] = []
-    real = model.decode_greedy
+    engine = Engine(model, TOK, lookahead=8)
+    real = engine.decoder.greedy
 
     def counting(idx, state, n):  # noqa: ANN001, ANN202
         calls.append(n)
         return real(idx, state, n)
 
-    model.decode_greedy = counting
-    assert completions(Engine(model, TOK, lookahead=8), prompts, params) == want
+    engine.decoder.greedy = counting  # type: ignore[method-assign]
+    assert completions(engine, prompts, params) == want
     assert all(len(tokens) == 40 for tokens, *_ in want)
-    assert calls and max(calls) > 1  # the model's own multi-token call was taken
+    assert calls and max(calls) > 1  # the multi-token call was taken
 
 
 def test_lookahead_must_be_positive() -> None:

@@ -136,34 +136,16 @@ def test_incremental_decoding_equals_forward(arch, sizes):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_state_can_be_reused_after_step(arch):
+def test_decode_state_declares_its_batch_dimension_and_lengths(arch):
+    """Serving batches any model's state by its declared batch dimension: every tensor carries the rows there."""
     model = make(arch).eval()
-    a, b = tokens(2), tokens(2, seed=3)
-    branch = torch.cat([a[:, :6], b[:, 6:]], dim=1)  # same first 6 tokens, then different ones
-    with torch.inference_mode():
-        full_a, full_b = model(a)[0], model(branch)[0]
-        _, prefix = decode(model, a, [6])
-        first, newer = model.step(a[:, 6:9], prefix)
-        # Step the older state again with other tokens: must see the prefix only.
-        other, _ = model.step(branch[:, 6:9], prefix)
-        # And the newer state must be untouched by that branch.
-        rest, _ = model.step(a[:, 9:], newer)
-    torch.testing.assert_close(first, full_a[:, 6:9], atol=1e-5, rtol=0)
-    torch.testing.assert_close(other, full_b[:, 6:9], atol=1e-5, rtol=0)
-    torch.testing.assert_close(rest, full_a[:, 9:], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_reorder_state_keeps_the_right_rows(arch):
-    model = make(arch).eval()
-    idx = tokens(3)
-    index = torch.tensor([2, 0, 2])
     with torch.no_grad():
-        full, _ = model(idx[index])
-        _, state = decode(model, idx, [8])
-        state = model.reorder_state(state, index)
-        rest, _ = decode(model, idx[index], [1] * (T - 8), state, start=8)
-    torch.testing.assert_close(rest, full[:, 8:], atol=1e-5, rtol=0)
+        _, state = decode(model, tokens(3), [5, 1, 2])
+    assert state.batch_size == 3 and state.lens.tolist() == [8, 8, 8] and state.lens.device.type == "cpu"
+    assert state.tensors and all(t.shape[state.batch_dim] == 3 for t in state.tensors)
+    empty = model.new_state(2)
+    assert [t.shape for t in empty.tensors] == [
+        t.shape[: state.batch_dim] + (2,) + t.shape[state.batch_dim + 1:] for t in state.tensors]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -259,8 +241,8 @@ def test_vocab_size_zero_is_refused(arch):
 
 def test_transformer_state_is_bounded_by_context():
     model = make("transformer").eval()
-    assert model.max_state_len == T
-    assert all(make(a).max_state_len is None for a in ("lstm", "gru", "cnn"))
+    assert model.new_state(1).capacity == T
+    assert all(make(a).new_state(1).capacity is None for a in ("lstm", "gru", "cnn"))
     with torch.no_grad():
         _, state = decode(model, tokens(1), [T])
         with pytest.raises(ValueError, match=r"16 tokens; 1 more would make 17"):
@@ -293,8 +275,8 @@ def test_cnn_receptive_field():
 def test_lstm_and_gru_state_shapes():
     lstm, gru = make("lstm"), make("gru")
     s1, s2 = lstm.new_state(3), gru.new_state(3)
-    assert s1.h.shape == (2, 3, 48) and s1.c is not None and s1.c.shape == (2, 3, 48)
-    assert s2.h.shape == (2, 3, 48) and s2.c is None
+    assert [t.shape for t in s1.tensors] == [(2, 3, 48), (2, 3, 48)] and s1.batch_dim == 1  # h and c
+    assert [t.shape for t in s2.tensors] == [(2, 3, 48)] and s2.batch_dim == 1  # h
 
 
 @pytest.mark.parametrize(

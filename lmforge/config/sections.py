@@ -324,8 +324,8 @@ class ServeConfig(Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     compile: bool = Field(False, description=(
-        "compile the one-stream decode step with torch.compile before serving (Transformer): about 1.3x "
-        "faster batch-1 decoding on a CPU (1.6x with serve.lookahead), after a compile of 5-30 s at start (inductor caches it on disk)"))
+        "compile the one-stream decode step with torch.compile before serving (Transformer): about 1.85x "
+        "the eager batch-1 decoding on a CPU (with serve.lookahead), after a compile of 3-30 s at start (inductor caches it on disk)"))
     lookahead: int = Field(8, ge=1, description=(
         "while every running sequence decodes greedily (temperature 0, no penalties), decode up to this many "
         "tokens per model call (never more than about 10 ms of them), so the per-token bookkeeping runs "

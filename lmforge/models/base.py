@@ -9,14 +9,21 @@ interface, so no code outside ``lmforge/models`` branches on the architecture:
   the logits may be None: the head and the loss then run fused (``head_loss``).
 - ``init_weights()``: deterministic given torch's RNG; the constructor calls it.
 - ``num_params()`` and ``flops_per_token()`` (training flops, for MFU).
-- ``new_state(B)`` / ``step(idx, state) -> (logits, state)`` / ``reorder_state``
-  / ``concat_states`` / ``max_state_len``: incremental decoding. Feeding a
-  sequence through ``step`` in chunks of any sizes gives the logits of one
-  ``forward`` over the whole of it. States of different lengths can be
-  concatenated into one batch and stepped together (the serving engine's
-  continuous batching), each row continuing exactly as it would alone.
-  ``decode_greedy(idx, state, n)`` runs ``n`` steps with argmax choices in one
-  call (a default loop over ``step``; models may make it faster).
+- ``new_state(B)`` / ``step(idx, state) -> (logits, state)``: incremental
+  decoding. Feeding a sequence through ``step`` in chunks of any sizes (one token
+  or a short span) gives the logits of one ``forward`` over the whole of it.
+  ``step`` may write into the state's tensors in place: the caller goes on with the
+  state it returns and drops the one it passed.
+
+Every model's decode state is a :class:`DecodeState`: a tuple of tensors that all
+carry the batch on one declared dimension, the number of tokens each row has seen,
+and the most a row can hold. Serving (``lmforge/serve``) joins, drops and reorders
+rows with ``index_select`` / ``cat`` on that dimension and never asks the model.
+That works because a model's state tensors have the same shape whatever the rows
+have seen (a Transformer's KV cache is allocated for the whole context, a row
+keeping its keys in columns ``[0, lens[b])``), so rows of different lengths sit in
+one batch with no padding. Choosing tokens, batching requests and lookahead live in
+``lmforge/serve``; a model returns logits.
 
 Example::
 
@@ -28,7 +35,8 @@ Example::
         logits, state = model.step(idx, state)    # prefill
         logits, state = model.step(next_ids, state)   # one more token, (B, 1)
 
-Model code is single-device: mixed precision, compile, DDP / FSDP and LoRA are
+Model code is single-device: mixed precision, compile, DDP / FSDP, LoRA and
+architecture-specific decode speed-ups (``lmforge/serve/fast_transformer.py``) are
 applied from outside.
 """
 
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +53,45 @@ from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.head_loss import head_cross_entropy
 from lmforge.models.layers import RMSNorm, causal_lm_loss
 
+
+@dataclass(frozen=True)
+class DecodeState:
+    """A decode state that serving can batch without knowing the architecture.
+
+    ``tensors``: everything the model carries between steps, each tensor with the
+    batch on dimension ``batch_dim`` and, across states of one model, the same shape
+    on every other dimension. ``lens`` (B,) int64 on the CPU: tokens each row has
+    seen. ``capacity``: the most tokens a row can hold (a preallocated cache's
+    length), None when unbounded. Rows are selected and joined by
+    ``index_select`` / ``cat`` of every tensor on ``batch_dim`` (and of ``lens``),
+    which is all ``lmforge.serve.batch`` does with a state.
+    """
+
+    tensors: tuple[Tensor, ...]
+    lens: Tensor
+    batch_dim: int = 0
+    capacity: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lens.shape[0])
+
+    def advanced(self, tensors: tuple[Tensor, ...], new_tokens: int) -> DecodeState:
+        """This state after a step of ``new_tokens`` per row, now holding ``tensors``."""
+        return replace(self, tensors=tensors, lens=self.lens + new_tokens)
+
+    def check_step(self, idx: Tensor) -> list[int]:
+        """``lens`` as a list, after checking that ``idx`` (B, T) fits: the state's rows, within ``capacity``."""
+        if idx.shape[0] != self.batch_size:
+            raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {self.batch_size}")
+        lens = self.lens.tolist()  # one conversion instead of a max and an any over a tensor
+        longest = max(lens, default=0)
+        if self.capacity is not None and longest + idx.shape[1] > self.capacity:
+            raise ValueError(
+                f"decode state holds {longest} tokens; {idx.shape[1]} more would make {longest + idx.shape[1]}, "
+                f"past model.context ({self.capacity}): re-prefill a shorter window"
+            )
+        return lens
 
 class LanguageModel(nn.Module, ABC):
     """Abstract base of the registry models; see the module docstring for the contract.
@@ -142,49 +189,16 @@ class LanguageModel(nn.Module, ABC):
 
     # ---------------------------------------------------------------- decoding
     @abstractmethod
-    def new_state(self, batch_size: int) -> Any:
+    def new_state(self, batch_size: int) -> DecodeState:
         """An empty decode state for ``batch_size`` sequences, on the model's device and dtype."""
 
     @abstractmethod
-    def step(self, idx: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Feed ``idx`` (B, T_new) after what ``state`` has seen: ``(logits (B, T_new, V), new state)``.
 
-        ``state`` is not modified in a way visible to its holder: it stays usable,
-        so a caller may branch (step it again with other tokens).
+        Rows may have seen different numbers of tokens (``state.lens``); each row
+        continues exactly as it would alone. The passed state may be written in place.
         """
-
-    @abstractmethod
-    def reorder_state(self, state: Any, index: Tensor) -> Any:
-        """A state holding only the batch rows ``index`` (int64, any order, repeats allowed)."""
-
-    @abstractmethod
-    def concat_states(self, states: list[Any]) -> Any:
-        """One state holding the rows of ``states`` in order; they may have seen different numbers of tokens.
-
-        Stepping the result with one token per row gives each row the logits it
-        would get stepped alone (for a bounded state, every row stays within
-        ``max_state_len``). The inputs stay valid.
-        """
-
-    def decode_greedy(self, idx: Tensor, state: Any, n: int) -> tuple[Tensor, Tensor, Tensor, Any]:
-        """Feed ``idx`` (B, 1), then ``n - 1`` greedy choices of the model's own: ``n`` steps in one call.
-
-        See :func:`greedy_loop`, which this is unless a model overrides it with a faster loop.
-        """
-        return greedy_loop(self, idx, state, n)
-
-    def compile_decoding(self) -> bool:
-        """Compile the one-token decode step (``torch.compile``) where the model has one; True if it did.
-
-        The first compiled step pays the compile (seconds to a minute on a CPU; cached on disk by
-        inductor afterwards), so servers opt in and one-shot generation does not.
-        """
-        return False
-
-    @property
-    def max_state_len(self) -> int | None:
-        """The longest total sequence a decode state can hold; None = unbounded."""
-        return None
 
     # ------------------------------------------------------------------ helpers
     def _param_like(self) -> Tensor:
@@ -199,25 +213,3 @@ class LanguageModel(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"arch={self.cfg.arch}, params={self.num_params():,}"
-
-
-def greedy_loop(model: nn.Module, idx: Tensor, state: Any, n: int) -> tuple[Tensor, Tensor, Tensor, Any]:
-    """``n`` calls of ``model.step``, the first fed ``idx`` (B, 1) and each later one the argmax of the last.
-
-    Returns ``(picked, logprobs, last, state)``: ``picked`` (B, n - 1) int64 are the argmax tokens fed
-    after ``idx``, ``logprobs`` (B, n - 1) float32 their log-probabilities, and ``last`` (B, V) the
-    logits after the final step, for the caller's next choice. The serving engine uses it (through
-    ``decode_greedy`` where a model has one) to spend its per-token bookkeeping once per ``n`` tokens.
-    """
-    picked, logprobs = [], []
-    logits, state = model.step(idx, state)
-    last = logits[:, -1, :]
-    for _ in range(n - 1):
-        token = last.argmax(dim=-1, keepdim=True)  # (B, 1)
-        logprobs.append(torch.log_softmax(last.float(), dim=-1).gather(-1, token))
-        picked.append(token)
-        logits, state = model.step(token, state)
-        last = logits[:, -1, :]
-    if not picked:
-        return idx.new_zeros(idx.shape[0], 0), last.new_zeros(idx.shape[0], 0, dtype=torch.float32), last, state
-    return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), last, state

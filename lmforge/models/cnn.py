@@ -26,22 +26,13 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.base import LanguageModel
+from lmforge.models.base import DecodeState, LanguageModel
 from lmforge.models.layers import RMSNorm, make_lm_head
-
-
-@dataclass
-class ConvState:
-    """Decode state: per layer, the last ``(kernel_size - 1) * dilation`` conv inputs, (B, d_model, width)."""
-
-    buffers: list[Tensor]
 
 
 class GatedConvBlock(nn.Module):
@@ -118,28 +109,16 @@ class GatedCNN(LanguageModel):
         return float(6 * (cfg.n_layers * per_layer + d * cfg.vocab_size))
 
     # ---------------------------------------------------------------- decoding
-    def new_state(self, batch_size: int) -> ConvState:
+    def new_state(self, batch_size: int) -> DecodeState:
+        """Per layer, the last ``(kernel_size - 1) * dilation`` conv inputs ``(B, d_model, width)``: batch on dim 0."""
         p = self._param_like()
-        return ConvState(
-            [
-                torch.zeros(batch_size, self.cfg.d_model, layer.pad, device=p.device, dtype=p.dtype)
-                for layer in self.layers
-            ]
-        )
+        buffers = tuple(torch.zeros(batch_size, self.cfg.d_model, layer.pad, device=p.device, dtype=p.dtype)
+                        for layer in self.layers)
+        return DecodeState(buffers, torch.zeros(batch_size, dtype=torch.long), batch_dim=0)
 
-    def step(self, idx: Tensor, state: ConvState) -> tuple[Tensor, ConvState]:
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         self._check_idx(idx)
-        if idx.shape[0] != state.buffers[0].shape[0]:
-            raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {state.buffers[0].shape[0]}")
-        h, buffers = self._run(idx, state.buffers)  # new buffers are fresh tensors: no aliasing
+        state.check_step(idx)
+        h, buffers = self._run(idx, list(state.tensors))  # new buffers are fresh tensors: no aliasing
         logits = self.lm_head(h)  # (B, T, V)
-        return logits, ConvState(buffers)
-
-    def reorder_state(self, state: ConvState, index: Tensor) -> ConvState:
-        index = index.to(state.buffers[0].device)
-        return ConvState([b.index_select(0, index) for b in state.buffers])
-
-    def concat_states(self, states: list[ConvState]) -> ConvState:
-        if not states:
-            raise ValueError("concat_states needs at least one state")
-        return ConvState([torch.cat(layer) for layer in zip(*(s.buffers for s in states), strict=True)])
+        return logits, state.advanced(tuple(buffers), idx.shape[1])

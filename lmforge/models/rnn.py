@@ -24,27 +24,14 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.base import LanguageModel
+from lmforge.models.base import DecodeState, LanguageModel
 from lmforge.models.layers import make_lm_head
-
-
-@dataclass
-class RNNState:
-    """Decode state: hidden ``h`` (n_layers, B, hidden) and, for the LSTM, the cell ``c`` (same shape)."""
-
-    h: Tensor
-    c: Tensor | None = None
-
-    def as_torch(self) -> Tensor | tuple[Tensor, Tensor]:
-        """The form ``nn.LSTM`` / ``nn.GRU`` take as their initial state."""
-        return self.h if self.c is None else (self.h, self.c)
 
 
 class RecurrentLM(LanguageModel):
@@ -74,11 +61,11 @@ class RecurrentLM(LanguageModel):
         self.lm_head = make_lm_head(self.tok_emb, cfg.tie_embeddings)
         self.init_weights()
 
-    def _run(self, idx: Tensor, state: RNNState | None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    def _run(self, idx: Tensor, init: Any = None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
         x = self.emb_drop(self.tok_emb(idx))  # (B, T, d_model)
         if self.in_proj is not None:
             x = self.in_proj(x)  # (B, T, hidden)
-        y, new = self._recur(x, None if state is None else state.as_torch())  # y: (B, T, hidden)
+        y, new = self._recur(x, init)  # y: (B, T, hidden)
         y = self.out_drop(y)
         if self.out_proj is not None:
             y = self.out_proj(y)  # (B, T, d_model)
@@ -113,34 +100,20 @@ class RecurrentLM(LanguageModel):
         return float(6 * n_matmul)
 
     # ---------------------------------------------------------------- decoding
-    def new_state(self, batch_size: int) -> RNNState:
+    def new_state(self, batch_size: int) -> DecodeState:
+        """Hidden ``h`` (and for the LSTM the cell ``c``), each ``(n_layers, B, hidden)``: batch on dim 1."""
         p = self._param_like()
         shape = (self.cfg.n_layers, batch_size, self.hidden)
-        h = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        c = torch.zeros(shape, device=p.device, dtype=p.dtype) if self.n_gates == 4 else None
-        return RNNState(h, c)
+        tensors = tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(2 if self.n_gates == 4 else 1))
+        return DecodeState(tensors, torch.zeros(batch_size, dtype=torch.long), batch_dim=1)
 
-    def step(self, idx: Tensor, state: RNNState) -> tuple[Tensor, RNNState]:
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         self._check_idx(idx)
-        if idx.shape[0] != state.h.shape[1]:
-            raise ValueError(f"idx has {idx.shape[0]} rows but the decode state holds {state.h.shape[1]}")
-        # The recurrent modules return fresh tensors, so the old state stays valid.
-        h, new = self._run(idx, state)
+        state.check_step(idx)
+        # nn.LSTM takes its state as (h, c), nn.GRU as h alone.
+        h, new = self._run(idx, state.tensors if len(state.tensors) == 2 else state.tensors[0])
         logits = self.lm_head(h)  # (B, T, V)
-        if isinstance(new, tuple):
-            return logits, RNNState(new[0], new[1])
-        return logits, RNNState(new)
-
-    def reorder_state(self, state: RNNState, index: Tensor) -> RNNState:
-        index = index.to(state.h.device)
-        c = None if state.c is None else state.c.index_select(1, index)
-        return RNNState(state.h.index_select(1, index), c)
-
-    def concat_states(self, states: list[RNNState]) -> RNNState:
-        if not states:
-            raise ValueError("concat_states needs at least one state")
-        c = None if states[0].c is None else torch.cat([s.c for s in states if s.c is not None], dim=1)
-        return RNNState(torch.cat([s.h for s in states], dim=1), c)
+        return logits, state.advanced(tuple(new) if isinstance(new, tuple) else (new,), idx.shape[1])
 
 
 class LSTMModel(RecurrentLM):

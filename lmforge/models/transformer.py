@@ -22,22 +22,15 @@ Parameter names: ``tok_emb``, ``layers.{i}.attn_norm``, ``layers.{i}.attn.{q,k,v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.base import LanguageModel
+from lmforge.models.base import DecodeState, LanguageModel
 from lmforge.models.layers import RMSNorm, Rotary, make_lm_head
-from lmforge.models.transformer_decode import (
-    DecodePlan,
-    Frontier,
-    KVCache,
-    Ragged,
-    compiled_one,
-    decode_one,
-    greedy_steps,
-)
 
 # scaled_dot_product_attention repeats K/V heads itself (no copy) from torch 2.5 on.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -57,6 +50,28 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     """The block / final norm that ``model.transformer.norm`` names (LayerNorm carries a bias, as GPT-2's)."""
     eps = cfg.transformer.norm_eps
     return nn.LayerNorm(cfg.d_model, eps=eps) if cfg.transformer.norm == "layernorm" else RMSNorm(cfg.d_model, eps)
+
+
+@dataclass
+class Ragged:
+    """Where the new tokens of rows at different lengths go, computed once per step for every layer."""
+
+    positions: Tensor  # (B, T) int64: absolute position of each new token
+    span: int  # key columns to attend over: the longest row after this step
+    mask: Tensor  # (B, 1, T, span) bool, True = attend: column j <= the query's position
+
+    @staticmethod
+    def of(lens: Tensor, t: int, span: int, device: torch.device) -> Ragged:
+        positions = (lens[:, None] + torch.arange(t)[None, :]).to(device)  # (B, T)
+        columns = torch.arange(span, device=device)  # (span,)
+        mask = columns[None, None, :] <= positions[:, :, None]  # (B, T, span)
+        return Ragged(positions, span, mask[:, None])
+
+
+def kv_buffers(state: DecodeState) -> tuple[list[Tensor], list[Tensor]]:
+    """The per-layer key and value buffers ``(B, n_kv_heads, context, head_dim)`` of a Transformer state."""
+    n = len(state.tensors) // 2
+    return list(state.tensors[:n]), list(state.tensors[n:])
 
 
 class NoRotation(nn.Module):
@@ -247,82 +262,26 @@ class Transformer(LanguageModel):
         return float(6 * n_matmul + 12 * n_layers * d * cfg.context)
 
     # ---------------------------------------------------------------- decoding
-    @property
-    def max_state_len(self) -> int | None:
-        return self.cfg.context
-
-    def new_state(self, batch_size: int) -> KVCache:
+    def new_state(self, batch_size: int) -> DecodeState:
+        """A static KV cache: per layer, keys then values ``(B, n_kv_heads, context, head_dim)``, batch on dim 0."""
         p = self._param_like()
         attn = self.layers[0].attn
         shape = (batch_size, attn.n_kv_heads, self.cfg.context, attn.head_dim)
-        k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
-        v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]
-        return KVCache(k, v, torch.zeros(batch_size, dtype=torch.long))
+        bufs = tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(2 * len(self.layers)))
+        return DecodeState(bufs, torch.zeros(batch_size, dtype=torch.long), batch_dim=0, capacity=self.cfg.context)
 
-    def step(self, idx: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """Write the new tokens' keys and values into the cache in place; rows may be at different lengths."""
         self._check_idx(idx)
+        lens = state.check_step(idx)
         b, t = idx.shape
-        if b != state.batch_size:
-            raise ValueError(f"idx has {b} rows but the decode state holds {state.batch_size}")
-        lens = state.lens.tolist()  # one conversion instead of a max and an any over a tensor
-        longest = max(lens) if b else 0
-        if longest + t > self.cfg.context:
-            raise ValueError(
-                f"decode state holds {longest} tokens; {t} more would make {longest + t}, "
-                f"past model.context ({self.cfg.context}): re-prefill a shorter window"
-            )
-        k, v, frontier = state.k, state.v, state.frontier
-        if state.stamp != frontier.stamp:
-            # A newer state already wrote into the shared buffers: branch on a copy.
-            k, v = [t_.clone() for t_ in k], [t_.clone() for t_ in v]
-            frontier = Frontier(state.stamp)
+        longest = max(lens, default=0)
         pos: int | Ragged = longest
         if b and min(lens) != longest:
             pos = Ragged.of(state.lens, t, longest + t, idx.device)
-        plan = DecodePlan.for_model(self) if t == 1 and not self.training and not torch.is_grad_enabled() else None
-        if plan is not None:  # the decode loop's one token per row: the fused path
-            if b == 1 and self.__dict__.get("_compiled_decoding"):
-                logits = compiled_one(plan, idx, k, v, state.lens.to(idx.device))[0]
-            else:
-                logits = decode_one(plan, idx, k, v, pos)
-            frontier.stamp += 1
-            return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
+        k, v = kv_buffers(state)
         x = self._embed(idx, pos)  # (B, T_new, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rotary, (k[i], v[i]), pos)
         logits = self.lm_head(self.norm(x))  # (B, T_new, V)
-        frontier.stamp += 1
-        return logits, KVCache(k, v, state.lens + t, frontier, frontier.stamp)
-
-    def decode_greedy(self, idx: Tensor, state: KVCache, n: int) -> tuple[Tensor, Tensor, Tensor, KVCache]:
-        # With the compiled one-row step, the n steps run back to back through the graph, which also picks
-        # the argmax and its log-probability; anything else takes the contract's loop over step().
-        plan = None
-        if (n > 1 and tuple(idx.shape) == (1, 1) and self.__dict__.get("_compiled_decoding") and not self.training
-                and not torch.is_grad_enabled() and state.stamp == state.frontier.stamp
-                and int(state.lens[0]) + n <= self.cfg.context):
-            plan = DecodePlan.for_model(self)
-        if plan is None:
-            return super().decode_greedy(idx, state, n)
-        self._check_idx(idx)
-        lens = state.lens.to(idx.device, copy=True)
-        picked, logprobs, last = greedy_steps(plan, idx, state.k, state.v, lens, n)
-        state.frontier.stamp += 1
-        return picked, logprobs, last, KVCache(state.k, state.v, state.lens + n, state.frontier, state.frontier.stamp)
-
-    def compile_decoding(self) -> bool:
-        """Run batch-1 one-token steps through ``torch.compile`` from now on (see transformer_decode)."""
-        self.__dict__["_compiled_decoding"] = True
-        return True
-
-    def reorder_state(self, state: KVCache, index: Tensor) -> KVCache:
-        k = [t.index_select(0, index.to(t.device)) for t in state.k]
-        v = [t.index_select(0, index.to(t.device)) for t in state.v]
-        return KVCache(k, v, state.lens.index_select(0, index.cpu()))
-
-    def concat_states(self, states: list[KVCache]) -> KVCache:
-        if not states:
-            raise ValueError("concat_states needs at least one state")
-        k = [torch.cat([s.k[i] for s in states]) for i in range(len(self.layers))]
-        v = [torch.cat([s.v[i] for s in states]) for i in range(len(self.layers))]
-        return KVCache(k, v, torch.cat([s.lens for s in states]))
+        return logits, state.advanced(state.tensors, t)

@@ -4,22 +4,25 @@ A :class:`Request` is one prompt to complete ``params.n`` times. :class:`DecodeB
 holds the running rows (one per sample) in one merged model state:
 
 - ``add(request)`` prefills the prompt alone (batch 1), copies that state to ``n``
-  rows (``reorder_state`` with repeats) and appends them (``concat_states``); the
-  new rows may be at other lengths than the running ones.
-- ``step()`` picks one token for every row (each request with its own sampling
-  parameters and seeded generator), records it, finishes rows that hit a stop
-  token, a stop string or ``max_new_tokens``, drops finished rows from the state
-  (``reorder_state``) and runs one model step for the rest.
+  rows (:func:`select_rows` with repeats) and appends them (:func:`concat_rows`);
+  the new rows may be at other lengths than the running ones.
+- ``step()`` picks one token for every row (:func:`~lmforge.serve.sampling.pick_tokens`:
+  each request with its own sampling parameters and seeded generator), records it,
+  finishes rows that hit a stop token, a stop string or ``max_new_tokens``, drops
+  finished rows from the state (:func:`select_rows`) and runs one model step for the
+  rest; while every row is greedy, up to ``lookahead`` steps in one call
+  (:meth:`~lmforge.serve.decoder.Decoder.greedy`).
 - ``remove(request)`` drops a cancelled request's rows at once.
 
-When a row's bounded state (a Transformer's KV cache) is full, that row alone is
-re-prefilled from the last half of its window and joins again, so generation
-never fails because of the context length. Only the model's decoding contract
-is used: no state is ever looked inside.
+Rows join and leave through the generic :class:`~lmforge.models.base.DecodeState`
+(``index_select`` / ``cat`` on its batch dimension), the same for every
+architecture. When a row's bounded state (a Transformer's KV cache, ``capacity``)
+is full, that row alone is re-prefilled from the last half of its window and joins
+again, so generation never fails because of the context length.
 
 Example (the engine and the server's scheduler drive it this way)::
 
-    batch = DecodeBatch(model, tokenizer, device)
+    batch = DecodeBatch(Decoder(model), tokenizer, device)
     batch.add(Request(prompt_ids, params, end_ids=tok.end_ids))
     while batch.rows:
         for req in batch.step():
@@ -31,13 +34,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_fields
 from typing import Literal, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lmforge.models.base import greedy_loop
-from lmforge.serve.sampling import MIN_TEMPERATURE, RowParams, SamplingParams, sample_rows, stable_length
+from lmforge.models.base import DecodeState
+from lmforge.serve.decoder import Decoder
+from lmforge.serve.sampling import RowGroup, SamplingParams, pick_tokens, stable_length
 
 FinishReason = Literal["stop", "length"]
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
@@ -193,6 +198,21 @@ class Request:
         return out
 
 
+def select_rows(state: DecodeState, index: Tensor) -> DecodeState:
+    """A state holding only the rows ``index`` (int64, any order, repeats allowed) of ``state``, as copies."""
+    tensors = tuple(t.index_select(state.batch_dim, index.to(t.device)) for t in state.tensors)
+    return replace_fields(state, tensors=tensors, lens=state.lens.index_select(0, index.cpu()))
+
+
+def concat_rows(states: Sequence[DecodeState]) -> DecodeState:
+    """One state holding the rows of ``states`` in order (rows may have seen different numbers of tokens)."""
+    if not states:
+        raise ValueError("concat_rows needs at least one state")
+    first = states[0]
+    tensors = tuple(torch.cat(parts, dim=first.batch_dim) for parts in zip(*(s.tensors for s in states), strict=True))
+    return replace_fields(first, tensors=tensors, lens=torch.cat([s.lens for s in states]))
+
+
 def _top(logp: Tensor, k: int) -> list[TopLogprobs]:
     """The k most likely tokens of each row of ``logp`` (N, V)."""
     values, ids = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
@@ -202,14 +222,14 @@ def _top(logp: Tensor, k: int) -> list[TopLogprobs]:
 class DecodeBatch:
     """The running rows of every admitted request, in one model state; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Detokenizer, device: torch.device, lookahead: int = 1) -> None:
-        self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.lookahead = lookahead  # greedy tokens per model call at most (decode_greedy); 1 = one per step
+    def __init__(self, decoder: Decoder, tokenizer: Detokenizer, device: torch.device, lookahead: int = 1) -> None:
+        self.decoder, self.model, self.tokenizer, self.device = decoder, decoder.model, tokenizer, device
+        self.lookahead = lookahead  # greedy tokens per model call at most (Decoder.greedy); 1 = one per step
         self.token_seconds = 0.0  # running mean of a model step's wall time per token, for the lookahead
         self.tokens_per_row = 1  # tokens each running row received in the last step (more with the lookahead)
-        self.limit: int | None = getattr(model, "max_state_len", None)
+        self.limit: int | None = None  # the state's capacity (tokens a row can hold); None = unbounded
         self.rows: list[tuple[Request, int]] = []  # batch row -> (request, sample index)
-        self.state = None
+        self.state: DecodeState | None = None
         self.last: Tensor | None = None  # (rows, V): next-token logits of each row
 
     @property
@@ -220,16 +240,17 @@ class DecodeBatch:
         self.rows, self.state, self.last = [], None, None
 
     # ---------------------------------------------------------------- joining
-    def _prefill(self, ids: list[int]) -> tuple[Tensor, object]:
+    def _prefill(self, ids: list[int]) -> tuple[Tensor, DecodeState]:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model.step(idx, self.model.new_state(1))  # logits (1, T, V)
+        return self.decoder.step(idx, self.model.new_state(1))  # logits (1, T, V)
 
-    def _append(self, rows: list[tuple[Request, int]], state: object, last: Tensor) -> None:
-        if self.rows:
-            self.state = self.model.concat_states([self.state, state])
+    def _append(self, rows: list[tuple[Request, int]], state: DecodeState, last: Tensor) -> None:
+        if self.rows and self.state is not None and self.last is not None:
+            self.state = concat_rows([self.state, state])
             self.last = torch.cat([self.last, last])
         else:
             self.state, self.last = state, last
+        self.limit = state.capacity
         self.rows += rows
 
     @torch.inference_mode()
@@ -252,7 +273,7 @@ class DecodeBatch:
         for s in req.samples:
             s.held = len(req.prompt_ids)
         replicas = torch.zeros(n, dtype=torch.long, device=self.device)  # the n samples share the prompt
-        state = self.model.reorder_state(state, replicas) if n > 1 else state
+        state = select_rows(state, replicas) if n > 1 else state
         self._append([(req, i) for i in range(n)], state, logits[:, -1, :].expand(n, -1))
 
     def remove(self, req: Request) -> None:
@@ -267,36 +288,25 @@ class DecodeBatch:
             self.clear()
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.state = self.model.reorder_state(self.state, index)
-        assert self.last is not None
+        assert self.state is not None and self.last is not None
+        self.state = select_rows(self.state, index)
         self.last = self.last.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
 
     # ---------------------------------------------------------------- stepping
-    def _pick(self, last: Tensor) -> Tensor:
-        """One token per row (B,), every row under its own request's parameters, in one vectorized call.
-
-        Each sampling request draws its rows' uniforms from its own generator, in sample
-        order, so its tokens do not depend on what else shares the batch.
-        """
-        params = [req.params for req, _ in self.rows]
-        if all(p.greedy for p in params):
-            return last.argmax(dim=-1)
-        uniforms = [0.0] * len(self.rows)
-        counts = torch.zeros_like(last) if any(p.penalized for p in params) else None  # (B, V)
+    def _groups(self) -> list[RowGroup]:
+        """The rows of each request in sample order, requests in the order of their first row (for pick_tokens)."""
         groups: dict[int, tuple[Request, list[int]]] = {}
         for row, (req, _) in enumerate(self.rows):
             groups.setdefault(id(req), (req, []))[1].append(row)
+        out = []
         for req, rows in groups.values():
             rows.sort(key=lambda r: self.rows[r][1])
-            if req.params.temperature >= MIN_TEMPERATURE:
-                for row, u in zip(rows, torch.rand(len(rows), generator=req.generator).tolist(), strict=True):
-                    uniforms[row] = u
-            if counts is not None and req.counts is not None:
-                index = torch.tensor(rows, dtype=torch.long, device=self.device)
-                counts[index] = req.counts[torch.tensor([self.rows[r][1] for r in rows], device=self.device)]
-        u = torch.tensor(uniforms, device=self.device)
-        return sample_rows(last, RowParams.of(params, self.device), u, counts)
+            counts = None
+            if req.counts is not None:
+                counts = req.counts[torch.tensor([self.rows[r][1] for r in rows], device=self.device)]
+            out.append(RowGroup(req.params, req.generator, rows, counts))
+        return out
 
     def _check_stop_strings(self, req: Request, s: _Sample) -> bool:
         """Finish ``s`` if its text now contains a stop string; the text is cut before the earliest one."""
@@ -331,7 +341,7 @@ class DecodeBatch:
         return keep, refill
 
     def _tokens_per_call(self) -> int:
-        """How many steps the next model call may take at once (``decode_greedy``), 1 unless all rows are greedy.
+        """How many steps the next model call may take at once (``Decoder.greedy``), 1 unless all rows are greedy.
 
         Never past a row's ``max_new_tokens`` or its state's room, and no more tokens than about
         ``_BURST_SECONDS`` of decoding, so a stream still arrives in small pieces on a slow model.
@@ -356,7 +366,7 @@ class DecodeBatch:
             return []
         assert self.last is not None
         touched = self.requests
-        tokens = self._pick(self.last)  # (B,)
+        tokens = pick_tokens(self.last, self._groups())  # (B,)
         logp = torch.log_softmax(self.last.float(), dim=-1)  # (B, V)
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
         k_top = max(r.params.logprobs or 0 for r in touched)
@@ -370,15 +380,12 @@ class DecodeBatch:
             n = self.tokens_per_row = self._tokens_per_call()
             start = time.perf_counter()
             if n == 1:
-                logits, self.state = self.model.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)
+                logits, self.state = self.decoder.step(tokens[:, None], self.state)  # (B, 1) -> (B, 1, V)
                 self.last = logits[:, -1, :]
                 for req, i in self.rows:
                     req.samples[i].held += 1
             else:  # n steps in one call, each row fed its own argmax; the rows then take the n - 1 tokens in turn
-                decode = getattr(self.model, "decode_greedy", None)  # optional: any model with step() will do
-                fed = tokens[:, None]
-                picked, logps, self.last, self.state = (decode(fed, self.state, n) if decode is not None
-                                                        else greedy_loop(self.model, fed, self.state, n))
+                picked, logps, self.last, self.state = self.decoder.greedy(tokens[:, None], self.state, n)
                 alive: Sequence[int] = range(len(self.rows))
                 for col, col_logp in zip(picked.t().tolist(), logps.t().tolist(), strict=True):
                     alive, _ = self._accept(alive, col, col_logp, None)  # no refill: n fits every row's state

@@ -4,9 +4,11 @@ Everything that turns a model into text goes through this module: the ``sample``
 stage, ``lmforge generate``, evaluation tasks that generate, chat and the HTTP API
 (whose :mod:`lmforge.serve.scheduler` runs the same :class:`DecodeBatch` in a
 background thread). It uses only the decoding contract of
-:mod:`lmforge.models.base` (``new_state``, ``step``, ``reorder_state``,
-``concat_states``, ``max_state_len``): it never looks inside a state and never
-branches on the architecture.
+:mod:`lmforge.models.base` (``new_state``, ``step`` and the generic
+:class:`~lmforge.models.base.DecodeState`) and never branches on the architecture;
+the one architecture-specific speed-up, the fused Transformer step
+(:mod:`lmforge.serve.fast_transformer`), is applied here from outside the model when
+it fits (``compile=True`` adds its compiled graph: ``--serve.compile``).
 
 Example::
 
@@ -38,6 +40,8 @@ import torch
 from torch import nn
 
 from lmforge.serve.batch import Completion, DecodeBatch, Delta, Request
+from lmforge.serve.decoder import Decoder
+from lmforge.serve.fast_transformer import accelerate
 from lmforge.serve.sampling import REPLACEMENT_CHAR, SamplingParams, sample_next, stable_length
 
 # Kept under their former names for callers of the single-module engine.
@@ -75,22 +79,22 @@ class Engine:
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1 (got {lookahead})")
         # lookahead: when every running row decodes greedily, up to this many tokens per model call
-        # (Model.decode_greedy), so the per-token bookkeeping runs once per call; 1 turns it off.
+        # (Decoder.greedy), so the per-token bookkeeping runs once per call; 1 turns it off.
         self.lookahead = lookahead
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        # compile: the model's one-stream decode step goes through torch.compile, compiled here (a short
-        # generation), so the first request does not wait for it.
-        self.compiled = bool(compile) and bool(getattr(model, "compile_decoding", lambda: False)())
+        # The fused Transformer step changes no token and runs 2.2x the module path (docs/benchmarks.md),
+        # so the engine always takes it where it fits; compile adds the compiled batch-1 graph, compiled
+        # here (a short generation) so that the first request does not wait for it.
+        fast = accelerate(self.model, compile=bool(compile))
+        self.decoder: Decoder = fast or Decoder(self.model)
+        self.compiled = fast is not None and fast.compiled is not None
+        # The longest sequence a decode state holds (the Transformer's context); None = unbounded.
+        self.max_state_len: int | None = self.model.new_state(0).capacity
         if self.compiled:
             self.generate([[tokenizer.eot_id]], SamplingParams(temperature=0, max_new_tokens=2, stop_token_ids=[]))
-
-    @property
-    def max_state_len(self) -> int | None:
-        """The longest sequence a decode state holds (the Transformer's context); None = unbounded."""
-        return getattr(self.model, "max_state_len", None)
 
     # ------------------------------------------------------------------ public
     def prepare(self, prompt: str | Sequence[int], index: int = 0) -> tuple[list[int], bool]:
@@ -123,7 +127,7 @@ class Engine:
         return Request(ids, params, end_ids=self.tokenizer.end_ids, truncated=truncated)
 
     def batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.tokenizer, self.device, self.lookahead)
+        return DecodeBatch(self.decoder, self.tokenizer, self.device, self.lookahead)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Complete every prompt (text or token ids) ``params.n`` times, batching the prompts together.
@@ -155,7 +159,7 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"SamplingParams.n must be 1 for Engine.stream (got {params.n!r}); use generate()")
         req = self.request(prompt, params)
-        batch = DecodeBatch(self.model, self.tokenizer, self.device)  # no lookahead: every token as it comes
+        batch = DecodeBatch(self.decoder, self.tokenizer, self.device)  # no lookahead: every token as it comes
         batch.add(req)
         while True:
             for delta in req.take_deltas(self.tokenizer):

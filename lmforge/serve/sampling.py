@@ -1,10 +1,17 @@
-"""Sampling parameters and the token picker: the only place in lmforge that samples tokens.
+"""Sampling parameters and every way of choosing a token: the only place in lmforge that picks tokens.
 
 :class:`SamplingParams` holds one request's choices (names follow OpenAI's
-completions API); :func:`sample_next` turns a batch of next-token logits into
-token ids under them. The engine (:mod:`lmforge.serve.engine`) calls it once per
-request and decoding step, with the request's own seeded generator, so a seeded
-request draws the same tokens whatever else shares its batch.
+completions API). Three functions choose, all from next-token logits:
+
+- :func:`pick_tokens`: one token for every row of a running batch, each row under
+  its own request's parameters and seeded generator (:class:`RowGroup`), so a
+  seeded request draws the same tokens whatever else shares its batch
+  (:mod:`lmforge.serve.batch` calls it once per step);
+- :func:`greedy_choice` / :func:`greedy_steps`: the argmax and its log-probability,
+  and ``n`` model steps each fed the previous argmax (the engine's lookahead; the
+  compiled Transformer step of :mod:`lmforge.serve.fast_transformer` traces
+  :func:`greedy_choice` into its graph);
+- :func:`sample_next`: every row under one request's parameters.
 
 Example::
 
@@ -15,12 +22,14 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lmforge.models.base import DecodeState
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for bytes that are not (yet) valid UTF-8
 MIN_TEMPERATURE = 1e-5  # below this, logits / T overflows float32: treat as greedy
@@ -186,6 +195,74 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
     else:
         uniforms = torch.rand(logits.size(0), generator=generator, device=logits.device)
     return sample_rows(logits, rows, uniforms, counts if params.penalized else None)
+
+
+@dataclass
+class RowGroup:
+    """The batch rows of one request, in sample order, and what choosing their tokens needs."""
+
+    params: SamplingParams
+    generator: torch.Generator  # the request's own: one uniform per row and step, in sample order
+    rows: list[int]  # positions in the batch
+    counts: Tensor | None = None  # (len(rows), V) how often each token was generated, for penalties
+
+
+def pick_tokens(last: Tensor, groups: Sequence[RowGroup]) -> Tensor:
+    """One token per row of ``last`` (B, V) -> (B,) int64, every row under its own request's parameters.
+
+    Each sampling request draws its rows' uniforms from its own generator, in sample
+    order and in the order of ``groups``, so its tokens do not depend on what else
+    shares the batch. All-greedy rows take the argmax without any draw.
+    """
+    params: list[SamplingParams] = [SamplingParams()] * last.size(0)
+    for g in groups:
+        for row in g.rows:
+            params[row] = g.params
+    if all(g.params.greedy for g in groups):
+        return last.argmax(dim=-1)
+    uniforms = [0.0] * last.size(0)
+    counts = torch.zeros_like(last) if any(g.params.penalized for g in groups) else None  # (B, V)
+    for g in groups:
+        if g.params.temperature >= MIN_TEMPERATURE:
+            for row, u in zip(g.rows, torch.rand(len(g.rows), generator=g.generator).tolist(), strict=True):
+                uniforms[row] = u
+        if counts is not None and g.counts is not None:
+            counts[torch.tensor(g.rows, dtype=torch.long, device=last.device)] = g.counts
+    u = torch.tensor(uniforms, device=last.device)
+    return sample_rows(last, RowParams.of(params, last.device), u, counts)
+
+
+def greedy_choice(last: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax token of each row of ``last`` (B, V) and its log-probability: ``((B, 1) int64, (B, 1) float32)``."""
+    last = last.float()
+    token = last.argmax(dim=-1, keepdim=True)
+    return token, torch.log_softmax(last, dim=-1).gather(-1, token)
+
+
+GreedyRun = tuple[Tensor, Tensor, Tensor, DecodeState]  # picked (B, n-1), their log-probs (B, n-1), last logits (B, V), state
+Step = Callable[[Tensor, DecodeState], tuple[Tensor, DecodeState]]
+
+
+def greedy_steps(step: Step, idx: Tensor, state: DecodeState, n: int) -> GreedyRun:
+    """``n`` calls of ``step``, the first fed ``idx`` (B, 1) and each later one the argmax of the last.
+
+    Returns ``(picked, logprobs, last, state)``: ``picked`` (B, n - 1) int64 are the argmax tokens fed
+    after ``idx``, ``logprobs`` (B, n - 1) float32 their log-probabilities, and ``last`` (B, V) the
+    logits after the final step, for the caller's next choice. The batch's lookahead uses it to spend
+    its per-token bookkeeping once per ``n`` tokens.
+    """
+    picked, logprobs = [], []
+    logits, state = step(idx, state)
+    last = logits[:, -1, :]
+    for _ in range(n - 1):
+        token, logprob = greedy_choice(last)
+        picked.append(token)
+        logprobs.append(logprob)
+        logits, state = step(token, state)
+        last = logits[:, -1, :]
+    if not picked:
+        return idx.new_zeros(idx.shape[0], 0), last.new_zeros(idx.shape[0], 0, dtype=torch.float32), last, state
+    return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), last, state
 
 
 def stable_length(text: str, stops: Sequence[str]) -> int:

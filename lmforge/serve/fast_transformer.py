@@ -1,11 +1,11 @@
-"""The Transformer's decode state (a static KV cache) and its fast one-token step.
+"""A faster decode step for lmforge's Transformer, applied by the serving engine from outside the model.
 
-:class:`KVCache` preallocates, per layer, keys and values for the whole context;
-``Transformer.step`` writes each new token's keys in place. A step of one token
-per row (every step of the serving engine's decode loop) runs through
-:func:`decode_one` instead of the module tree. At batch 1 a small model's step is
-almost all per-operation overhead, not arithmetic, so this path does the same
-math in as few operations as possible:
+The model's own ``Transformer.step`` runs its module tree. At batch 1 a small
+model's step is almost all per-operation overhead, not arithmetic, so
+:class:`FastTransformer` (a :class:`~lmforge.serve.decoder.Decoder`) runs each
+one-token step through :func:`decode_one`, the same math in as few operations as
+possible (2.2x the tokens/s of the module path for the 1M-parameter benchmark
+model on 2 CPU cores, docs/benchmarks.md):
 
 - the block weights are held once more, fused and transposed (:class:`DecodePlan`):
   one matmul for q, k and v, one for the MLP's gate and up, and ``x + y @ W`` as one
@@ -16,101 +16,44 @@ math in as few operations as possible:
 - rows at one length write their keys with one copy and attend with one SDPA
   call; rows at different lengths use one indexed write and a mask.
 
-The plan is rebuilt whenever a parameter changes (its version counter or its
-storage), so training between generations or moving the model is safe. Only the
-Transformer's own modules are planned: with unmerged LoRA adapters or other
-wrapped projections, ``Transformer.step`` keeps the module path.
+With ``compile=True`` (``--serve.compile``) batch-1 steps also go through one
+``torch.compile``-d graph with static shapes, which picks the greedy token inside
+the graph with :func:`lmforge.serve.sampling.greedy_choice` (the serving engine's
+lookahead then runs n steps back to back through it).
 
-Usage (``Transformer.step`` does this; the result equals the module path within
-float rounding, which tests/test_models.py checks against the full forward)::
+The plan is made when the engine applies the accelerator and remade when a
+parameter changes in place or moves (its version counter or storage), so training
+between generations is safe; a module replaced afterwards (a LoRA wrapper) is not
+seen: make a new engine. Models with other projections than plain ``nn.Linear``
+(unmerged LoRA) or other architectures get no accelerator (:func:`accelerate`
+returns None) and decode through ``model.step``.
 
-    plan = DecodePlan.for_model(model)          # cached on the model; None for wrapped projections
-    logits = decode_one(model, plan, idx, k_bufs, v_bufs, pos)   # idx (B, 1) -> (B, 1, V)
+Usage (the engine does this; the result equals ``model.step`` within float
+rounding, which tests/test_fast_decode.py checks)::
+
+    decoder = accelerate(model, compile=False)       # None when the model is not a plain Transformer
+    logits, state = decoder.step(idx, state)          # idx (B, 1): the fused path; longer spans: model.step
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
+from lmforge.models.base import DecodeState
 from lmforge.models.layers import RMSNorm
-
-if TYPE_CHECKING:
-    from lmforge.models.transformer import Transformer
-
-# Bumped by torch whenever any module or parameter is assigned anywhere (a LoRA wrapper replacing a
-# projection, re-tied weights): a plan made under another epoch re-checks the model's structure.
-_epoch = [0]
-
-
-def _bump(*_args: object) -> None:
-    # Not while torch.compile traces: a model that assigns a module or parameter inside its forward (some
-    # transformers models do) would otherwise get a guard on the counter and recompile on every call.
-    if not torch.compiler.is_compiling():
-        _epoch[0] += 1
-
-
-register_module_module_registration_hook(_bump)
-register_module_parameter_registration_hook(_bump)
+from lmforge.models.transformer import Ragged, Transformer, kv_buffers
+from lmforge.serve.decoder import Decoder
+from lmforge.serve.sampling import GreedyRun, greedy_choice
 
 # A transposed copy of the output head is kept only up to this many elements (16 MB in float32): tiny
 # matmuls run about 1.4x faster on a contiguous (in, out) matrix, while large ones are memory-bound.
 _HEAD_COPY_LIMIT = 1 << 22
-
-
-@dataclass
-class Frontier:
-    """Which state last wrote into the shared cache buffers (by its stamp); lets states share buffers safely."""
-
-    stamp: int = 0
-
-
-@dataclass
-class KVCache:
-    """Decode state: per layer, preallocated keys and values ``(B, n_kv_heads, context, head_dim)``.
-
-    ``lens`` (B,) int64 on the CPU counts the tokens each row has seen; rows may
-    differ (requests that joined a decode batch at different lengths), and row
-    ``b`` keeps its keys in columns ``[0, lens[b])``. States returned by
-    successive ``step`` calls share the buffers (no copy per token); stepping a
-    state that is not the newest one (branching) first copies the buffers, so
-    every state stays valid.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor]
-    lens: Tensor
-    frontier: Frontier = field(default_factory=Frontier)
-    stamp: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-
-@dataclass
-class Ragged:
-    """Where the new tokens of rows at different lengths go, computed once per step for every layer."""
-
-    positions: Tensor  # (B, T) int64: absolute position of each new token
-    span: int  # key columns to attend over: the longest row after this step
-    mask: Tensor  # (B, 1, T, span) bool, True = attend: column j <= the query's position
-
-    @staticmethod
-    def of(lens: Tensor, t: int, span: int, device: torch.device) -> Ragged:
-        positions = (lens[:, None] + torch.arange(t)[None, :]).to(device)  # (B, T)
-        columns = torch.arange(span, device=device)  # (span,)
-        mask = columns[None, None, :] <= positions[:, :, None]  # (B, T, span)
-        return Ragged(positions, span, mask[:, None])
 
 
 def _t(w: Tensor) -> Tensor:
@@ -175,7 +118,6 @@ class DecodePlan:
         self.emb = model.tok_emb.weight.detach()
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach()
         self.context = model.cfg.context
-        self.compiled: _Captured | None = None
         scale = self.hd**-0.5
         q_cols = self.n_heads * self.hd
         self.layers: list[_Layer] = []
@@ -225,34 +167,6 @@ class DecodePlan:
             norms += [block.attn_norm, block.mlp_norm]
         return (all(type(m) is nn.Linear for m in linears)
                 and all(type(n) in (RMSNorm, nn.LayerNorm) and n.weight is not None for n in norms))
-
-    @classmethod
-    def for_model(cls, model: Transformer) -> DecodePlan | None:
-        """The model's cached plan (None when it cannot have one), rebuilt when any parameter changed.
-
-        A parameter changes in place (an optimizer step bumps its version counter) or by moving
-        (new storage); the parameters themselves change only by a registration, which moves the epoch.
-        """
-        cached: _Cached | None = model.__dict__.get("_decode_plan")
-        if cached is not None and cached.epoch == _epoch[0]:
-            params = cached.params
-            if [p._version for p in params] == cached.versions and [p.data_ptr() for p in params] == cached.pointers:
-                return cached.plan
-        params = list(model.parameters())
-        cached = _Cached(_epoch[0], params, [p._version for p in params], [p.data_ptr() for p in params],
-                         cls(model) if cls.supports(model) else None)
-        # A plain attribute, not a submodule: it never reaches the state dict or a checkpoint.
-        model.__dict__["_decode_plan"] = cached
-        return cached.plan
-
-
-@dataclass
-class _Cached:
-    epoch: int
-    params: list[nn.Parameter]
-    versions: list[int]  # each parameter's version counter and data pointer when the plan was made
-    pointers: list[int]
-    plan: DecodePlan | None
 
 
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
@@ -329,98 +243,83 @@ def _static_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: lis
                 lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`decode_one` with shapes that never change: every row attends over the whole context under a
     mask, so one compiled graph serves every position. Also returns each row's argmax token (B, 1) and its
-    log-probability (B, 1), which cost next to nothing inside the graph (for :func:`greedy_steps`)."""
+    log-probability (B, 1), which cost next to nothing inside the graph (for the lookahead)."""
     positions = lens[:, None]  # (B, 1)
     mask = torch.arange(plan.context, device=idx.device)[None, None, None, :] <= positions[:, None, :, None]
     logits = decode_one(plan, idx, k_bufs, v_bufs, Ragged(positions, plan.context, mask), static=True)
-    last = logits[:, -1].float()  # (B, V)
-    token = last.argmax(dim=-1, keepdim=True)
-    return logits, token, torch.log_softmax(last, dim=-1).gather(-1, token)
+    token, logprob = greedy_choice(logits[:, -1])
+    return logits, token, logprob
 
 
-class _Captured:
-    """The inductor-compiled graph of :func:`_static_one`, called with its inputs directly.
+class FastTransformer(Decoder):
+    """The fused (and optionally compiled) decode step for a plain :class:`Transformer`; see the module docstring."""
 
-    ``torch.compile`` checks its guards and rebuilds the inputs on every call, which costs a third of a
-    small model's step. The backend below keeps the compiled graph and, by identity, where each of its
-    inputs comes from (a plan tensor, the token, the lengths or a cache buffer), so later calls hand the
-    graph its inputs straight. When an input cannot be placed, calls go through ``torch.compile`` as usual.
-    """
+    def __init__(self, model: Transformer, compile: bool = False) -> None:
+        super().__init__(model)
+        self.params = list(model.parameters())
+        self.marks: list[tuple[int, int]] = []
+        self.plan = self._plan()
+        self.compiled: Callable[..., Any] | None = None
+        self.compiled_steps = 0  # steps run through the compiled graph
+        if compile:
+            # Static shapes, one graph for every position; inductor's C++ wrapper calls the kernels with less
+            # Python per step than its default one (measured: docs/benchmarks.md).
+            self.compiled = torch.compile(_static_one, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
-    def __init__(self, plan: DecodePlan) -> None:
-        self.plan = plan
-        self.graph: Callable[[list[Tensor]], Any] | None = None
-        self.args: list[Tensor] = []
-        self.slots: list[tuple[int, str, int]] = []
-        self.example: tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None = None
-        self.signature: tuple = ()
-        self.compiled = torch.compile(_static_one, fullgraph=True, dynamic=False, backend=self._backend)
+    def _plan(self) -> DecodePlan:
+        """The fused weights, remade when a parameter changed in place (its version counter) or moved."""
+        # torch has no public per-tensor change counter; ``_version`` is the one autograd itself checks.
+        marks = [(p._version, p.data_ptr()) for p in self.params]
+        if marks != self.marks:
+            self.plan, self.marks = DecodePlan(self.model), marks
+        return self.plan
 
-    def _backend(self, gm: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable[..., Any]:
-        from torch._inductor.compile_fx import compile_fx
+    def _fused(self, idx: Tensor) -> bool:
+        return idx.shape[1] == 1 and not self.model.training and not torch.is_grad_enabled()
 
-        graph = compile_fx(gm, inputs, config_patches={"cpp_wrapper": True})
-        assert self.example is not None
-        idx, lens, k_bufs, v_bufs = self.example
-        known = {id(idx): ("idx", 0), id(lens): ("lens", 0)}
-        known.update({id(t): ("k", i) for i, t in enumerate(k_bufs)})
-        known.update({id(t): ("v", i) for i, t in enumerate(v_bufs)})
-        args: list[Tensor] = []
-        slots: list[tuple[int, str, int]] = []  # (position in args, "idx" | "lens" | "k" | "v", layer)
-        for t in inputs:
-            if not isinstance(t, Tensor):
-                return graph  # a symbolic size or something unplaced: keep the guarded path
-            if id(t) in known:
-                slots.append((len(args), *known[id(t)]))
-            args.append(t)  # a plan tensor stays: the same object on every call
-        if len(slots) != 2 + len(k_bufs) + len(v_bufs):  # every per-call input must have been placed
-            return graph
-        self.graph, self.args, self.slots = graph, args, slots
-        return graph
+    def step(self, idx: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        if not self._fused(idx):
+            return self.model.step(idx, state)  # a prefill or a span: the module path
+        self.model._check_idx(idx)
+        lens = state.check_step(idx)
+        k, v = kv_buffers(state)
+        plan = self._plan()
+        if self.compiled is not None and idx.shape[0] == 1:
+            logits = self._compiled_one(plan, idx, k, v, state.lens.to(idx.device))[0]
+        else:
+            longest = max(lens, default=0)
+            pos = longest if min(lens, default=0) == longest else Ragged.of(state.lens, 1, longest + 1, idx.device)
+            logits = decode_one(plan, idx, k, v, pos)
+        return logits, state.advanced(state.tensors, 1)
 
-    @staticmethod
-    def _signature(idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor]) -> tuple:
-        k = k_bufs[0]
-        return (idx.shape, k.shape, k.stride(), k.dtype, k.device,
-                all(t.is_contiguous() for t in k_bufs), all(t.is_contiguous() for t in v_bufs))
+    def greedy(self, idx: Tensor, state: DecodeState, n: int) -> GreedyRun:
+        """With the compiled one-row step, the ``n`` steps run back to back through the graph, which also
+        picks the argmax; anything else takes the plain loop over :meth:`step`."""
+        if (self.compiled is None or n < 2 or tuple(idx.shape) != (1, 1) or not self._fused(idx)
+                or int(state.lens[0]) + n > (state.capacity or 0)):
+            return super().greedy(idx, state, n)
+        self.model._check_idx(idx)
+        k, v = kv_buffers(state)
+        plan = self._plan()
+        lens = state.lens.to(idx.device, copy=True)
+        picked, logprobs = [], []
+        for i in range(n):
+            logits, token, logprob = self._compiled_one(plan, idx, k, v, lens)
+            lens += 1
+            if i < n - 1:
+                picked.append(token)
+                logprobs.append(logprob)
+                idx = token
+        return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), logits[:, -1], state.advanced(state.tensors, n)
 
-    def __call__(self, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor) -> Tensor:
-        if self.graph is None:
-            self.example = (idx, lens, k_bufs, v_bufs)
-            logits = self.compiled(self.plan, idx, k_bufs, v_bufs, lens)
-            self.example = None
-            self.signature = self._signature(idx, k_bufs, v_bufs)
-            return logits
-        if self._signature(idx, k_bufs, v_bufs) != self.signature:  # not what the graph was built for: no guards
-            return _static_one(self.plan, idx, k_bufs, v_bufs, lens)  # protect it here, so run it eagerly
-        args = list(self.args)
-        for at, kind, layer in self.slots:
-            args[at] = idx if kind == "idx" else lens if kind == "lens" else (k_bufs if kind == "k" else v_bufs)[layer]
-        return self.graph(*args)
+    def _compiled_one(self, plan: DecodePlan, idx: Tensor, k: list[Tensor], v: list[Tensor],
+                      lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        assert self.compiled is not None
+        self.compiled_steps += 1
+        return self.compiled(plan, idx.long().contiguous(), k, v, lens.long())
 
-
-def compiled_one(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor],
-                 lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_static_one` compiled by inductor (C++ wrapper) on first use for this plan."""
-    if plan.compiled is None:
-        plan.compiled = _Captured(plan)
-    # The captured graph skips Dynamo's guards: hand it exactly the dtypes and layouts it was built for.
-    return plan.compiled(idx.long().contiguous(), k_bufs, v_bufs, lens.long())
-
-
-def greedy_steps(plan: DecodePlan, idx: Tensor, k_bufs: list[Tensor], v_bufs: list[Tensor], lens: Tensor,
-                 n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``n`` (at least 2) compiled one-row steps, each fed the previous one's argmax (from inside the graph).
-
-    ``lens`` (1,) on the model's device is advanced in place. Returns the ``n - 1`` chosen tokens
-    (1, n - 1), their log-probabilities (1, n - 1) and the last step's logits (1, V).
-    """
-    picked, logprobs = [], []
-    for i in range(n):
-        logits, token, logprob = compiled_one(plan, idx, k_bufs, v_bufs, lens)
-        lens += 1
-        if i < n - 1:
-            picked.append(token)
-            logprobs.append(logprob)
-            idx = token
-    return torch.cat(picked, dim=1), torch.cat(logprobs, dim=1), logits[:, -1]
+def accelerate(model: nn.Module, compile: bool = False) -> FastTransformer | None:
+    """A :class:`FastTransformer` for a plain lmforge Transformer (:meth:`DecodePlan.supports`), else None."""
+    if isinstance(model, Transformer) and DecodePlan.supports(model):
+        return FastTransformer(model, compile)
+    return None
