@@ -151,7 +151,7 @@ def _mark(dotted: str, stage: str) -> str:
 
 def test_every_mark_names_a_pipeline_stage_and_a_known_effect():
     for key, stages in _marks(RunConfig).items():
-        assert set(stages) <= set(pipeline.ORDER), key
+        assert set(stages) <= {*pipeline.ORDER, "bakeoff"}, key  # bakeoff: the compare-archs plan
         assert set(stages.values()) <= set(REUSE_MARKS), key
     assert _mark("train.steps", "train") == RESUMABLE and _mark("train.log_every", "train") == IRRELEVANT
     assert _mark("train.lr", "train") == INVALIDATES and _mark("name", "train") == IRRELEVANT

@@ -173,3 +173,18 @@ def test_the_walk_sees_every_kind_of_import(tmp_path: Path):
     assert cycles({"lmforge.a": {"lmforge.b"}, "lmforge.b": {"lmforge.a"}}) == [["lmforge.a", "lmforge.b"]]
     assert forbidden([("lmforge.models", "lmforge.serve", "x.py:3")]) == ["  lmforge.models -> lmforge.serve (x.py:3)"]
     assert forbidden([("lmforge.models", "lmforge.config", "x.py:3")]) == []
+
+
+MAX_FUNCTION_LINES = 80  # issue #17: a function a reader takes in at once (the loop's step is about 60)
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function of the package, nested ones included, is at most MAX_FUNCTION_LINES long."""
+    long = []
+    for path in all_modules().values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "split these functions: " + "; ".join(long)

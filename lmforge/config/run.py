@@ -34,21 +34,21 @@ class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name: outputs go to runs_dir/name")
     runs_dir: str = Field("runs", description="folder holding all runs")
     seed: int = Field(1337, description="global seed: data split, init, batch order, dropout",
-                      json_schema_extra=reuse(docs=INVALIDATES, train=INVALIDATES, finetune=INVALIDATES))
+                      json_schema_extra=reuse(docs=INVALIDATES, train=INVALIDATES, finetune=INVALIDATES, bakeoff=INVALIDATES))
     data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from",
-                              json_schema_extra=reuse(docs=INVALIDATES))
+                              json_schema_extra=reuse(docs=INVALIDATES, bakeoff=INVALIDATES))
     collect: CollectConfig = Field(default_factory=CollectConfig, description=(
         "collect stage: read files, datasets, databases and web pages into document shards"),
-        json_schema_extra=reuse(collect=INVALIDATES))
+        json_schema_extra=reuse(collect=INVALIDATES, bakeoff=INVALIDATES))
     clean: CleanConfig = Field(default_factory=CleanConfig, description=(
         "clean stage: repair, filter, scrub, deduplicate and decontaminate the collected documents"),
-        json_schema_extra=reuse(clean=INVALIDATES))
+        json_schema_extra=reuse(clean=INVALIDATES, bakeoff=INVALIDATES))
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="tokenizer training",
-                                        json_schema_extra=reuse(tokenizer=INVALIDATES))
+                                        json_schema_extra=reuse(tokenizer=INVALIDATES, bakeoff=INVALIDATES))
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture and size",
-                                json_schema_extra=reuse(train=INVALIDATES))
+                                json_schema_extra=reuse(train=INVALIDATES, bakeoff=INVALIDATES))
     train: TrainConfig = Field(default_factory=TrainConfig, description="pre-training",
-                                json_schema_extra=reuse(train=INVALIDATES))
+                                json_schema_extra=reuse(train=INVALIDATES, bakeoff=INVALIDATES))
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on held-out text",
                               json_schema_extra=reuse(eval=INVALIDATES))
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(

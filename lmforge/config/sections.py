@@ -132,7 +132,8 @@ class ModelConfig(Section):
 
 # -------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1, description="optimizer steps", json_schema_extra=reuse(train=RESUMABLE))
+    steps: int = Field(1000, ge=1, description="optimizer steps",
+                       json_schema_extra=reuse(train=RESUMABLE, bakeoff=IRRELEVANT))
     max_seconds: float | None = Field(None, gt=0, description=(
         "stop after this much training time even if steps remain (None = no time limit)"),
         json_schema_extra=reuse(train=RESUMABLE))
@@ -178,7 +179,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)",
                              json_schema_extra=reuse(finetune=INVALIDATES))
     eval_every: int = Field(100, ge=0, description="estimate validation loss every N steps (0 = only at the end)",
-                            json_schema_extra=reuse(train=IRRELEVANT))
+                            json_schema_extra=reuse(train=IRRELEVANT, bakeoff=IRRELEVANT))
     eval_batches: int = Field(8, ge=1, description="micro-batches per in-training validation estimate",
                               json_schema_extra=reuse(train=IRRELEVANT))
     log_every: int = Field(10, ge=1, description="write a metrics line every N steps",

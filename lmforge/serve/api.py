@@ -66,6 +66,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-style JSON error body with its status code; never a traceback."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}
+        return _error(APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(APIError(400, str(exc.errors()[0].get("msg", exc))))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+
 def create_app(engine: Engine, cfg: ServeConfig, model_name: str, api_key: str | None = None) -> FastAPI:
     """The server's ASGI app; the scheduler thread starts and stops with the app's lifespan.
 
@@ -89,23 +111,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str, api_key: str |
     app.state.scheduler, app.state.metrics, app.state.model_name = scheduler, metrics, model_name
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}
-        return _error(APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(APIError(400, str(exc.errors()[0].get("msg", exc))))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+    _add_error_handlers(app)
 
     def authorize(request: Request) -> None:
         if not api_key:

@@ -29,7 +29,6 @@ and the plot are written by :mod:`lmforge.report.bakeoff` under ``runs_dir/NAME/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig, load_config, save_config
 from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.runtime import pick_device
@@ -90,12 +90,9 @@ def seconds_per_step(cfg: RunConfig) -> float:
 
 
 def _plan_key(cfg: RunConfig) -> str:
-    """What a plan entry depends on: the whole run config except the step counts the plan itself sets."""
-    tree = cfg.model_dump()
-    for key in ("steps", "eval_every"):
-        tree["train"].pop(key)
-    tree.pop("compare")  # the other families' recipes do not change this one's plan
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What a plan entry depends on: the fields marked as shaping the bake-off's step time (``reuse(bakeoff=...)``
+    in lmforge.config: data, tokenizer, model, training), not the step counts the plan itself sets."""
+    return artifacts.fingerprint(cfg, "bakeoff")
 
 
 def plan_run(cfg: RunConfig, plan: dict) -> tuple[dict, bool]:
@@ -136,7 +133,7 @@ def _curve(run_dir: Path) -> list[tuple[float, float]]:
 
 def _row(cfg: RunConfig, run_dir: Path, plan: dict, decode_tps: float) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    train = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]
+    train = artifacts.read_manifest(run_dir / "train")["outputs"]  # the run just trained: it exists
     return {
         "arch": cfg.model.arch, "run": str(run_dir), "params": train["params"],
         "params_non_embedding": train.get("params_non_embedding"), "d_model": train.get("d_model", cfg.model.d_model),
