@@ -13,8 +13,7 @@ from pydantic import BaseModel, Field
 from lmforge import artifacts, pipeline
 from lmforge.config import ConfigError, RunConfig, load_config
 from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, REUSE_MARKS, Section, reuse
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 
 def _temps(folder: Path) -> list[str]:

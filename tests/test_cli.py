@@ -8,8 +8,7 @@ import pytest
 
 from lmforge.cli import parse, verb_help
 from lmforge.config import ConfigError
-
-from .conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli
 
 
 def _fails(result, code: int, *needles: str) -> None:

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main as cli_main
 from lmforge.train.metrics import read_metrics
-
-from .conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ Usage (what ``LanguageModel.head_loss`` does in training)::
 
 The result equals ``causal_lm_loss(F.linear(h, W, b), targets)`` (mean over the targets that
 are not ``ignore_index``; 0 when every target is ignored) within float rounding, and so do
-its gradients; tests/test_head_loss.py checks both.
+its gradients; tests/models/test_head_loss.py checks both.
 """
 
 from __future__ import annotations

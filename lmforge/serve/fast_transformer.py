@@ -29,7 +29,7 @@ seen: make a new engine. Models with other projections than plain ``nn.Linear``
 returns None) and decode through ``model.step``.
 
 Usage (the engine does this; the result equals ``model.step`` within float
-rounding, which tests/test_fast_decode.py checks)::
+rounding, which tests/serve/test_fast_decode.py checks)::
 
     decoder = accelerate(model, compile=False)       # None when the model is not a plain Transformer
     logits, state = decoder.step(idx, state)          # idx (B, 1): the fused path; longer spans: model.step
