@@ -16,6 +16,7 @@ one shows in the logits.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,11 @@ def tiny_hf_config(vocab_size: int, d_model: int = 32, n_layers: int = 2, contex
                        attention_dropout=dropout, tie_word_embeddings=tie).to_dict()
 
 
+@functools.cache
 def reference(folder: Path) -> Any:
-    """The folder as transformers itself loads it (float32, eval mode): what lmforge must agree with."""
+    """The folder as transformers itself loads it (float32, eval mode): what lmforge must agree with.
+
+    Loaded once per folder (the tests never change it)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
