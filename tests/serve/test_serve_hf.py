@@ -51,9 +51,9 @@ def complete(url: str, prompt: str, n: int, model: str) -> str:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_completions_over_http_equal_transformers_generate(name, hf_family_folders):
     folder = hf_family_folders[name]
-    with BackgroundServer.for_model(folder) as server:
-        with ThreadPoolExecutor(2) as pool:  # two requests at once: rows of different lengths in one batch
-            texts = list(pool.map(lambda p: complete(server.url, p, 10, name), PROMPTS))
+    # Two requests at once: rows of different lengths in one batch.
+    with BackgroundServer.for_model(folder) as server, ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(lambda p: complete(server.url, p, 10, name), PROMPTS))
     assert texts == [expected_text(folder, p, 10) for p in PROMPTS]
 
 
