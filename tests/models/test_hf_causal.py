@@ -82,3 +82,25 @@ def test_hf_config_goes_with_arch_hf_only():
         ModelConfig(arch="hf", vocab_size=10)
     with pytest.raises(ValueError, match="model.hf_config is set only for model.arch=hf"):
         ModelConfig(arch="transformer", vocab_size=10, hf_config={"model_type": "llama"})
+
+
+def test_eager_attention_families_decode_like_the_full_forward():
+    """Gemma 2 runs transformers' eager attention (soft-capped scores), which takes an additive float mask."""
+    from transformers import Gemma2Config
+
+    hf = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=32, sliding_window=4).to_dict()
+    torch.manual_seed(0)
+    model = HFCausalLM(ModelConfig(arch="hf", vocab_size=VOCAB, context=32, hf_config=hf)).eval()
+    assert model.hf.config._attn_implementation == "eager"
+    seqs = [ids(14, 7), ids(14, 8)]
+    with torch.inference_mode():
+        full = [model(s)[0][0] for s in seqs]
+        states = [model.step(s[:, :n], model.new_state(1))[1] for s, n in zip(seqs, (9, 3), strict=True)]
+        state, got = concat_rows(states), [[], []]
+        for i in range(5):  # rows at lengths 9 and 3 step together, past the window of 4
+            logits, state = model.step(torch.cat([seqs[0][:, 9 + i : 10 + i], seqs[1][:, 3 + i : 4 + i]]), state)
+            got[0].append(logits[0, -1])
+            got[1].append(logits[1, -1])
+    torch.testing.assert_close(torch.stack(got[0]), full[0][9:14], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(got[1]), full[1][3:8], atol=1e-5, rtol=0)
