@@ -177,9 +177,10 @@ class HFCausalLM(LanguageModel):
         idx = torch.zeros(1, 1, dtype=torch.long, device=self._param_like().device)
         try:
             self.hf(input_ids=idx, position_ids=torch.zeros_like(idx), use_cache=True, **{self._cache_arg: cache})
-        except (TypeError, ValueError, AttributeError, IndexError, KeyError, NotImplementedError) as e:
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError, NotImplementedError):
+            # Its forward takes no such cache, or asks it for another kind of state (convolution, recurrence).
             raise ValueError(f"{type(self.hf).__name__} cannot decode step by step through a key/value cache "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                             f"(its layers keep another kind of state, or none)") from None
         layers = [layer for layer in cache.layers if isinstance(layer, DynamicLayer) and layer.keys is not None]
         n_layers = self.text_config.num_hidden_layers
         if not layers or len(layers) != len(cache.layers) or len(layers) != n_layers:
