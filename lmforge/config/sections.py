@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
@@ -132,8 +132,10 @@ class ModelConfig(Section):
 
 # -------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1, description="optimizer steps",
-                       json_schema_extra=reuse(train=RESUMABLE, bakeoff=IRRELEVANT))
+    steps: int | Literal["auto"] = Field(1000, description=(
+        "optimizer steps: the schedule's length; auto = as many as fit in train.max_seconds on this machine, "
+        "measured over the first seconds of training and kept in the checkpoints (docs/speedrun.md)"),
+        json_schema_extra=reuse(train=RESUMABLE, bakeoff=IRRELEVANT))
     max_seconds: float | None = Field(None, gt=0, description=(
         "stop after this much training time even if steps remain (None = no time limit)"),
         json_schema_extra=reuse(train=RESUMABLE))
@@ -221,6 +223,21 @@ class TrainConfig(Section):
         "when a checkpoint cannot be written (disk full, read-only folder): 'stop' the run, or 'continue' "
         "without that checkpoint, warning each time (the last step's checkpoint must always be written)"),
         json_schema_extra=reuse(train=IRRELEVANT))
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not (whole or value == "auto"):
+            raise ValueError(f"train.steps must be a whole number of steps >= 1, or auto (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.steps == "auto" and self.max_seconds is None:
+            raise ValueError("train.steps: auto sizes the schedule to a time budget; set train.max_seconds "
+                             "(e.g. 300) or give train.steps a number")
+        return self
 
 
 # --------------------------------------------------------------------------- eval

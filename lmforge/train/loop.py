@@ -63,9 +63,9 @@ def train(job: TrainJob) -> dict:
     preempt = Preemption().install()  # SIGTERM / Ctrl-C: checkpoint at the step boundary, exit cleanly
     stopped_by, train_loss = "steps", None  # no loss until the first log_every steps are measured
     loss_acc = torch.zeros((), device=rt.device)
-    while done.step < tc.steps and not job.out_of_time():
+    while not job.budget.done(done.step) and not job.out_of_time():
         t0 = time.perf_counter()
-        lr = lr_at(done.step, tc)
+        lr = lr_at(done.step, tc, job.budget.steps)
         set_lr(optimizer, lr)
         at, step_loss = loader.state_dict(), torch.zeros((), device=rt.device)  # at: names the batch
         for micro in range(par.accum):
@@ -88,9 +88,10 @@ def train(job: TrainJob) -> dict:
         dt, signalled = par.agree(time.perf_counter() - t0, preempt.requested is not None)  # all stop together
         done.advance(tokens_per_step, dt)
         meter.update(tokens_per_step, dt)
+        job.budget.measure(done.step, done.train_seconds, dt)  # steps: auto: fixes the schedule's length once
         out_of_time = job.out_of_time()
         interrupted = (tc.stop_at is not None and done.step >= tc.stop_at) or signalled
-        last_step = done.step == tc.steps or out_of_time or interrupted
+        last_step = job.budget.done(done.step) or out_of_time or interrupted
 
         if done.step % tc.log_every == 0 or last_step:
             train_loss = _log_train(job, logger, meter, loss_acc, lr, grad_norm)
@@ -138,4 +139,5 @@ def summary(job: TrainJob, stopped_by: str, meter: Throughput) -> dict:
         "params": model.num_params(), "params_non_embedding": model.num_params(exclude_embeddings=True),
         "d_model": job.cfg.model.d_model, "flops_per_token": job.flops, "peak_flops": job.peak,
         "last_val": done.val, "device": str(job.rt.device), "dtype": str(job.rt.dtype).removeprefix("torch."),
+        **({"budget": job.budget.summary(done.train_seconds)} if job.budget.auto else {}),
     }
