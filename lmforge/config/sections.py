@@ -1,5 +1,5 @@
 """Config sections of the spine and its verbs: data, tokenizer, model, train, eval, sample, sweep,
-compare, serve and export. Each field's description is its ``--help`` text."""
+compare, plan, serve and export. Each field's description is its ``--help`` text."""
 
 from __future__ import annotations
 
@@ -321,6 +321,39 @@ class CompareConfig(Section):
             if fixed or "arch" in (tree.get("model") or {}):
                 key = sorted(fixed)[0] if fixed else "model.arch"
                 raise ValueError(f"compare.recipes.{arch}.{key}: set by compare-archs itself, not by a recipe")
+        return self
+
+
+# --------------------------------------------------------------------------- plan
+class PlanConfig(Section):
+    budget: str | None = Field(None, description=(
+        "lmforge plan: the training time to plan for, with its unit: 90s, 5m, 2h (--budget); on this machine, "
+        "or on plan.gpu"))
+    gpu: str | None = Field(None, description=(
+        "plan for this GPU instead of this machine (--gpu h100; also a100, l4, rtx 4090, ...): its datasheet dense "
+        "bf16 FLOP/s times plan.mfu give its tokens/s; the loss fit still comes from this machine's probes"))
+    gpu_flops: float | None = Field(None, gt=0, description=(
+        "with plan.gpu: the FLOP/s training actually reaches there, if measured (replaces datasheet x plan.mfu)"))
+    mfu: float = Field(0.4, gt=0, le=1, description=(
+        "with plan.gpu: the assumed model FLOPs utilisation (share of the datasheet peak a training step reaches)"))
+    probe_sizes: list[list[int]] = Field(default_factory=lambda: [[64, 2], [96, 3], [128, 4], [192, 4]], description=(
+        "[width, layers] of the models the probes train (heads = width / 32, at least 1); 3 or more sizes"))
+    probe_seconds: list[float] = Field(default_factory=lambda: [8.0, 20.0], description=(
+        "training seconds of each probe of each size (train.steps: auto): two or more lengths give the fit its "
+        "tokens axis; probes are cached per machine and config, so a second plan reuses them"))
+    probe_warmup: int = Field(10, ge=0, description="warmup steps of each probe (the recipe keeps its own)")
+    eval_batches: int = Field(32, ge=1, description="validation batches scoring each probe (batch x context tokens each)")
+    out: str | None = Field(None, description=(
+        "folder for plan.yaml, plan.json and plan.png, and the run the recipe trains; None = "
+        "runs_dir/plan-BUDGET (plan-BUDGET-GPU with plan.gpu)"))
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanConfig:
+        if len(self.probe_sizes) < 3 or any(len(s) != 2 or min(s) < 1 for s in self.probe_sizes):
+            raise ValueError(f"plan.probe_sizes must list 3 or more [width, layers] pairs (got {self.probe_sizes})")
+        if len(set(self.probe_seconds)) < 2 or min(self.probe_seconds) <= 0:
+            raise ValueError(f"plan.probe_seconds must list 2 or more different positive lengths "
+                             f"(got {self.probe_seconds})")
         return self
 
 

@@ -229,13 +229,18 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def _cache_file() -> Path:
+def cache_dir() -> Path:
+    """lmforge's cache of figures measured on this machine: ``$LMFORGE_CACHE``, else ``~/.cache/lmforge``."""
     root = os.environ.get("LMFORGE_CACHE")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lmforge"
-    return base / "peak_flops.json"
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lmforge"
 
 
-def _cpu_model() -> str:
+def _cache_file() -> Path:
+    return cache_dir() / "peak_flops.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for keys of figures measured on it."""
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.lower().startswith("model name"):
@@ -287,7 +292,7 @@ def peak_flops(device: torch.device | str, measure_seconds: float = 0.5) -> floa
         key, n = f"cuda|{name}", 4096
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     elif device.type == "cpu":
-        key, n, dtype = f"cpu|{_cpu_model()}|{torch.get_num_threads()} threads", 1024, torch.float32
+        key, n, dtype = f"cpu|{cpu_model()}|{torch.get_num_threads()} threads", 1024, torch.float32
     else:
         key, n, dtype = f"{device.type}|{device}", 2048, torch.float32
     cache = _cache_file()

@@ -1,0 +1,129 @@
+"""``lmforge plan``: the budget parser, the L(N, D) fit, and a whole plan with test-sized probes.
+
+    .venv/bin/pytest -q tests/tune/test_plan.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from lmforge.config import ConfigError, load_config
+from lmforge.train import loop
+from lmforge.tune import plan as plan_module
+from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from tests.conftest import ROOT
+from tests.in_process import call_cli
+
+
+# ------------------------------------------------------------------ the budget
+@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("5m", 300.0), ("2h", 7200.0), (" 1.5m ", 90.0),
+                                           (".5h", 1800.0)])
+def test_budget_units(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "300", "5 minutes", "m", "0m", "-5m", "5d", "", None])
+def test_budget_without_a_unit_is_an_error_naming_the_option(text):
+    with pytest.raises(ConfigError, match="^--budget: expected a time with its unit"):
+        parse_budget(text)
+
+
+def test_budget_without_a_unit_through_the_cli_is_one_line(tmp_path, capsys):
+    assert call_cli("plan", "--budget", "5", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --budget:") and "\n" not in err and "'5'" in err
+    assert not any(tmp_path.iterdir())  # nothing prepared, nothing written
+
+
+def test_unknown_gpu_is_an_error_naming_the_option(tmp_path, capsys):
+    assert call_cli("plan", "--budget", "1h", "--gpu", "abacus-9000", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --gpu: no datasheet figure for 'abacus-9000'") and "\n" not in err
+
+
+# ------------------------------------------------------------------ the fit
+TRUE = LossFit(E=1.6, A=60.0, a=0.34, B=400.0, b=0.38)
+
+
+def test_fit_recovers_known_parameters_from_synthetic_points():
+    grid = itertools.product([2e5, 5e5, 1e6, 2e6, 5e6], [1e5, 3e5, 1e6, 3e6, 1e7])
+    fit = fit_loss([(n, d, TRUE.predict(n, d)) for n, d in grid])
+    # Exact points: the optimizer's tolerance is the only error left.
+    got, want = fit.as_dict(), TRUE.as_dict()
+    for name, rel in {"E": 1e-3, "a": 1e-2, "b": 1e-2, "A": 5e-2, "B": 5e-2}.items():
+        assert got[name] == pytest.approx(want[name], rel=rel), name
+    assert fit.rms_error < 1e-4 and fit.points == 25
+
+
+def test_fit_from_few_noisy_points_predicts_within_the_noise():
+    """Eight probe-like points with 0.3% noise (about what 32 validation batches give): the prediction at a
+    20x longer run stays within 1.5% of the truth; the exponents alone are not identifiable from so few."""
+    rng = np.random.default_rng(0)
+    shape = [(3e5, 2e5), (3e5, 5e5), (6e5, 2e5), (6e5, 4e5), (1.2e6, 1e5), (1.2e6, 3e5), (2e6, 1e5), (2e6, 2e5)]
+    fit = fit_loss([(n, d, TRUE.predict(n, d) * (1 + 0.003 * rng.standard_normal())) for n, d in shape])
+    assert fit.predict(1.3e6, 4e6) == pytest.approx(TRUE.predict(1.3e6, 4e6), rel=0.015)
+
+
+def test_too_few_points_are_refused():
+    with pytest.raises(ConfigError, match="too few"):
+        fit_loss([(1e5, 1e5, 3.0)] * 4)
+
+
+def test_repeated_tokens_count_for_less():
+    assert effective_tokens(5e5, 1e6) == 5e5 and effective_tokens(5e5, None) == 5e5
+    two_epochs = effective_tokens(2e6, 1e6)
+    assert 1.9e6 < two_epochs < 2e6 and effective_tokens(1e9, 1e6) < 1e6 * 17.5
+
+
+def test_the_recipe_is_the_speedrun_config():
+    speedrun = load_config(ROOT / "configs" / "speedrun-cpu.yaml")
+    for section in ("tokenizer", "model", "train"):
+        got = getattr(speedrun, section).model_dump()
+        for key, value in plan_module.RECIPE[section].items():
+            want = {**got[key], **value} if isinstance(value, dict) else value
+            assert got[key] == want, f"{section}.{key}"
+
+
+# ------------------------------------------------------------------ a whole plan, test-sized
+def _plan_args(runs, corpus) -> list[str]:
+    return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
+            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[3, 6]", "--plan.probe_warmup=2",
+            "--plan.eval_batches=2"]
+
+
+def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small_corpus, monkeypatch, capsys):
+    assert call_cli(*_plan_args(tmp_path, small_corpus)) == 0
+    folder = tmp_path / "plan-2m"
+    text = (folder / "plan.yaml").read_text()
+    plan = json.loads((folder / "plan.json").read_text())
+    chosen = plan["chosen"]
+    assert f"# predicted held-out bits per byte: {chosen['predicted_bpb']:.3f}" in text
+    cfg = load_config(folder / "plan.yaml")
+    assert cfg.name == "plan-2m" and cfg.runs_dir == str(tmp_path) and cfg.run_dir == folder
+    assert cfg.train.steps == "auto" and cfg.train.max_seconds == 120.0 and cfg.train.optimizer == "muon"
+    assert (cfg.model.d_model, cfg.model.n_layers) == (chosen["d_model"], chosen["n_layers"])
+    assert cfg.tokenizer.vocab_size == 2048 and cfg.data.train == [str(small_corpus)] and cfg.data.split == "tail"
+    assert len(plan["probes"]) == 6 and all(p["bpb"] > 0 and p["tokens_per_s"] > 0 for p in plan["probes"])
+    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 6
+    assert chosen["predicted_bpb"] == min(c["predicted_bpb"] for c in plan["candidates"])
+    assert chosen["params"] <= plan_module.EXTRAPOLATE * max(p["params"] for p in plan["probes"])
+    assert [c["minutes"] for c in plan["curve"]] == plan_module.CURVE["cpu"]
+    assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "pack" / "manifest.json").is_file()  # the recipe's run finds its data prepared
+
+    # Planning again (another budget) runs no probe: every one is cached for this machine and config.
+    def no_training(*a, **k):
+        raise AssertionError("a cached probe was trained again")
+
+    monkeypatch.setattr(loop, "main", no_training)
+    args = _plan_args(tmp_path, small_corpus)
+    args[2] = "5m"
+    assert call_cli(*args) == 0
+    again = json.loads((tmp_path / "plan-5m" / "plan.json").read_text())
+    assert again["probes"] == plan["probes"] and again["budget"]["seconds"] == 300.0
+    assert yaml.safe_load((tmp_path / "plan-5m" / "plan.yaml").read_text())["train"]["max_seconds"] == 300.0
