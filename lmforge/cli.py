@@ -134,6 +134,8 @@ def _plan(cfg: RunConfig, args: list[str]) -> None:
     c, files = result["chosen"], result["files"]
     print(f"\nplan for {result['budget']['text']} ({result['target']}): width {c['d_model']}, {c['n_layers']} layers, "
           f"{c['params']:,} parameters, predicted {c['predicted_bpb']:.3f} bits per byte")
+    for note in result["notes"]:
+        print(f"note: {note}")
     print(f"recipe: {files['config']}\ntrain:  lmforge run --config {files['config']}\n"
           f"plan:   {files['json']}\nplot:   {files['png']}")
 

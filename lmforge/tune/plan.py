@@ -58,6 +58,9 @@ DEPTHS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24)
 HEAD_DIM = 32
 EXTRAPOLATE = 4.0  # on this machine: candidates up to 4x the largest probe's parameters
 MAX_STEPS = 20_000  # with --gpu: the batch grows (powers of 2) so the schedule stays under this many steps
+TIE = 0.005  # bits per byte: the smallest candidate this close to the best prediction is chosen (cheaper, and a
+# saturated fit, on a corpus the budget repeats many times, no longer tells big models apart)
+MANY_EPOCHS = 4  # beyond about 4 passes over the corpus more training buys little (Muennighoff et al. 2023)
 CURVE = {"cpu": [1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60], "gpu": [15, 30, 60, 120, 240, 480, 960, 1440]}  # minutes
 
 
@@ -171,6 +174,11 @@ def score(fit: LossFit, speed: Throughput, cands: list[dict], seconds: float, un
     return sorted(rows, key=lambda r: r["predicted_bpb"])
 
 
+def choose(ranked: list[dict]) -> dict:
+    """The smallest candidate whose prediction is within TIE of the best."""
+    return min((r for r in ranked if r["predicted_bpb"] <= ranked[0]["predicted_bpb"] + TIE), key=lambda r: r["params"])
+
+
 def _batch(chosen: dict, gpu: bool) -> tuple[int, float]:
     """Batch size (sequences) and peak rate: the speedrun's, or on a GPU grown so the schedule stays under
     MAX_STEPS, the rate by the square-root rule (capped at 3x)."""
@@ -201,11 +209,12 @@ def main(cfg: RunConfig) -> dict:
     fit = fit_loss([(p["params"], effective_tokens(p["tokens"], data["train_tokens"]), p["bpb"]) for p in probes])
     speed = Throughput(probes, gpu_flops)
     cands = _candidates(data["vocab_size"], None if gpu_flops else EXTRAPOLATE * max(p["params"] for p in probes))
-    ranked = score(fit, speed, cands, seconds, data["train_tokens"])
-    chosen = ranked[0]
     plan = _plan_record(cfg, seconds, label, data, probes, fit, speed, cands, gpu_flops)
-    yaml_text = _recipe_yaml(cfg, folder, chosen, seconds, plan, gpu=gpu_flops is not None)
+    yaml_text = _recipe_yaml(cfg, folder, plan["chosen"], seconds, plan, gpu=gpu_flops is not None)
     plan["achieved"] = achieved_points(Path(cfg.runs_dir), plan["target"])
+    plan["notes"] = [f"the budget would read the corpus {plan['epochs']:.0f} times; past about {MANY_EPOCHS} passes "
+                     f"more training buys little: a larger corpus would help more than a larger budget"
+                     ] if plan["epochs"] > MANY_EPOCHS else []
     folder.mkdir(parents=True, exist_ok=True)
     artifacts.write_text(folder / "plan.yaml", yaml_text)
     plan["files"] = {"config": str(folder / "plan.yaml"), "json": str(folder / "plan.json"),
@@ -233,19 +242,21 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
     ranked = score(fit, speed, cands, seconds, data["train_tokens"])
     curve = []
     for minutes in CURVE[unit]:
-        best = score(fit, speed, cands, minutes * 60.0, data["train_tokens"])[0]
+        best = choose(score(fit, speed, cands, minutes * 60.0, data["train_tokens"]))
         curve.append({"minutes": minutes, "predicted_bpb": best["predicted_bpb"], "d_model": best["d_model"],
                       "n_layers": best["n_layers"], "params": best["params"]})
     target = f"gpu:{pc.gpu.lower()}" if pc.gpu else f"cpu:{cpu_model()}|{_machine(cfg)['threads']} threads"
     return {"budget": {"text": pc.budget, "seconds": seconds}, "label": label, "target": target,
             "machine": _machine(cfg), "gpu": pc.gpu, "gpu_flops": gpu_flops, "mfu": pc.mfu if pc.gpu else None,
             "data": data, "probes": probes, "fit": fit.as_dict(), "throughput": speed.as_dict(),
-            "chosen": ranked[0], "candidates": ranked[:10], "curve": curve,
+            "chosen": (chosen := choose(ranked)), "candidates": ranked[:10], "curve": curve,
+            "epochs": chosen["tokens"] / data["train_tokens"],
             "assumptions": [
                 "bits per byte are the probes' in-training validation estimates (plan.eval_batches batches); "
                 "the eval stage scores every held-out byte",
                 "vocabulary, batch, learning rate and schedule are the speedrun's, not re-tuned per size",
                 "tokens seen more than once count as Muennighoff et al. 2023's effective data",
+                f"the smallest shape within {TIE} bits per byte of the best prediction is chosen",
                 *(["tokens/s on the GPU = datasheet dense bf16 FLOP/s x plan.mfu / FLOPs per token; the loss fit "
                    "comes from this machine's small probes and is extrapolated far beyond them"] if gpu_flops else
                   [f"candidates within {EXTRAPOLATE:g}x the largest probe's parameters"])]}

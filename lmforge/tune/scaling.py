@@ -82,7 +82,10 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
 
 def fit_loss(points: list[tuple[float, float, float]]) -> LossFit:
     """Fit :class:`LossFit` to ``(N, D, loss)`` points (at least 5, loss > 0), from a grid of starts."""
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ConfigError("lmforge plan needs scipy: pip install 'lmforge[plan]'") from None
 
     if len(points) < 5:
         raise ConfigError(f"plan: {len(points)} probe results are too few to fit L(N, D) (5 or more needed)")
