@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 import types
 from pathlib import Path
@@ -24,8 +25,10 @@ from lmforge.config import ConfigError, TrainConfig, load_config
 from lmforge.models.transformer import Transformer
 from lmforge.train import budget, loop
 from lmforge.train.budget import StepBudget
+from lmforge.train.checkpoint import Checkpointer
 from tests.conftest import ROOT, TINY
 from tests.in_process import call_cli
+from tests.train import test_faults
 
 BUDGET, LR, MIN_RATIO, STEP = 10.0, 3e-3, 0.1, 0.0625
 
@@ -127,7 +130,8 @@ def test_calibrated_schedule_ends_inside_the_budget_with_its_decay_complete(tmp_
 
 
 def test_a_resumed_run_keeps_its_length_and_ends_with_the_same_weights(tmp_path, small_corpus, monkeypatch):
-    """Bitwise equality is promised on the same machine and thread count (one thread here), as for every resume."""
+    """Interrupted at train.stop_at, resumed in a new invocation. Bitwise equality is promised on the same machine
+    and thread count (one thread here), as for every resume."""
     _install(monkeypatch, FakeClock(lambda n: STEP))
     assert call_cli(*_args(tmp_path, small_corpus, "ref")) == 0
     shutil.copytree(tmp_path / "ref", tmp_path / "cut", ignore=shutil.ignore_patterns("train"))
@@ -140,6 +144,33 @@ def test_a_resumed_run_keeps_its_length_and_ends_with_the_same_weights(tmp_path,
     assert cut["budget"]["calibrated_steps"] == ref["budget"]["calibrated_steps"] == ref["steps"] == cut["steps"]
     final = f"step_{ref['steps']:06d}/model.safetensors"
     a, b = (load_file(tmp_path / r / "train" / "ckpt" / final) for r in ("ref", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _killed_child(args: list[str], log: str, kill_at: int) -> None:
+    """In a fresh child: the fake clock, then ``lmforge ARGS``, SIGKILLed while it seals checkpoint ``kill_at``."""
+    _install(pytest.MonkeyPatch(), FakeClock(lambda n: STEP))
+    test_faults._cli_child(args, log, kill_at)
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):
+    """A real SIGKILL (test_faults' fork server) while checkpoint 40 is sealed: the run resumes from 30, keeps
+    the length chosen before the kill and ends bitwise where the unbroken run ends (same machine, one thread)."""
+    _install(monkeypatch, FakeClock(lambda n: STEP))
+    assert call_cli(*_args(tmp_path, small_corpus, "ref")) == 0
+    shutil.copytree(tmp_path / "ref", tmp_path / "killed", ignore=shutil.ignore_patterns("train"))
+    args = _args(tmp_path, small_corpus, "killed", "--train.ckpt_every=10")
+    proc = test_faults._CTX.Process(target=_killed_child, args=(args, str(tmp_path / "killed.log"), 40))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    assert Checkpointer(tmp_path / "killed" / "train" / "ckpt").latest_valid().name == "step_000030"
+    _install(monkeypatch, FakeClock(lambda n: STEP * 1.02))  # measuring again would choose another length
+    assert call_cli(*args) == 0
+    ref, killed = _manifest(tmp_path / "ref"), _manifest(tmp_path / "killed")
+    assert killed["budget"]["calibrated_steps"] == ref["budget"]["calibrated_steps"] == killed["steps"]
+    final = f"step_{ref['steps']:06d}/model.safetensors"
+    a, b = (load_file(tmp_path / r / "train" / "ckpt" / final) for r in ("ref", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
