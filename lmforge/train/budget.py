@@ -34,6 +34,10 @@ MARGIN = 0.03  # the schedule aims at 97% of the budget: step times wander by a 
 MIN_STEPS = 10  # steps after warmup that a budget must buy, or the run would train nothing worth keeping
 
 
+class BudgetTooSmall(ConfigError):
+    """The budget buys fewer steps than warmup + MIN_STEPS of this model here; the message names the settings."""
+
+
 class StepBudget:
     """How many optimizer steps the run's schedule spans; Stateful, measured once for ``steps: auto``."""
 
@@ -68,7 +72,7 @@ class StepBudget:
         assert self.max_seconds is not None
         total = step + max(0, int((self.max_seconds * (1 - MARGIN) - spent) / per_step))
         if total < self.warmup + MIN_STEPS:
-            raise ConfigError(
+            raise BudgetTooSmall(
                 f"train.max_seconds ({self.max_seconds:g} s) buys about {total} steps of this model here "
                 f"({per_step:.3g} s each), fewer than train.warmup_steps ({self.warmup}) + {MIN_STEPS}; raise "
                 f"train.max_seconds, lower train.warmup_steps, or train a smaller model")

@@ -52,7 +52,7 @@ def _plain(value: Any) -> Any:
 class MetricsLogger:
     """Metrics sink for one training run; every method is a no-op when ``enabled`` is False."""
 
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+    def __init__(self, out_dir: Path, total_steps: int | None, start_step: int = 0, tensorboard: bool = True,
                  progress: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
@@ -98,8 +98,9 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
-    def advance(self, step: int, postfix: dict) -> None:
-        """Move the progress bar to ``step`` and show ``postfix`` (floats to 4 digits, strings as given).
+    def advance(self, step: int, postfix: dict, total: int | None = None) -> None:
+        """Move the progress bar to ``step`` and show ``postfix`` (floats to 4 digits, strings as given);
+        ``total``: the schedule's length once known (``train.steps: auto`` fixes it after the first seconds).
 
         A value of None is one not measured yet (the loss before the first ``log_every`` steps, the
         validation loss before the first estimate): shown as ``-``, never as ``nan``, which would read
@@ -107,6 +108,8 @@ class MetricsLogger:
         """
         if self.bar is None:
             return
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
         shown = {k: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
         self.bar.set_postfix(shown, refresh=False)
         if step > self.bar.n:

@@ -90,8 +90,9 @@ def _machine(cfg: RunConfig) -> dict:
             "python": platform.python_version()}
 
 
-def _probe(cfg: RunConfig, folder: Path, data: dict, width: int, layers: int, seconds: float) -> dict:
-    """One probe: ``seconds`` of training of the recipe at this shape; cached per machine and config."""
+def _probe(cfg: RunConfig, folder: Path, data: dict, width: int, layers: int, seconds: float) -> dict | None:
+    """One probe: ``seconds`` of training of the recipe at this shape, cached per machine and config; None
+    when the shape is too slow here to train in that time (not cached: a busy machine may be quieter later)."""
     pc = cfg.plan
     train = {"steps": "auto", "max_seconds": seconds, "warmup_steps": pc.probe_warmup, "eval_every": 0,
              "eval_batches": pc.eval_batches, "log_every": 10, "resume": False, "progress": False,
@@ -108,9 +109,9 @@ def _probe(cfg: RunConfig, folder: Path, data: dict, width: int, layers: int, se
             (scratch / part).symlink_to((folder / part).resolve(), target_is_directory=True)
         try:
             s = loop.main(pcfg, scratch, bytes_per_token=data["bytes_per_token"])
-        except ConfigError as e:
-            raise ConfigError(f"plan.probe_seconds: the {width}x{layers} probe of {seconds:g} s cannot train "
-                              f"here ({e}); give longer plan.probe_seconds or smaller plan.probe_sizes") from None
+        except budget.BudgetTooSmall as e:
+            print(f"probe {width}x{layers}, {seconds:g} s: skipped, too slow here ({e})")
+            return None
     result = {"d_model": width, "n_layers": layers, "seconds": seconds, "params": s["params"],
               "flops_per_token": s["flops_per_token"], "tokens": s["tokens_seen"], "steps": s["steps"],
               "train_seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"], "bpb": s["last_val"]["bpb"]}
@@ -203,9 +204,15 @@ def main(cfg: RunConfig) -> dict:
     probes = []
     for width, layers in pc.probe_sizes:
         for probe_seconds in pc.probe_seconds:
-            probes.append(p := _probe(cfg, folder, data, width, layers, probe_seconds))
+            if (p := _probe(cfg, folder, data, width, layers, probe_seconds)) is None:
+                continue
+            probes.append(p)
             print(f"probe {width}x{layers}, {probe_seconds:g} s: {p['params']:,} parameters, "
                   f"{p['tokens_per_s']:,.0f} tokens/s, {p['tokens']:,} tokens, {p['bpb']:.4f} bits per byte")
+    if len(probes) < 5 or len({p["params"] for p in probes}) < 2:
+        raise ConfigError(f"plan.probe_seconds: only {len(probes)} probes could train in their time on this machine "
+                          f"(5 or more, of 2 or more sizes, are needed for the fit); give longer plan.probe_seconds "
+                          f"or smaller plan.probe_sizes (a busy machine is slower: see docs/speedrun.md, threads)")
     fit = fit_loss([(p["params"], effective_tokens(p["tokens"], data["train_tokens"]), p["bpb"]) for p in probes])
     speed = Throughput(probes, gpu_flops)
     cands = _candidates(data["vocab_size"], None if gpu_flops else EXTRAPOLATE * max(p["params"] for p in probes))

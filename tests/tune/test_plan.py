@@ -158,3 +158,14 @@ def test_plan_help_explains_every_option():
     assert "--budget TIME" in text and "--gpu NAME" in text and "90s, 5m, 2h" in text
     for name, field in PlanConfig.model_fields.items():
         assert f"--plan.{name}=" in text and field.description.split(";")[0][:40] in text, name
+
+
+def test_probes_too_slow_for_their_time_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A shape too slow to train in its probe time is skipped (a busy machine); too few left for the fit stop the plan."""
+    data = {"fingerprint": "x", "train_tokens": 10**6, "bytes_per_token": 2.7, "vocab_size": 2048}
+    monkeypatch.setattr(plan_module, "_prepare", lambda cfg, folder: data)
+    monkeypatch.setattr(plan_module, "_probe", lambda *a: None)
+    assert call_cli("plan", "--budget", "5m", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: plan.probe_seconds: only 0 probes could train") and "\n" not in err
+    assert not list(tmp_path.rglob("plan.yaml"))
