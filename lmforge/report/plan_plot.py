@@ -49,7 +49,7 @@ def plot(plan: dict) -> bytes:
         ax.plot([a["minutes"] for a in plan["achieved"]], [a["val_bpb"] for a in plan["achieved"]], "s",
                 color="black", ms=6, label="achieved (plans trained)")
     ax.set_xscale("log")
-    ax.set_xticks([c["minutes"] for c in curve], [f"{c['minutes']:g}" for c in curve])
+    ax.set_xticks([c["minutes"] for c in curve], [f"{c['minutes']:.3g}" for c in curve])
     ax.minorticks_off()
     ax.set_xlabel("training budget (minutes" + (f" on {plan['gpu']})" if plan.get("gpu") else " on this machine)"))
     ax.set_ylabel("held-out bits per byte")

@@ -252,7 +252,7 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
     pc, unit = cfg.plan, "gpu" if gpu_flops else "cpu"
     ranked = score(fit, speed, cands, seconds, data["train_tokens"])
     curve = []
-    for minutes in CURVE[unit]:
+    for minutes in sorted({*CURVE[unit], seconds / 60.0}):  # the chosen budget is a point of the curve too
         best = choose(score(fit, speed, cands, minutes * 60.0, data["train_tokens"]))
         curve.append({"minutes": minutes, "predicted_bpb": best["predicted_bpb"], "d_model": best["d_model"],
                       "n_layers": best["n_layers"], "params": best["params"]})
