@@ -347,6 +347,12 @@ class PlanConfig(Section):
         "folder for plan.yaml, plan.json and plan.png, and the run the recipe trains; None = "
         "runs_dir/plan-BUDGET (plan-BUDGET-GPU with plan.gpu)"))
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        # YAML reads `budget: 300` as a number: keep it as written, so the parser can say the unit is missing.
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _check(self) -> PlanConfig:
         if len(self.probe_sizes) < 3 or any(len(s) != 2 or min(s) < 1 for s in self.probe_sizes):

@@ -38,6 +38,8 @@ def test_budget_without_a_unit_through_the_cli_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --budget:") and "\n" not in err and "'5'" in err
     assert not any(tmp_path.iterdir())  # nothing prepared, nothing written
+    assert call_cli("plan", "--plan.budget=300", f"--runs_dir={tmp_path}") == 2  # YAML's number, same message
+    assert capsys.readouterr().err.startswith("error: --budget: expected a time with its unit")
 
 
 def test_unknown_gpu_is_an_error_naming_the_option(tmp_path, capsys):
