@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -79,6 +80,7 @@ def _tree(cfg: RunConfig, name: str, width: int, layers: int, train: dict) -> di
             "train": {**RECIPE["train"], "threads": cfg.train.threads or torch.get_num_threads(), **train}}
 
 
+@functools.cache
 def _size(width: int, layers: int, vocab: int) -> tuple[int, float]:
     """Parameters and training FLOPs per token of the recipe's model at this shape (built on the meta device)."""
     with torch.device("meta"):
@@ -161,6 +163,8 @@ def _candidates(vocab: int, max_params: float | None) -> list[dict]:
         for layers in DEPTHS:
             if not 16 <= width / layers <= 128:  # neither a needle nor a pancake: the shapes people train
                 continue
+            if max_params is not None and 12 * layers * width**2 + 2 * vocab * width > 2 * max_params:
+                continue  # far too big by the usual count (12 L d^2 + untied embeddings): not worth building
             params, flops = _size(width, layers, vocab)
             if max_params is None or params <= max_params:
                 out.append({"d_model": width, "n_layers": layers, "params": params, "flops_per_token": flops})

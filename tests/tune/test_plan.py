@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
+import types
 
 import numpy as np
 import pytest
 import yaml
 
 from lmforge.config import ConfigError, load_config
+from lmforge.models.transformer import Transformer
 from lmforge.train import loop
 from lmforge.tune import plan as plan_module
 from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
@@ -92,13 +95,32 @@ def test_the_recipe_is_the_speedrun_config():
 
 
 # ------------------------------------------------------------------ a whole plan, test-sized
+SECONDS_PER_PARAM = 2e-7  # the fake step time: 0.03 s for the 32-wide probe, 0.06 s for the 64-wide one
+
+
+def _fake_speed(monkeypatch) -> None:
+    """The probes' clock (``lmforge.train.loop.time``) advanced only by the training forward, in proportion to the
+    model's size: the probes' lengths and speeds are the test's, whatever else runs on the machine."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, time=time.time))
+    real = Transformer.forward
+
+    def forward(self, idx, targets=None):
+        if self.training:
+            clock.now += SECONDS_PER_PARAM * self.num_params()
+        return real(self, idx, targets)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
 def _plan_args(runs, corpus) -> list[str]:
     return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
-            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[3, 6]", "--plan.probe_warmup=2",
+            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[1, 2]", "--plan.probe_warmup=2",
             "--plan.eval_batches=2"]
 
 
 def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small_corpus, monkeypatch, capsys):
+    _fake_speed(monkeypatch)
     assert call_cli(*_plan_args(tmp_path, small_corpus)) == 0
     folder = tmp_path / "plan-2m"
     text = (folder / "plan.yaml").read_text()
@@ -110,7 +132,10 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     assert cfg.train.steps == "auto" and cfg.train.max_seconds == 120.0 and cfg.train.optimizer == "muon"
     assert (cfg.model.d_model, cfg.model.n_layers) == (chosen["d_model"], chosen["n_layers"])
     assert cfg.tokenizer.vocab_size == 2048 and cfg.data.train == [str(small_corpus)] and cfg.data.split == "tail"
-    assert len(plan["probes"]) == 6 and all(p["bpb"] > 0 and p["tokens_per_s"] > 0 for p in plan["probes"])
+    assert len(plan["probes"]) == 6 and all(p["bpb"] > 0 for p in plan["probes"])
+    for p in plan["probes"]:  # steady-state speed: the fake step time, 16 x 128 tokens a step
+        assert p["tokens_per_s"] == pytest.approx(16 * 128 / (SECONDS_PER_PARAM * p["params"]), rel=1e-9)
+    assert {p["params"] for p in plan["probes"]} == {144_544, 224_496, 315_648}
     assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 6
     best = min(c["predicted_bpb"] for c in plan["candidates"])  # the smallest shape within TIE of the best
     assert chosen["predicted_bpb"] <= best + plan_module.TIE
