@@ -18,7 +18,7 @@ figure that counts, run it on idle cores. Run::
     .venv/bin/python benchmarks/speedrun.py                        # ~6 minutes
     .venv/bin/python benchmarks/speedrun.py --against demo          # ~12 minutes, both curves
     .venv/bin/python benchmarks/speedrun.py --seconds 20 --runs-dir /tmp/sr   # quick check
-    .venv/bin/python benchmarks/speedrun.py --threads 1 --steps 700          # a busy machine
+    .venv/bin/python benchmarks/speedrun.py --threads 1                      # a busy machine
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="runs", help="where the runs are written")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the recipes' own train.threads)")
     ap.add_argument("--steps", type=int, default=0, help=(
-        "the speedrun's schedule length (0 = the recipe's); size it to the machine: 300 s x its steps/s"))
+        "the speedrun's schedule length (0 = the recipe's: auto, measured for --seconds on this machine)"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "speedrun.png"), help="PNG of bpb against time")
     args = ap.parse_args()
 
@@ -74,6 +74,9 @@ def main() -> None:
         results[name] = curve(cfg.run_dir)
         print(f"{name}: held-out {ev['val']['bpb']:.4f} bits per byte after {train['train_seconds']:.0f} s of "
               f"training ({train['steps']} steps, {train['tokens_per_s']:,.0f} tokens/s, MFU {train['mfu']:.1%})")
+        if budget := train.get("budget"):
+            print(f"  steps: auto chose {budget['calibrated_steps']} steps ({budget['seconds_per_step']:.3f} s each); "
+                  f"training used {budget['used_fraction']:.1%} of the {budget['max_seconds']:g} s budget")
 
     import matplotlib
 

@@ -11,6 +11,7 @@ verbs run the stages they depend on first, skipping those already done.
     lmforge sweep --config configs/demo.yaml --space configs/sweep-space.yaml   # tune hyperparameters
     lmforge compare-archs --config configs/compare-archs.yaml --budget-seconds 300   # bake-off
     lmforge compare runs/a runs/b --out runs/compare-ab  # finished runs side by side
+    lmforge plan --budget 5m                          # the best recipe for 5 minutes on this machine
     lmforge <verb> --help                             # every option of that verb
 """
 
@@ -126,6 +127,19 @@ def _chat(cfg: RunConfig, args: list[str]) -> None:
     chat(cfg, args[0] if args else str(cfg.run_dir))
 
 
+def _plan(cfg: RunConfig, args: list[str]) -> None:
+    from lmforge.tune.plan import main as plan
+
+    result = plan(cfg)
+    c, files = result["chosen"], result["files"]
+    print(f"\nplan for {result['budget']['text']} ({result['target']}): width {c['d_model']}, {c['n_layers']} layers, "
+          f"{c['params']:,} parameters, predicted {c['predicted_bpb']:.3f} bits per byte")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"recipe: {files['config']}\ntrain:  lmforge run --config {files['config']}\n"
+          f"plan:   {files['json']}\nplot:   {files['png']}")
+
+
 def _config(cfg: RunConfig, args: list[str]) -> None:
     print(to_yaml(cfg))
 
@@ -160,6 +174,9 @@ VERBS: dict[str, tuple[Callable, str, tuple[str, ...], bool]] = {
     "finetune": (_finetune, "fine-tune a pretrained model (--init PATH) on chat or text, fully or with LoRA; "
                  "resumes", ("finetune", "train"), False),
     "chat": (_chat, "chat with a model in the terminal; /reset, /exit (PATH = run, checkpoint, export or HF folder)", ("sample",), True),
+    "plan": (_plan, "the best recipe for a time budget (--budget 5m; --gpu h100): short cached probes here, a fit of "
+             "loss against size and tokens; writes plan.yaml (for lmforge run --config), plan.json, plan.png",
+             ("plan", "data"), False),
     "config": (_config, "print the resolved config as YAML", (), False),
 }
 # Verbs whose PATH is a model, opened by lmforge.trained.load_model under one rule (lmforge.trained.PATH_RULE).
@@ -201,6 +218,10 @@ def verb_help(verb: str) -> str:
                      f"(same as --finetune.init=PATH); {PATH_RULE}")
     if verb == "sweep":
         lines.append("  --space FILE         search space YAML (same as --sweep.space=FILE); see docs/tuning.md")
+    if verb == "plan":
+        lines.append("  --budget TIME        training time with its unit: 90s, 5m, 2h (same as --plan.budget=TIME)")
+        lines.append("  --gpu NAME           plan for a GPU (h100, a100, ...) from its datasheet FLOP/s x --plan.mfu "
+                     "(same as --plan.gpu=NAME)")
     lines += ["", "config keys (--key=value; values are YAML: 3e-4, true, [a, b], null):"]
     for key, default, desc in field_help():
         if not sections or key.split(".")[0] in sections or "." not in key:
@@ -250,6 +271,8 @@ def parse(argv: list[str]) -> tuple[str, RunConfig, list[str]]:
             overrides.append(f"finetune.init={value}")
         elif key == "space":
             overrides.append(f"sweep.space={value}")
+        elif key in ("budget", "gpu") and verb == "plan":  # `lmforge plan --budget 5m --gpu h100`
+            overrides.append(f"plan.{key}={json.dumps(value)}")  # a string as given: 5m, not YAML's reading
         else:
             overrides.append(f"{key}={value}")
     if positional and not VERBS[verb][3]:

@@ -22,6 +22,7 @@ from lmforge.config.sections import (
     EvalConfig,
     ExportConfig,
     ModelConfig,
+    PlanConfig,
     SampleConfig,
     ServeConfig,
     SweepConfig,
@@ -58,6 +59,7 @@ class RunConfig(Section):
                                   json_schema_extra=reuse(sample=INVALIDATES))
     compare: CompareConfig = Field(default_factory=CompareConfig, description="architecture bake-off (compare-archs)")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="hyperparameter search (lmforge sweep)")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="the recipe for a time budget (lmforge plan)")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible server (lmforge serve)")
     export: ExportConfig = Field(default_factory=ExportConfig, description="model export (lmforge export)")
 

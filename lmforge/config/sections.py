@@ -1,11 +1,11 @@
 """Config sections of the spine and its verbs: data, tokenizer, model, train, eval, sample, sweep,
-compare, serve and export. Each field's description is its ``--help`` text."""
+compare, plan, serve and export. Each field's description is its ``--help`` text."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
@@ -141,8 +141,10 @@ class ModelConfig(Section):
 
 # -------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1, description="optimizer steps",
-                       json_schema_extra=reuse(train=RESUMABLE, bakeoff=IRRELEVANT))
+    steps: int | Literal["auto"] = Field(1000, description=(
+        "optimizer steps: the schedule's length; auto = as many as fit in train.max_seconds on this machine, "
+        "measured over the first seconds of training and kept in the checkpoints (docs/speedrun.md)"),
+        json_schema_extra=reuse(train=RESUMABLE, bakeoff=IRRELEVANT))
     max_seconds: float | None = Field(None, gt=0, description=(
         "stop after this much training time even if steps remain (None = no time limit)"),
         json_schema_extra=reuse(train=RESUMABLE))
@@ -231,6 +233,21 @@ class TrainConfig(Section):
         "without that checkpoint, warning each time (the last step's checkpoint must always be written)"),
         json_schema_extra=reuse(train=IRRELEVANT))
 
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not (whole or value == "auto"):
+            raise ValueError(f"train.steps must be a whole number of steps >= 1, or auto (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.steps == "auto" and self.max_seconds is None:
+            raise ValueError("train.steps: auto sizes the schedule to a time budget; set train.max_seconds "
+                             "(e.g. 300) or give train.steps a number")
+        return self
+
 
 # --------------------------------------------------------------------------- eval
 class EvalConfig(Section):
@@ -313,6 +330,45 @@ class CompareConfig(Section):
             if fixed or "arch" in (tree.get("model") or {}):
                 key = sorted(fixed)[0] if fixed else "model.arch"
                 raise ValueError(f"compare.recipes.{arch}.{key}: set by compare-archs itself, not by a recipe")
+        return self
+
+
+# --------------------------------------------------------------------------- plan
+class PlanConfig(Section):
+    budget: str | None = Field(None, description=(
+        "lmforge plan: the training time to plan for, with its unit: 90s, 5m, 2h (--budget); on this machine, "
+        "or on plan.gpu"))
+    gpu: str | None = Field(None, description=(
+        "plan for this GPU instead of this machine (--gpu h100; also a100, l4, rtx 4090, ...): its datasheet dense "
+        "bf16 FLOP/s times plan.mfu give its tokens/s; the loss fit still comes from this machine's probes"))
+    gpu_flops: float | None = Field(None, gt=0, description=(
+        "with plan.gpu: the FLOP/s training actually reaches there, if measured (replaces datasheet x plan.mfu)"))
+    mfu: float = Field(0.4, gt=0, le=1, description=(
+        "with plan.gpu: the assumed model FLOPs utilisation (share of the datasheet peak a training step reaches)"))
+    probe_sizes: list[list[int]] = Field(default_factory=lambda: [[64, 2], [96, 3], [128, 4], [192, 4]], description=(
+        "[width, layers] of the models the probes train (heads = width / 32, at least 1); 3 or more sizes"))
+    probe_seconds: list[float] = Field(default_factory=lambda: [10.0, 25.0], description=(
+        "training seconds of each probe of each size (train.steps: auto): two or more lengths give the fit its "
+        "tokens axis; probes are cached per machine and config, so a second plan reuses them"))
+    probe_warmup: int = Field(5, ge=0, description="warmup steps of each probe (the recipe keeps its own)")
+    eval_batches: int = Field(32, ge=1, description="validation batches scoring each probe (batch x context tokens each)")
+    out: str | None = Field(None, description=(
+        "folder for plan.yaml, plan.json and plan.png, and the run the recipe trains; None = "
+        "runs_dir/plan-BUDGET (plan-BUDGET-GPU with plan.gpu)"))
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        # YAML reads `budget: 300` as a number: keep it as written, so the parser can say the unit is missing.
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanConfig:
+        if len(self.probe_sizes) < 3 or any(len(s) != 2 or min(s) < 1 for s in self.probe_sizes):
+            raise ValueError(f"plan.probe_sizes must list 3 or more [width, layers] pairs (got {self.probe_sizes})")
+        if len(set(self.probe_seconds)) < 2 or min(self.probe_seconds) <= 0:
+            raise ValueError(f"plan.probe_seconds must list 2 or more different positive lengths "
+                             f"(got {self.probe_seconds})")
         return self
 
 

@@ -190,7 +190,22 @@ def _early_stopping(training: dict, summary: dict) -> list:
         text = f"A sweep pruned this trial at step {fmt(steps, 'steps')}{best_text}."
     else:
         text = f"Training was interrupted ({reason}) at step {fmt(steps, 'steps')}{of}{best_text}."
-    return [Heading(3, "Early stopping"), Para(text), Table(["", "value"], rows)]
+    return [Heading(3, "Early stopping"), Para(text), Table(["", "value"], rows), *_budget(training)]
+
+
+def _budget(training: dict) -> list:
+    """``train.steps: auto``: the time budget, the schedule length measured for it, how much of it was used."""
+    b = training.get("budget")
+    if not isinstance(b, Mapping) or not b.get("max_seconds"):
+        return []
+    rows = [["time budget (train.max_seconds)", f"{b['max_seconds']:g} s"],
+            ["schedule length chosen (train.steps: auto)", fmt(b.get("calibrated_steps"), "steps")],
+            ["measured seconds per step", fmt(b.get("seconds_per_step"))],
+            ["budget used by training", f"{b['used_fraction']:.1%}" if b.get("used_fraction") is not None else "-"]]
+    return [Heading(3, "Time budget"),
+            Para("The schedule's length was measured for the budget: the step time over the first seconds of "
+                 "training fixed how many steps warmup, the stable phase and the decay span (docs/speedrun.md)."),
+            Table(["", "value"], rows)]
 
 
 def evaluation(c: CardInputs) -> list:

@@ -41,11 +41,17 @@ def build_summary(cfg: RunConfig, outputs: dict) -> dict:
         "total_seconds": round(sum(outputs["_seconds"].values()), 2),
         "stage_seconds": dict(outputs["_seconds"]),
         # d_model from training: with model.param_budget the width is chosen there.
+        **({"budget": tr["budget"]} if "budget" in tr else {}),  # train.steps: auto: budget, length, share used
         "model": {"arch": cfg.model.arch, "params": tr["params"], "d_model": tr.get("d_model", cfg.model.d_model),
                   "n_layers": cfg.model.n_layers, "context": cfg.model.context,
                   "vocab_size": outputs["tokenizer"].get("vocab_size"),
                   "flops_per_token": tr["flops_per_token"]},
     }
+
+
+def _planned_steps(train: dict, steps: int | str) -> int | str:
+    """The schedule's length: ``train.steps``, or the one ``steps: auto`` chose."""
+    return (train.get("budget") or {}).get("calibrated_steps") or steps
 
 
 def _data_stats(outputs: dict) -> dict:
@@ -74,7 +80,7 @@ def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
         eval_stats=outputs["eval"],
         samples=outputs["sample"]["samples"],
         title=f"lmforge run card: {cfg.name}",
-        training={**outputs["train"], "planned_steps": cfg.train.steps,
+        training={**outputs["train"], "planned_steps": _planned_steps(outputs["train"], cfg.train.steps),
                   "early_stop_patience": cfg.train.early_stop_patience,
                   "early_stop_min_delta": cfg.train.early_stop_min_delta},
         extra={"finetune": outputs.get("finetune") or {}},  # base vs fine-tuned, when the run fine-tuned

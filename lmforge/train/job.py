@@ -8,7 +8,8 @@ prepared (pretrained weights, adapters) and what extra state its checkpoints car
 
 The parts are Stateful (``state_dict`` / ``load_state_dict``): the model and optimizer, and the job's
 own state (:meth:`TrainJob.state_dict`: progress counters, loader position, guard, early stopper,
-extras, and what the checkpoint must match to be resumed). The job's
+extras, the schedule's length when ``train.steps: auto`` chose it (:mod:`lmforge.train.budget`), and
+what the checkpoint must match to be resumed). The job's
 :class:`~lmforge.train.checkpoint.Checkpointer` saves them as one checkpoint and restores them all::
 
     job = build_job(cfg, tokenizer=tok, tokenizer_path=..., data_dir=run_dir / "pack",
@@ -37,6 +38,7 @@ from lmforge.data.pack import list_shards, shard_info
 from lmforge.data.tokenizer import Tokenizer, tokenizer_digest
 from lmforge.models import build_model, fit_to_budget
 from lmforge.runtime import Runtime
+from lmforge.train.budget import StepBudget
 from lmforge.train.checkpoint import Checkpointer, SingleFile, Stateful
 from lmforge.train.checkpoint_dcp import GatheredFile, Sharded
 from lmforge.train.distributed import Parallel
@@ -113,6 +115,7 @@ class TrainJob:
     identity: dict  # fingerprint, config, tokenizer: written with every checkpoint, matched at resume
     extras: dict[str, Stateful] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
+    budget: StepBudget = None  # type: ignore[assignment]  # set by build_job: the schedule's length
     ckpt: Checkpointer = None  # type: ignore[assignment]  # set by build_job: it saves this job
     flops: float = 0.0  # model FLOPs per token, for MFU
     peak: float = 0.0  # the device's peak FLOP/s
@@ -126,7 +129,8 @@ class TrainJob:
                 "loader": self.loader.state_dict(), "fingerprint": self.identity["fingerprint"],
                 "config": self.identity["config"], "val": p["val"],
                 "tokenizer_sha256": self.identity["tokenizer_sha256"], "early_stop": self.stopper.state_dict(),
-                "guard": self.guard.state_dict(), **{k: v.state_dict() for k, v in self.extras.items()}}
+                "guard": self.guard.state_dict(), **{k: v.state_dict() for k, v in self.extras.items()},
+                **({"schedule": self.budget.state_dict()} if self.budget.auto else {})}  # steps: auto only
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a checkpoint's state; refuses one made by another model or train config."""
@@ -141,6 +145,7 @@ class TrainJob:
         self.loader.load_state_dict(state["loader"])
         self.stopper.load_state_dict(state.get("early_stop", {}))
         self.guard.load_state_dict(state.get("guard", {}))
+        self.budget.load_state_dict(state.get("schedule", {}))  # a length fixed before: never measured again
         for name, part in self.extras.items():
             part.load_state_dict(state.get(name, {}))
 
@@ -164,7 +169,7 @@ class TrainJob:
     def open_logger(self) -> MetricsLogger:
         """The run's metrics sink, from the step reached (a resumed run drops lines past it)."""
         tc = self.cfg.train
-        self.ckpt.logger = MetricsLogger(self.out_dir, total_steps=tc.steps, start_step=self.progress.step,
+        self.ckpt.logger = MetricsLogger(self.out_dir, total_steps=self.budget.steps, start_step=self.progress.step,
                                          tensorboard=tc.tensorboard, progress=tc.progress, enabled=self.rt.is_main)
         return self.ckpt.logger
 
@@ -234,6 +239,7 @@ def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, dat
                    probe if rt.is_main else None,
                    out_dir, context, bytes_per_token, identity, extras)
     job.flops, job.peak, job.started = model.flops_per_token(), peak_flops(rt.device), started
+    job.budget = StepBudget(tc)
     layouts = (Sharded(), GatheredFile()) if par.mode == "fsdp" else (SingleFile(), Sharded())
     job.ckpt = Checkpointer(ckpt_dir, model, optimizer, job, keep_last=tc.keep_last, every=tc.ckpt_every,
                             layouts=layouts, on_error=tc.on_save_error, is_main=rt.is_main)

@@ -52,20 +52,28 @@ def main(cfg: RunConfig, run_dir: Path, bytes_per_token: float | None = None, da
 
 def train(job: TrainJob) -> dict:
     """Resume ``job`` where its checkpoints left it, train until a stop condition, return the summary."""
+    job.resume()
+    meter = Throughput()
+    # SIGTERM / Ctrl-C: checkpoint at the step boundary, exit cleanly. Both are closed and restored however
+    # the steps end (an error too: a budget too small for steps: auto, too many bad steps).
+    with job.open_logger() as logger, Preemption() as preempt:
+        stopped_by = _steps(job, logger, meter, preempt)
+        job.ckpt.finish()  # FSDP: the last sharded checkpoint also as a single file for eval/serve/export
+    return summary(job, stopped_by, meter)
+
+
+def _steps(job: TrainJob, logger: MetricsLogger, meter: Throughput, preempt: Preemption) -> str:
+    """Train until a stop condition; returns what stopped it."""
     tc, rt, par, model, optimizer, loader, guard = (job.cfg.train, job.rt, job.par, job.model, job.optimizer,
                                                     job.loader, job.guard)
-    job.resume()
     done = job.progress
-    logger = job.open_logger()
-    meter = Throughput()
     tokens_per_step = par.plan.global_batch * job.context  # all ranks together
     model.train()
-    preempt = Preemption().install()  # SIGTERM / Ctrl-C: checkpoint at the step boundary, exit cleanly
     stopped_by, train_loss = "steps", None  # no loss until the first log_every steps are measured
     loss_acc = torch.zeros((), device=rt.device)
-    while done.step < tc.steps and not job.out_of_time():
+    while not job.budget.done(done.step) and not job.out_of_time():
         t0 = time.perf_counter()
-        lr = lr_at(done.step, tc)
+        lr = lr_at(done.step, tc, job.budget.steps)
         set_lr(optimizer, lr)
         at, step_loss = loader.state_dict(), torch.zeros((), device=rt.device)  # at: names the batch
         for micro in range(par.accum):
@@ -88,9 +96,10 @@ def train(job: TrainJob) -> dict:
         dt, signalled = par.agree(time.perf_counter() - t0, preempt.requested is not None)  # all stop together
         done.advance(tokens_per_step, dt)
         meter.update(tokens_per_step, dt)
+        job.budget.measure(done.step, done.train_seconds, dt)  # steps: auto: fixes the schedule's length once
         out_of_time = job.out_of_time()
         interrupted = (tc.stop_at is not None and done.step >= tc.stop_at) or signalled
-        last_step = done.step == tc.steps or out_of_time or interrupted
+        last_step = job.budget.done(done.step) or out_of_time or interrupted
 
         if done.step % tc.log_every == 0 or last_step:
             train_loss = _log_train(job, logger, meter, loss_acc, lr, grad_norm)
@@ -101,15 +110,12 @@ def train(job: TrainJob) -> dict:
         if job.probe is not None:
             job.probe.maybe_run(done.step, model, logger)
         logger.advance(done.step, {"loss": train_loss, "val": done.val.get("loss"),
-                                   "tok/s": f"{meter.tokens_per_s():,.0f}"})
+                                   "tok/s": f"{meter.tokens_per_s():,.0f}"}, total=job.budget.steps)
         job.ckpt.save(done.step, last_step)  # on every rank, when due; the checkpointer decides who writes
         if out_of_time or interrupted or job.stopper.reason:
             stopped_by = job.stopper.reason or ("time" if out_of_time else preempt.requested or "stop_at")
             break
-    preempt.restore()
-    job.ckpt.finish()  # FSDP: the last sharded checkpoint also as a single file for eval/serve/export
-    logger.close()
-    return summary(job, stopped_by, meter)
+    return stopped_by
 
 
 def _log_train(job: TrainJob, logger: MetricsLogger, meter: Throughput, loss_acc: torch.Tensor, lr: float,
@@ -138,4 +144,5 @@ def summary(job: TrainJob, stopped_by: str, meter: Throughput) -> dict:
         "params": model.num_params(), "params_non_embedding": model.num_params(exclude_embeddings=True),
         "d_model": job.cfg.model.d_model, "flops_per_token": job.flops, "peak_flops": job.peak,
         "last_val": done.val, "device": str(job.rt.device), "dtype": str(job.rt.dtype).removeprefix("torch."),
+        **({"budget": job.budget.summary(done.train_seconds)} if job.budget.auto else {}),
     }

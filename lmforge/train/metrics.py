@@ -52,7 +52,7 @@ def _plain(value: Any) -> Any:
 class MetricsLogger:
     """Metrics sink for one training run; every method is a no-op when ``enabled`` is False."""
 
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+    def __init__(self, out_dir: Path, total_steps: int | None, start_step: int = 0, tensorboard: bool = True,
                  progress: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
@@ -98,8 +98,9 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
-    def advance(self, step: int, postfix: dict) -> None:
-        """Move the progress bar to ``step`` and show ``postfix`` (floats to 4 digits, strings as given).
+    def advance(self, step: int, postfix: dict, total: int | None = None) -> None:
+        """Move the progress bar to ``step`` and show ``postfix`` (floats to 4 digits, strings as given);
+        ``total``: the schedule's length once known (``train.steps: auto`` fixes it after the first seconds).
 
         A value of None is one not measured yet (the loss before the first ``log_every`` steps, the
         validation loss before the first estimate): shown as ``-``, never as ``nan``, which would read
@@ -107,6 +108,8 @@ class MetricsLogger:
         """
         if self.bar is None:
             return
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
         shown = {k: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
         self.bar.set_postfix(shown, refresh=False)
         if step > self.bar.n:
@@ -229,13 +232,18 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def _cache_file() -> Path:
+def cache_dir() -> Path:
+    """lmforge's cache of figures measured on this machine: ``$LMFORGE_CACHE``, else ``~/.cache/lmforge``."""
     root = os.environ.get("LMFORGE_CACHE")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lmforge"
-    return base / "peak_flops.json"
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lmforge"
 
 
-def _cpu_model() -> str:
+def _cache_file() -> Path:
+    return cache_dir() / "peak_flops.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for keys of figures measured on it."""
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.lower().startswith("model name"):
@@ -287,7 +295,7 @@ def peak_flops(device: torch.device | str, measure_seconds: float = 0.5) -> floa
         key, n = f"cuda|{name}", 4096
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     elif device.type == "cpu":
-        key, n, dtype = f"cpu|{_cpu_model()}|{torch.get_num_threads()} threads", 1024, torch.float32
+        key, n, dtype = f"cpu|{cpu_model()}|{torch.get_num_threads()} threads", 1024, torch.float32
     else:
         key, n, dtype = f"{device.type}|{device}", 2048, torch.float32
     cache = _cache_file()

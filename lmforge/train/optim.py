@@ -12,7 +12,7 @@ dtype of our choosing (``train.muon_precision``): torch's runs it in bf16 always
 
     optimizer = build_optimizer(model, cfg.train, device.type)
     print(group_summary(optimizer))   # {"decay": {"tensors": 9, "params": 811008}, "no_decay": ...}
-    for step in range(start, cfg.train.steps):
+    for step in range(start, cfg.train.steps):     # steps: auto -> the length StepBudget fixed
         set_lr(optimizer, lr_at(step, cfg.train))
         ...
 
@@ -217,12 +217,15 @@ class MuonAdamW:
             self.precision, self.muon.dtype = saved, _PRECISIONS[saved]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the update made at 0-based ``step`` of ``cfg.steps``; never negative."""
-    lr, warmup, steps = cfg.lr, cfg.warmup_steps, cfg.steps
+def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """Learning rate for the update made at 0-based ``step`` of ``steps`` (default ``cfg.steps``); never
+    negative. With ``steps: auto`` and no length fixed yet (:mod:`lmforge.train.budget`), the rate after
+    warmup holds at ``lr``."""
+    lr, warmup = cfg.lr, cfg.warmup_steps
+    steps = cfg.steps if steps is None else steps
     if step < warmup:
         return lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" or steps == "auto":
         return lr
     min_lr = lr * cfg.min_lr_ratio
     last = steps - 1

@@ -1,0 +1,148 @@
+"""How held-out loss falls with model size and training tokens: the fit behind ``lmforge plan``.
+
+The form is Chinchilla's (Hoffmann et al. 2022), ``L(N, D) = E + A / N**a + B / D**b``: an
+irreducible loss ``E``, a term that shrinks with the parameters ``N`` and one that shrinks with the
+tokens ``D`` trained on. It is fitted, as they did, by minimising a Huber loss of ``log L_pred - log
+L_obs`` with L-BFGS-B (scipy), on the bits per byte measured by short probe runs; the starting
+points come from a grid of the exponents ``a, b``, for each of which the loss is linear in ``E, A, B``
+(non-negative least squares). Tokens seen more than once count for less than fresh ones: ``D`` is the effective data
+of Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"), ``U + U R* (1 - exp(-R / R*))``
+with ``U`` unique tokens, ``R = D / U - 1`` repeats and ``R* = 15.4``, so a long budget on a small
+corpus is not promised what a fresh corpus would give. :func:`parse_budget` reads ``--budget`` (a
+number with a unit: ``90s``, ``5m``, ``2h``)::
+
+    fit = fit_loss(points)             # points: [(N, D, bits_per_byte), ...]
+    fit.predict(1.3e6, 2.4e6)          # bits per byte of a 1.3 M-parameter model after 2.4 M tokens
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lmforge.config import ConfigError
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+REPEAT_HALF_LIFE = 15.4  # R*: Muennighoff et al.'s fitted decay of the value of repeated tokens
+HUBER_DELTA = 1e-3  # Chinchilla's: the fit follows the bulk of the points, not one noisy probe
+
+
+def parse_budget(text: str | None) -> float:
+    """``--budget`` in seconds: a positive number followed by s, m or h; anything else is an error naming it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*", str(text or ""))
+    if text is None or match is None or float(match.group(1)) <= 0:
+        raise ConfigError(f"--budget: expected a time with its unit, such as 90s, 5m or 2h (got {text!r}); "
+                          f"the unit is required")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """Tokens trained on, with repeats of a ``unique``-token corpus discounted (None: never repeated)."""
+    if not unique or tokens <= unique:
+        return tokens
+    repeats = tokens / unique - 1
+    return unique + unique * REPEAT_HALF_LIFE * (1 - math.exp(-repeats / REPEAT_HALF_LIFE))
+
+
+@dataclass
+class LossFit:
+    """``L(N, D) = E + A / N**a + B / D**b`` and how well it matched the points it was fitted on."""
+
+    E: float
+    A: float
+    a: float
+    B: float
+    b: float
+    rms_error: float = 0.0  # root mean square of (predicted - observed), in the points' unit
+    points: int = 0
+
+    def predict(self, n: float, d: float) -> float:
+        return self.E + self.A / n**self.a + self.B / d**self.b
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> tuple[float, np.ndarray]:
+    """The Huber loss of the log residuals and its gradient in ``theta = (log E, log A, a, log B, b)``."""
+    e, log_a, a, log_b, b = theta
+    terms = np.stack([np.full_like(log_n, e), log_a - a * log_n, log_b - b * log_d])
+    pred = np.logaddexp.reduce(terms, axis=0)  # log(E + A/N^a + B/D^b), stable at any scale
+    w = np.exp(terms - pred)  # each term's share of the prediction: d pred / d term
+    r = pred - log_l
+    small = np.abs(r) <= HUBER_DELTA
+    value = np.sum(np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)))
+    psi = np.where(small, r, HUBER_DELTA * np.sign(r))
+    grad = np.array([psi @ w[0], psi @ w[1], -(psi * w[1]) @ log_n, psi @ w[2], -(psi * w[2]) @ log_d])
+    return float(value), grad
+
+
+def _grid_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, keep: int) -> list[np.ndarray]:
+    """Starting points for the fit: for each pair of exponents on a grid the loss is linear in (E, A, B), solved
+    by non-negative least squares; the ``keep`` pairs that fit best, as ``(log E, log A, a, log B, b)``."""
+    from scipy.optimize import nnls
+
+    found = []
+    tiny = 1e-6 * float(loss.min())  # a zero term is a very small one in log space
+    for a, b in itertools.product(EXPONENTS, EXPONENTS):
+        design = np.stack([np.ones_like(n), n**-a, d**-b], axis=1)
+        coef, residual = nnls(design, loss)
+        e, big_a, big_b = np.maximum(coef, tiny)
+        found.append((residual, [math.log(e), math.log(big_a), a, math.log(big_b), b]))
+    found.sort(key=lambda item: item[0])
+    return [np.array(x) for _, x in found[:keep]]
+
+
+def _refine(args: tuple, bounds: list, starts: list[np.ndarray]):
+    """The best of L-BFGS-B runs from ``starts`` on the Huber objective."""
+    from scipy.optimize import minimize
+
+    best = None
+    for start in starts:
+        start = np.clip(start, [lo for lo, _ in bounds], [hi for _, hi in bounds])
+        r = minimize(_objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                     options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 3000})  # the objective is tiny near the fit
+        if best is None or r.fun < best.fun:
+            best = r
+    return best
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS on one thread for the fit: its problems are 5 x 5, and on a busy machine BLAS's own threads made
+    each iteration wait (5-7 s a fit measured here, against 0.5 s on one thread)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+EXPONENTS = np.linspace(0.05, 1.5, 30)  # the grid of a and b that the starting points come from
+STARTS = 4  # the best grid points refined by L-BFGS-B
+
+
+def fit_loss(points: list[tuple[float, float, float]]) -> LossFit:
+    """Fit :class:`LossFit` to ``(N, D, loss)`` points (at least 5, loss > 0): a grid of exponents solved
+    linearly for starting points, the best few refined on the Huber loss of the log residuals."""
+    try:
+        import scipy.optimize  # noqa: F401 - the fit's optimizers, checked before any work
+    except ImportError:
+        raise ConfigError("lmforge plan needs scipy: pip install 'lmforge[plan]'") from None
+
+    if len(points) < 5:
+        raise ConfigError(f"plan: {len(points)} probe results are too few to fit L(N, D) (5 or more needed)")
+    n, d, loss = (np.array(col, dtype=float) for col in zip(*points, strict=True))
+    args = (np.log(n), np.log(d), np.log(loss))
+    floor = math.log(float(loss.min()))  # E (as log E) may not exceed the best loss seen
+    bounds = [(floor - 15, floor), (-15, 40), (0.05, 1.5), (-15, 40), (0.05, 1.5)]
+    with _one_blas_thread():
+        best = _refine(args, bounds, _grid_starts(n, d, loss, STARTS))
+    e, log_a, a, log_b, b = best.x
+    fit = LossFit(math.exp(e), math.exp(log_a), float(a), math.exp(log_b), float(b), points=len(points))
+    fit.rms_error = float(np.sqrt(np.mean([(fit.predict(ni, di) - li) ** 2 for ni, di, li in points])))
+    return fit

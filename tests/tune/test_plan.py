@@ -1,0 +1,199 @@
+"""``lmforge plan``: the budget parser, the L(N, D) fit, and a whole plan with test-sized probes.
+
+    .venv/bin/pytest -q tests/tune/test_plan.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import types
+
+import numpy as np
+import pytest
+import yaml
+
+from lmforge.config import ConfigError, load_config
+from lmforge.models.transformer import Transformer
+from lmforge.train import loop
+from lmforge.tune import plan as plan_module
+from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from tests.conftest import ROOT
+from tests.in_process import call_cli
+
+
+# ------------------------------------------------------------------ the budget
+@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("5m", 300.0), ("2h", 7200.0), (" 1.5m ", 90.0),
+                                           (".5h", 1800.0)])
+def test_budget_units(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "300", "5 minutes", "m", "0m", "-5m", "5d", "", None])
+def test_budget_without_a_unit_is_an_error_naming_the_option(text):
+    with pytest.raises(ConfigError, match="^--budget: expected a time with its unit"):
+        parse_budget(text)
+
+
+def test_budget_without_a_unit_through_the_cli_is_one_line(tmp_path, capsys):
+    assert call_cli("plan", "--budget", "5", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --budget:") and "\n" not in err and "'5'" in err
+    assert not any(tmp_path.iterdir())  # nothing prepared, nothing written
+    assert call_cli("plan", "--plan.budget=300", f"--runs_dir={tmp_path}") == 2  # YAML's number, same message
+    assert capsys.readouterr().err.startswith("error: --budget: expected a time with its unit")
+
+
+def test_unknown_gpu_is_an_error_naming_the_option(tmp_path, capsys):
+    assert call_cli("plan", "--budget", "1h", "--gpu", "abacus-9000", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --gpu: no datasheet figure for 'abacus-9000'") and "\n" not in err
+
+
+# ------------------------------------------------------------------ the fit
+TRUE = LossFit(E=1.6, A=60.0, a=0.34, B=400.0, b=0.38)
+
+
+def test_fit_recovers_known_parameters_from_synthetic_points():
+    grid = itertools.product([2e5, 5e5, 1e6, 2e6, 5e6], [1e5, 3e5, 1e6, 3e6, 1e7])
+    fit = fit_loss([(n, d, TRUE.predict(n, d)) for n, d in grid])
+    # Exact points: the optimizer's tolerance is the only error left.
+    got, want = fit.as_dict(), TRUE.as_dict()
+    for name, rel in {"E": 1e-3, "a": 1e-2, "b": 1e-2, "A": 5e-2, "B": 5e-2}.items():
+        assert got[name] == pytest.approx(want[name], rel=rel), name
+    assert fit.rms_error < 1e-4 and fit.points == 25
+
+
+def test_fit_from_few_noisy_points_predicts_within_the_noise():
+    """Eight probe-like points with 0.3% noise (about what 32 validation batches give): the prediction at a
+    20x longer run stays within 1.5% of the truth; the exponents alone are not identifiable from so few."""
+    rng = np.random.default_rng(0)
+    shape = [(3e5, 2e5), (3e5, 5e5), (6e5, 2e5), (6e5, 4e5), (1.2e6, 1e5), (1.2e6, 3e5), (2e6, 1e5), (2e6, 2e5)]
+    fit = fit_loss([(n, d, TRUE.predict(n, d) * (1 + 0.003 * rng.standard_normal())) for n, d in shape])
+    assert fit.predict(1.3e6, 4e6) == pytest.approx(TRUE.predict(1.3e6, 4e6), rel=0.015)
+
+
+def test_too_few_points_are_refused():
+    with pytest.raises(ConfigError, match="too few"):
+        fit_loss([(1e5, 1e5, 3.0)] * 4)
+
+
+def test_repeated_tokens_count_for_less():
+    assert effective_tokens(5e5, 1e6) == 5e5 and effective_tokens(5e5, None) == 5e5
+    two_epochs = effective_tokens(2e6, 1e6)
+    assert 1.9e6 < two_epochs < 2e6 and effective_tokens(1e9, 1e6) < 1e6 * 17.5
+
+
+def test_the_recipe_is_the_speedrun_config():
+    speedrun = load_config(ROOT / "configs" / "speedrun-cpu.yaml")
+    for section in ("tokenizer", "model", "train"):
+        got = getattr(speedrun, section).model_dump()
+        for key, value in plan_module.RECIPE[section].items():
+            want = {**got[key], **value} if isinstance(value, dict) else value
+            assert got[key] == want, f"{section}.{key}"
+
+
+# ------------------------------------------------------------------ a whole plan, test-sized
+SECONDS_PER_PARAM = 2e-7  # the fake step time: 0.03 s for the 32-wide probe, 0.06 s for the 64-wide one
+
+
+def _fake_speed(monkeypatch) -> None:
+    """The probes' clock (``lmforge.train.loop.time``) advanced only by the training forward, in proportion to the
+    model's size: the probes' lengths and speeds are the test's, whatever else runs on the machine."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, time=time.time))
+    real = Transformer.forward
+
+    def forward(self, idx, targets=None):
+        if self.training:
+            clock.now += SECONDS_PER_PARAM * self.num_params()
+        return real(self, idx, targets)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def _plan_args(runs, corpus) -> list[str]:
+    return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
+            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[1, 2]", "--plan.probe_warmup=2",
+            "--plan.eval_batches=2"]
+
+
+def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small_corpus, monkeypatch, capsys):
+    _fake_speed(monkeypatch)
+    assert call_cli(*_plan_args(tmp_path, small_corpus)) == 0
+    folder = tmp_path / "plan-2m"
+    text = (folder / "plan.yaml").read_text()
+    plan = json.loads((folder / "plan.json").read_text())
+    chosen = plan["chosen"]
+    assert f"# predicted held-out bits per byte: {chosen['predicted_bpb']:.3f}" in text
+    cfg = load_config(folder / "plan.yaml")
+    assert cfg.name == "plan-2m" and cfg.runs_dir == str(tmp_path) and cfg.run_dir == folder
+    assert cfg.train.steps == "auto" and cfg.train.max_seconds == 120.0 and cfg.train.optimizer == "muon"
+    assert (cfg.model.d_model, cfg.model.n_layers) == (chosen["d_model"], chosen["n_layers"])
+    assert cfg.tokenizer.vocab_size == 2048 and cfg.data.train == [str(small_corpus)] and cfg.data.split == "tail"
+    assert len(plan["probes"]) == 6 and all(p["bpb"] > 0 for p in plan["probes"])
+    for p in plan["probes"]:  # steady-state speed: the fake step time, 16 x 128 tokens a step
+        assert p["tokens_per_s"] == pytest.approx(16 * 128 / (SECONDS_PER_PARAM * p["params"]), rel=1e-9)
+    assert {p["params"] for p in plan["probes"]} == {144_544, 224_496, 315_648}
+    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 6
+    best = min(c["predicted_bpb"] for c in plan["candidates"])  # the smallest shape within TIE of the best
+    assert chosen["predicted_bpb"] <= best + plan_module.TIE
+    assert all(c["params"] >= chosen["params"] for c in plan["candidates"] if c["predicted_bpb"] <= best + plan_module.TIE)
+    assert chosen["params"] <= plan_module.EXTRAPOLATE * max(p["params"] for p in plan["probes"])
+    assert [c["minutes"] for c in plan["curve"]] == plan_module.CURVE["cpu"]  # 2 minutes is one of them
+    assert plan["curve"][1]["predicted_bpb"] == chosen["predicted_bpb"]
+    assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "pack" / "manifest.json").is_file()  # the recipe's run finds its data prepared
+
+    # Planning again (another budget) runs no probe: every one is cached for this machine and config.
+    def no_training(*a, **k):
+        raise AssertionError("a cached probe was trained again")
+
+    monkeypatch.setattr(loop, "main", no_training)
+    args = _plan_args(tmp_path, small_corpus)
+    args[2] = "5m"
+    assert call_cli(*args) == 0
+    again = json.loads((tmp_path / "plan-5m" / "plan.json").read_text())
+    assert again["probes"] == plan["probes"] and again["budget"]["seconds"] == 300.0
+    assert yaml.safe_load((tmp_path / "plan-5m" / "plan.yaml").read_text())["train"]["max_seconds"] == 300.0
+
+    # Two hours on an H100: its datasheet dense bf16 FLOP/s x the assumed MFU; larger models, larger batches.
+    args[2:3] = ["2h", "--gpu", "h100"]
+    assert call_cli(*args) == 0
+    gpu = json.loads((tmp_path / "plan-2h-h100" / "plan.json").read_text())
+    assert gpu["gpu_flops"] == pytest.approx(989e12 * 0.4) and gpu["target"] == "gpu:h100"
+    assert gpu["chosen"]["tokens_per_s"] == pytest.approx(989e12 * 0.4 / gpu["chosen"]["flops_per_token"])
+    gcfg = load_config(tmp_path / "plan-2h-h100" / "plan.yaml")
+    assert gcfg.train.max_seconds == 7200.0 and gcfg.train.batch_size > 16
+    assert gcfg.train.batch_size * 128 * plan_module.MAX_STEPS >= gpu["chosen"]["tokens"] or gcfg.train.batch_size == 16 * 256
+    assert gpu["epochs"] > 1000 and "read the corpus" in gpu["notes"][0]  # the test corpus is tiny for 2 hours
+    capsys.readouterr()
+
+    # A budget that buys fewer steps than warmup + 10: a one-line error naming --budget, no recipe written.
+    args[2:5] = ["1s"]
+    assert call_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --budget: 1s buys about") and "\n" not in err
+    assert not (tmp_path / "plan-1s" / "plan.yaml").exists()
+
+
+def test_plan_help_explains_every_option():
+    from lmforge.cli import verb_help
+    from lmforge.config import PlanConfig
+
+    text = verb_help("plan")
+    assert "--budget TIME" in text and "--gpu NAME" in text and "90s, 5m, 2h" in text
+    for name, field in PlanConfig.model_fields.items():
+        assert f"--plan.{name}=" in text and field.description.split(";")[0][:40] in text, name
+
+
+def test_probes_too_slow_for_their_time_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A shape too slow to train in its probe time is skipped (a busy machine); too few left for the fit stop the plan."""
+    data = {"fingerprint": "x", "train_tokens": 10**6, "bytes_per_token": 2.7, "vocab_size": 2048}
+    monkeypatch.setattr(plan_module, "_prepare", lambda cfg, folder: data)
+    monkeypatch.setattr(plan_module, "_probe", lambda *a: None)
+    assert call_cli("plan", "--budget", "5m", f"--runs_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: plan.probe_seconds: only 0 probes could train") and "\n" not in err
+    assert not list(tmp_path.rglob("plan.yaml"))
