@@ -10,7 +10,8 @@ the same optimizer, schedule, checkpoints and exact resume as pre-training. Ever
     finetune/tokenizer/       the pretrained model's tokenizer (checkpoints point to it)
     finetune/data/            encoded conversations (chat_*.npz) or token shards (text)
     finetune/ckpt/            checkpoints; a run that stops resumes from the newest
-    finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone
+    finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone; for the Transformer also
+                              PEFT's adapter_config.json + adapter_model.safetensors (lmforge.export.peft_adapter)
     finetune/results.json     training summary and the before/after comparison
 
 Usage::
@@ -27,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,9 +102,11 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # The finetune fields that invalidate its checkpoints; those named like train's count in run_cfg.train.
     shape = {k: v for k, v in artifacts.reuse_key(cfg, "finetune", resume=True)["finetune"].items()
              if k not in TRAIN_KEYS}
+    # A model's own chat template and begin-token rule shape the data as much as its tokenizer.json does.
+    template = {"chat_template": tok.chat_template, "add_bos": tok.add_bos} if tok.chat_template is not None else {}
     data_fp = artifacts.digest({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path),
                                 "finetune": shape, "data": artifacts.content_digest([*train_files, *val_files]),
-                                "max_length": max_length})
+                                "max_length": max_length, **template})
     text = data_stats["mode"] == "text"
     # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
     bpt = data_stats["val"]["bytes"] / max(1, data_stats["val"]["tokens"] - data_stats["val"]["docs"]) if text else None
@@ -132,7 +136,16 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
     checkpoint.load(ckpt, model, optimizer=None, restore_rng=False)
     info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
             "model": run_cfg.model.model_dump(), "step": state["step"]}
-    return lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, state["lora"]["targets"], info)
+    targets = state["lora"]["targets"]
+    files = lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, info)
+    if run_cfg.model.arch == "transformer":  # and in PEFT's format, for the model's Hugging Face export
+        from lmforge.export.peft_adapter import save_peft_adapter
+
+        try:
+            files += save_peft_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, str(base.path))
+        except ConfigError as e:  # a Transformer whose export is not Llama (GPT-2 layout, qk_norm, ...)
+            warnings.warn(f"the adapter is saved in lmforge's format only, not PEFT's: {e}", stacklevel=1)
+    return files
 
 
 def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,

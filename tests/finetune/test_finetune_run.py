@@ -100,7 +100,8 @@ def test_lora_run_resumes_exactly(base, chat_files, tmp_path):
     assert vals[0] == vals[1]
     # The adapter alone, loaded onto the base, gives the merged fine-tuned model's logits.
     adapter = tmp_path / "whole/finetune/adapter"
-    assert {p.name for p in adapter.iterdir()} == {"adapter.safetensors", "adapter.json"}
+    assert {p.name for p in adapter.iterdir()} == {"adapter.safetensors", "adapter.json", "adapter_config.json",
+                                                   "adapter_model.safetensors"}  # lmforge's and PEFT's formats
     from lmforge.train.lora import load_adapter
 
     plain = load_model(base).model
