@@ -59,6 +59,22 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def require_quantization(cfg: RunConfig) -> None:
+    """Refuse QLoRA, before anything is written, where its 4-bit kernels cannot run (no CUDA, no bitsandbytes)."""
+    quantize = cfg.finetune.lora.quantize
+    if quantize == "none":
+        return
+    if not torch.cuda.is_available() or cfg.train.device in ("cpu", "mps"):
+        raise ConfigError(f"finetune.lora.quantize={quantize} needs a CUDA GPU (bitsandbytes 4-bit kernels) and "
+                          f"this run has none (train.device={cfg.train.device}); use finetune.lora.quantize=none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"finetune.lora.quantize={quantize} needs bitsandbytes: pip install bitsandbytes") from None
+    raise ConfigError(f"finetune.lora.quantize={quantize}: 4-bit bases are taken by models wrapped from a "
+                      f"Hugging Face folder only; lmforge's own architectures train with finetune.lora.quantize=none")
+
+
 def heldout_task(cfg: RunConfig) -> Path | None:
     ft = cfg.finetune
     if ft.heldout_task:
@@ -74,6 +90,7 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     from lmforge.train import loop
 
     ft = cfg.finetune
+    require_quantization(cfg)
     init = ft.init or str(run_dir)
     if ft.init is None and not (run_dir / "train").is_dir():
         raise ConfigError(f"finetune.init: no model to start from ({run_dir} has no pre-trained model); "
