@@ -160,7 +160,7 @@ def test_registry_names_are_the_config_choices():
 
     assert tuple(REGISTRY) == ARCHS
     assert {n: c.__name__ for n, c in REGISTRY.items()} == {
-        "transformer": "Transformer", "lstm": "LSTMModel", "gru": "GRUModel", "cnn": "GatedCNN"}
+        "transformer": "Transformer", "lstm": "LSTMModel", "gru": "GRUModel", "cnn": "GatedCNN", "hf": "HFCausalLM"}
 
 
 def test_the_walk_sees_every_kind_of_import(tmp_path: Path):

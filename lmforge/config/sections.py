@@ -82,8 +82,10 @@ class CNNConfig(Section):
 
 
 # The names of the model registry, written once: lmforge.models.REGISTRY pairs each with its class, in
-# this order. They live here because the models import config, never the other way round.
-ARCHS = ("transformer", "lstm", "gru", "cnn")
+# this order. They live here because the models import config, never the other way round. "hf" wraps a
+# Hugging Face transformers causal LM (model.hf_config): what loading a pre-trained model of any family gives.
+ARCHS = ("transformer", "lstm", "gru", "cnn", "hf")
+SCRATCH_ARCHS = ARCHS[:4]  # what compare-archs trains by default (hf needs a family's config)
 
 
 class ModelConfig(Section):
@@ -103,6 +105,10 @@ class ModelConfig(Section):
     transformer: TransformerConfig = Field(default_factory=TransformerConfig, description="Transformer options")
     rnn: RNNConfig = Field(default_factory=RNNConfig, description="LSTM / GRU options")
     cnn: CNNConfig = Field(default_factory=CNNConfig, description="gated CNN options")
+    hf_config: dict[str, Any] | None = Field(None, description=(
+        "model.arch=hf: the Hugging Face config.json (as a mapping) of the transformers model to build; set "
+        "when a Hugging Face folder is opened, so checkpoints rebuild the same family"),
+        json_schema_extra=reuse(train=INVALIDATES, finetune=INVALIDATES, bakeoff=INVALIDATES))
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -117,6 +123,9 @@ class ModelConfig(Section):
             if t.n_kv_heads is not None and t.n_heads % t.n_kv_heads:
                 raise ValueError(f"model.transformer.n_kv_heads ({t.n_kv_heads}) must divide "
                                  f"model.transformer.n_heads ({t.n_heads})")
+        if (self.arch == "hf") != bool(self.hf_config):
+            raise ValueError("model.hf_config is set only for model.arch=hf, which needs it (a Hugging Face "
+                             "config.json as a mapping, with its model_type)")
         if self.arch == "cnn" and self.cnn.kernel_size > self.context:
             raise ValueError(f"model.cnn.kernel_size ({self.cnn.kernel_size}) is wider than "
                              f"model.context ({self.context})")
@@ -278,7 +287,7 @@ class SweepConfig(Section):
 
 # ------------------------------------------------------------------------ compare
 class CompareConfig(Section):
-    archs: list[str] = Field(default_factory=lambda: list(ARCHS), min_length=1,
+    archs: list[str] = Field(default_factory=lambda: list(SCRATCH_ARCHS), min_length=1,
                              description="architectures `lmforge compare-archs` trains, each under runs_dir/NAME-ARCH")
     budget_seconds: float = Field(300.0, gt=0, description=(
         "training time per architecture in seconds (--budget-seconds); evaluation and checkpoints do not count"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.base import LanguageModel
 from lmforge.models.cnn import GatedCNN
+from lmforge.models.hf_causal import HFCausalLM
 from lmforge.models.registry import REGISTRY
 from lmforge.models.rnn import GRUModel, LSTMModel
 from lmforge.models.sizing import fit_to_budget
@@ -43,4 +44,4 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
     return REGISTRY[cfg.arch](fit_to_budget(cfg))
 
 
-__all__ = ["REGISTRY", "GRUModel", "GatedCNN", "LSTMModel", "LanguageModel", "Transformer", "build_model", "fit_to_budget"]
+__all__ = ["REGISTRY", "GRUModel", "GatedCNN", "HFCausalLM", "LSTMModel", "LanguageModel", "Transformer", "build_model", "fit_to_budget"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from lmforge.config import ARCHS
 from lmforge.models.base import LanguageModel
 from lmforge.models.cnn import GatedCNN
+from lmforge.models.hf_causal import HFCausalLM
 from lmforge.models.rnn import GRUModel, LSTMModel
 from lmforge.models.transformer import Transformer
 
-REGISTRY: dict[str, type[LanguageModel]] = dict(zip(ARCHS, (Transformer, LSTMModel, GRUModel, GatedCNN), strict=True))
+REGISTRY: dict[str, type[LanguageModel]] = dict(zip(ARCHS, (Transformer, LSTMModel, GRUModel, GatedCNN, HFCausalLM), strict=True))

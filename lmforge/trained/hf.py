@@ -1,5 +1,13 @@
 """Read a local Hugging Face causal-LM folder as an lmforge model: weights, tokenizer and config.
 
+A family that lmforge's Transformer computes exactly (Llama with plain rotary positions, Mistral
+within its window, GPT-2, SmolLM; :func:`~lmforge.trained.hf_config.native_config`) loads into it,
+renamed as below, because it decodes faster there. Every other causal LM that transformers loads
+(Llama 3.x, Qwen2/2.5/3, Gemma, Phi-3, ...) loads with ``AutoModelForCausalLM.from_pretrained``
+into the ``hf`` architecture (:mod:`lmforge.models.hf_causal`), after checking that it is a
+decoder-only causal LM, that every weight is in the folder and that it decodes step by step
+exactly as its full forward (:func:`check_decoding`).
+
 The folder is what ``save_pretrained`` writes: ``config.json`` (mapped by
 :mod:`lmforge.trained.hf_config`), ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` read with
@@ -34,12 +42,12 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from lmforge.config import RunConfig
+from lmforge.config import ModelConfig, RunConfig
 from lmforge.data.chat import ChatTemplateError, template_end_token
 from lmforge.data.tokenizer import DEFAULT_SPECIALS, Tokenizer, read_add_bos, read_chat_template, read_specials
-from lmforge.models import build_model
+from lmforge.models import HFCausalLM, LanguageModel, build_model
 from lmforge.train.checkpoint import CheckpointError
-from lmforge.trained.hf_config import LLAMA_TYPES, model_config
+from lmforge.trained.hf_config import LLAMA_TYPES, native_config, wrapped_config
 from lmforge.trained.model import TrainedModel
 from lmforge.trained.native import MARKER
 
@@ -65,6 +73,14 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data
+
+
+def weights_path(folder: Path) -> Path:
+    """The folder's weights file (or shard index), or a CheckpointError naming the files looked for."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
 def read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
@@ -225,21 +241,74 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def load_hf_folder(folder: Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """A Llama-family or GPT-2 Hugging Face folder as a :class:`TrainedModel` (step 0, config mapped)."""
+    """A Hugging Face causal-LM folder as a :class:`TrainedModel` (step 0): native when exact, else wrapped."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json, so it is not a Hugging Face model folder")
     hf = read_json(config_path)
-    mcfg = model_config(hf, config_path)
+    mcfg = native_config(hf, config_path) or wrapped_config(hf, config_path)
     name = re.sub(r"[^A-Za-z0-9_.\-]", "-", folder.resolve().name) or "model"
     cfg = RunConfig(name=name, model=mcfg)
     tokenizer = load_tokenizer(folder, hf, mcfg.vocab_size)
+    model = load_native_weights(folder, hf, mcfg) if mcfg.arch == "transformer" else load_wrapped(folder, mcfg)
+    model.to(device).eval()
+    return TrainedModel(model=model, tokenizer=tokenizer, cfg=cfg, path=folder, step=0)
+
+
+def load_native_weights(folder: Path, hf: dict[str, Any], mcfg: ModelConfig) -> LanguageModel:
+    """lmforge's Transformer with the folder's tensors renamed onto it."""
     weights, where = read_weights(folder)
     with torch.device("meta"):  # names and shapes only; the real model is built once the weights fit
         expected = build_model(mcfg).state_dict()
     state = map_weights(weights, hf["model_type"], expected, mcfg.tie_embeddings, where)
     model = build_model(mcfg)
     model.load_state_dict(state, strict=True)  # copies in place: a tied head stays tied
-    model.to(device).eval()
-    return TrainedModel(model=model, tokenizer=tokenizer, cfg=cfg, path=folder, step=0)
+    return model
+
+
+def load_wrapped(folder: Path, mcfg: ModelConfig) -> HFCausalLM:
+    """The folder through ``AutoModelForCausalLM.from_pretrained`` (float32), every weight present, as ``model.arch=hf``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    where = weights_path(folder)
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # its per-tensor progress bar would fill the terminal of every verb
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                              output_loading_info=True)
+    except Exception as e:  # transformers raises many kinds for a damaged or foreign folder
+        raise CheckpointError(f"{folder}: transformers cannot load it ({str(e).strip().splitlines()[0]})") from None
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys", []))
+    if missing:  # transformers would start these from random values; a model is loaded whole or not at all
+        raise CheckpointError(f"{where}: no tensor for '{missing[0]}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model = HFCausalLM(mcfg, hf_model=hf_model)
+    check_decoding(model, folder)
+    return model
+
+
+def check_decoding(model: HFCausalLM, folder: Path, tolerance: float = 1e-3) -> None:
+    """Refuse a family whose step-by-step decoding (lmforge's decode state) differs from its full forward.
+
+    Five tokens as a prefill of three, then two single steps, against one forward: float32 rounding
+    (about 1e-6 of the logits' scale) passes, attention that ignores the cache or the mask does not.
+    """
+    model.eval()
+    idx = torch.arange(5)[None, :] % model.cfg.vocab_size  # (1, 5)
+    try:
+        with torch.inference_mode():
+            full = model(idx)[0]
+            a, state = model.step(idx[:, :3], model.new_state(1))
+            b, state = model.step(idx[:, 3:4], state)
+            c, _ = model.step(idx[:, 4:], state)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    diff = float((torch.cat([a, b, c], dim=1) - full).abs().max())
+    if not diff <= tolerance * max(1.0, float(full.abs().max())):
+        raise CheckpointError(f"{folder}: {type(model.hf).__name__} decoded step by step differs from its full "
+                              f"forward (max logit difference {diff:.2e}), so lmforge cannot serve it")

@@ -8,11 +8,15 @@ Two families map onto lmforge's Transformer with no change in what it computes:
 - GPT-2 (``gpt2``): LayerNorm, learned positions, tanh-GELU MLP, biases
   (``model.transformer.norm=layernorm pos=learned mlp=gelu bias=true``).
 
-Anything else (other model types, scaled rotary positions, other activations, partial
-biases) is refused with a :class:`~lmforge.train.checkpoint.CheckpointError` naming the
-file and the field, rather than loaded into a model that would compute something else::
+:func:`model_config` refuses anything else (other model types, scaled rotary positions, other
+activations, partial biases) with a :class:`~lmforge.train.checkpoint.CheckpointError` naming
+the file and the field, rather than build a Transformer that would compute something else;
+:func:`native_config` turns that refusal into None. Every other causal LM that transformers
+knows gets :func:`wrapped_config`: ``model.arch=hf``, the family's own code behind lmforge's
+contract (:mod:`lmforge.models.hf_causal`). Encoder-only and encoder-decoder models are
+refused there, with the reason::
 
-    cfg = model_config(json.loads(Path("gpt2-dir/config.json").read_text()), Path("gpt2-dir/config.json"))
+    cfg = native_config(hf, path) or wrapped_config(hf, path)   # hf: config.json as a dict
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.models.hf_causal import hf_config_object
 from lmforge.train.checkpoint import CheckpointError
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -32,6 +37,54 @@ WHY_NOT = {
     "qwen2": "it has biases on the query, key and value projections only, which lmforge's Transformer "
              "(biases on every linear or none) does not represent",
 }
+# A wrapped model's decode state is preallocated for model.context tokens per row (its KV cache), so a
+# family's 128k positions are not all reserved; --model.context raises it up to the family's own limit.
+WRAPPED_CONTEXT = 4096
+
+
+def native_config(hf: dict[str, Any], where: Path) -> ModelConfig | None:
+    """lmforge's Transformer config when it computes exactly this model (it is faster), else None."""
+    if hf.get("model_type") not in (*LLAMA_TYPES, "gpt2"):
+        return None
+    try:
+        return model_config(hf, where)
+    except CheckpointError:
+        return None  # a Llama variant the Transformer does not express (scaled rotary, head_dim, ...)
+
+
+def wrapped_config(hf: dict[str, Any], where: Path) -> ModelConfig:
+    """``model.arch=hf`` for a decoder-only causal LM transformers knows; CheckpointError naming the reason if not."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = hf.get("model_type")
+    try:
+        config = hf_config_object(hf)
+    except ConfigError:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not a model family transformers knows") from None
+    except Exception as e:  # a config class rejects bad values with its own exception types
+        raise CheckpointError(f"{where}: transformers rejects this config ({str(e).splitlines()[0]})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise CheckpointError(f"{where}: model_type {model_type!r} is an encoder-decoder (sequence-to-sequence) "
+                              f"model; lmforge loads decoder-only causal language models")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise CheckpointError(f"{where}: model_type {model_type!r} is an encoder-only (masked language) model; "
+                              f"lmforge loads decoder-only causal language models")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(f"{where}: model_type {model_type!r} has no causal language model in transformers "
+                              f"(AutoModelForCausalLM does not load it)")
+    text = config.get_text_config()
+    longest = getattr(text, "max_position_embeddings", None) or WRAPPED_CONTEXT
+    try:
+        return ModelConfig(arch="hf", vocab_size=text.vocab_size, d_model=text.hidden_size,
+                           n_layers=text.num_hidden_layers, context=min(longest, WRAPPED_CONTEXT),
+                           tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                           init_std=getattr(text, "initializer_range", 0.02), hf_config=hf)
+    except (ValidationError, AttributeError) as e:
+        why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise CheckpointError(f"{where}: lmforge cannot read the model's size from it ({why})") from None
 
 
 def model_config(hf: dict[str, Any], where: Path) -> ModelConfig:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.models import REGISTRY, LanguageModel, build_model
 from lmforge.models.transformer import ffn_hidden_size
+from tests.hf_families import tiny_hf_config
 
 V, T = 50, 16
 # Transformer variants go through every contract test too: "transformer-NAME" = the transformer with these options.
@@ -39,6 +40,8 @@ def tiny_cfg(arch: str, **over) -> ModelConfig:
     if arch in VARIANTS:
         base.update(arch="transformer", transformer={**base["transformer"], **VARIANTS[arch]})
     base.update(over)
+    if arch == "hf":  # a tiny Qwen3 of the same size, through the wrapper of transformers' own code
+        base["hf_config"] = tiny_hf_config(V, base["d_model"], base["n_layers"], T, dropout=base.get("dropout", 0.0))
     return ModelConfig(**base)
 
 
@@ -67,7 +70,8 @@ def test_forward_shapes_and_initial_loss(arch):
     model = make(arch)
     idx, targets = tokens(3), tokens(3, seed=2)
     none, fused = model(idx, targets)  # training: the head and the loss run fused, without logits
-    assert none is None and fused.dtype == torch.float32 and fused.shape == ()
+    # (transformers' own head returns its logits: hf models have no fused path)
+    assert (none is None) != (arch == "hf") and fused.dtype == torch.float32 and fused.shape == ()
     model.eval()
     logits, loss = model(idx, targets)
     assert logits.shape == (3, T, V)
@@ -150,11 +154,12 @@ def test_decode_state_declares_its_batch_dimension_and_lengths(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_init_is_deterministic_for_a_seed(arch):
-    one, two, other = make(arch, seed=5).state_dict(), make(arch, seed=5).state_dict(), make(arch, seed=6).state_dict()
+    models = make(arch, seed=5), make(arch, seed=5), make(arch, seed=6)
+    (one, two, _), (emb, _, other) = (m.state_dict() for m in models), (m.tok_emb.weight for m in models)
     assert all(torch.equal(one[k], two[k]) for k in one)
-    assert not torch.equal(one["tok_emb.weight"], other["tok_emb.weight"])
+    assert not torch.equal(emb, other)
     std = tiny_cfg(arch).init_std
-    assert one["tok_emb.weight"].std().item() == pytest.approx(std, rel=0.1)
+    assert emb.std().item() == pytest.approx(std, rel=0.1)
     assert all(one[k].eq(0).all() for k in one if ".bias" in k or k.startswith("rnn.bias"))
 
 

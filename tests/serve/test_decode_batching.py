@@ -15,6 +15,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.models import REGISTRY, build_model
 from lmforge.serve.batch import concat_rows, select_rows
+from tests.hf_families import tiny_hf_config
 
 V, CONTEXT = 53, 24
 
@@ -29,7 +30,8 @@ def make(arch: str):
     options = GPT2 if arch == "transformer-gpt2" else {}
     cfg = ModelConfig(arch=arch.split("-")[0], vocab_size=V, context=CONTEXT, d_model=32, n_layers=2,
                       transformer={"n_heads": 4, "n_kv_heads": 2, **options},
-                      cnn={"kernel_size": 3, "dilation_growth": 2})
+                      cnn={"kernel_size": 3, "dilation_growth": 2},
+                      hf_config=tiny_hf_config(V, context=CONTEXT) if arch == "hf" else None)
     return build_model(cfg).eval()
 
 
