@@ -11,7 +11,8 @@ the same optimizer, schedule, checkpoints and exact resume as pre-training. Ever
     finetune/data/            encoded conversations (chat_*.npz) or token shards (text)
     finetune/ckpt/            checkpoints; a run that stops resumes from the newest
     finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone; for the Transformer also
-                              PEFT's adapter_config.json + adapter_model.safetensors (lmforge.export.peft_adapter)
+                              PEFT's adapter_config.json + adapter_model.safetensors (lmforge.export.peft_adapter);
+                              for a model wrapped from Hugging Face PEFT's files only (saved by PEFT)
     finetune/results.json     training summary and the before/after comparison
 
 Usage::
@@ -154,6 +155,8 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
     info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
             "model": run_cfg.model.model_dump(), "step": state["step"]}
     targets = state["lora"]["targets"]
+    if lora.is_wrapped(model):  # PEFT's adapters, saved by PEFT, for the model's own Hugging Face folder
+        return lora.save_peft(model, out / "adapter", str(base.path))
     files = lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, info)
     if run_cfg.model.arch == "transformer":  # and in PEFT's format, for the model's Hugging Face export
         from lmforge.export.peft_adapter import save_peft_adapter
