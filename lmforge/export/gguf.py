@@ -125,7 +125,7 @@ def export_gguf(tm: TrainedModel, out_file: Path, qtype: str = "f32") -> list[Pa
             writer.add_pad_token_id(ids["pad"])
         writer.add_add_bos_token(tm.tokenizer.add_bos)  # llama.cpp then scores and prompts as lmforge does
         writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_chat_template(tm.tokenizer.chat_template or CHAT_TEMPLATE)  # an imported model's own, else ChatML
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
         for hf_name, tensor in to_hf_llama_state_dict(model).items():

@@ -238,3 +238,23 @@ def test_truncation_keeps_whole_assistant_turns_and_last_assistant_only(tmp_path
     last = encode_conversation(tok, messages, loss_on="last_assistant")
     assert last.ids == full.ids and sum(last.mask) == spans[1][1] - spans[1][0] and last.mask[spans[1][0]] == 1
     assert encode_conversation(tok, messages, max_length=spans[0][1] - 1) == "first exchange longer than max_length"
+
+
+def test_a_native_import_exports_its_own_template_and_begin_rule(tmp_path):
+    """SmolLM-style Llama with its own template: lmforge's Transformer takes it, the HF export keeps both."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.export import export
+    from lmforge.trained import load_model
+
+    folder = family_folder("llama3_1", tmp_path / "llama")
+    config = LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tm = load_model(folder)
+    assert tm.cfg.model.arch == "transformer" and tm.tokenizer.chat_template is not None
+    export(tm, "hf", tmp_path / "out")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    messages = [SYSTEM, *TWO_TURNS]
+    assert theirs.apply_chat_template(messages, tokenize=True, return_dict=False) == chat_spans(tm.tokenizer, messages)[0]
+    assert theirs("hi")["input_ids"] == tm.tokenizer.with_bos(tm.tokenizer.encode("hi"))
