@@ -163,7 +163,7 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
 
         try:
             files += save_peft_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, str(base.path))
-        except ConfigError as e:  # a Transformer whose export is not Llama (GPT-2 layout, qk_norm, ...)
+        except ConfigError as e:  # a Transformer with no Hugging Face export (qk_norm, ...)
             warnings.warn(f"the adapter is saved in lmforge's format only, not PEFT's: {e}", stacklevel=1)
     return files
 
