@@ -51,3 +51,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def hf_family_folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Hugging Face folder of every family in tests.hf_families.FAMILIES, built once per session."""
+    from tests.hf_families import FAMILIES, make_folder
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: make_folder(name, root) for name in FAMILIES}

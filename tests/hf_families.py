@@ -16,6 +16,7 @@ one shows in the logits.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Family:
     specials: dict[str, str]  # bos / eos / pad token text
     end_of_turn: str | None  # a further end token generation_config.json declares
     arch: str  # what lmforge loads it as: "transformer" (native) or "hf" (wrapped)
+    extra: tuple[str, ...] = ()  # further special tokens of the tokenizer
 
 
 def _cfg(name: str, **kw: Any) -> Callable[[], Any]:
@@ -53,7 +55,8 @@ FAMILIES: dict[str, Family] = {
     "llama3": Family(_cfg("LlamaConfig", **SIZE, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
                      {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, "<|eot_id|>", "hf"),
     "qwen2.5": Family(_cfg("Qwen2Config", **SIZE, tie_word_embeddings=True),
-                      {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, "<|im_end|>", "hf"),
+                      {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, "<|im_end|>", "hf",
+                      ("<|im_start|>",)),
     "qwen3": Family(_cfg("Qwen3Config", **SIZE, head_dim=16, tie_word_embeddings=True),
                     {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, "<|im_end|>", "hf"),
     "gemma3": Family(_cfg("Gemma3TextConfig", **{**SIZE, "num_hidden_layers": 3}, head_dim=16, sliding_window=4,
@@ -77,7 +80,8 @@ def save_tokenizer(family: Family, folder: Path) -> Any:
     inner = Tokenizer(models.BPE())
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     inner.decoder = decoders.ByteLevel()
-    specials = sorted({*family.specials.values(), *([family.end_of_turn] if family.end_of_turn else [])})
+    specials = sorted({*family.specials.values(), *([family.end_of_turn] if family.end_of_turn else []),
+                       *family.extra})
     inner.train_from_iterator([TEXT], trainers.BpeTrainer(
         vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
@@ -116,3 +120,22 @@ def tiny_hf_config(vocab_size: int, d_model: int = 32, n_layers: int = 2, contex
     return Qwen3Config(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=48, num_hidden_layers=n_layers,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=context,
                        attention_dropout=dropout, tie_word_embeddings=tie).to_dict()
+
+
+@functools.cache
+def reference(folder: Path) -> Any:
+    """The folder as transformers itself loads it (float32, eval mode): what lmforge must agree with.
+
+    Loaded once per folder (the tests never change it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def reference_greedy(folder: Path, prompt_ids: list[int], n: int, end_ids: list[int]) -> list[int]:
+    """The tokens transformers' ``generate`` picks greedily after ``prompt_ids``, up to the first end token."""
+    with torch.no_grad():
+        out = reference(folder).generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
+    new = out[0, len(prompt_ids):].tolist()
+    stops = [i for i, t in enumerate(new) if t in end_ids]
+    return new[: stops[0]] if stops else new

@@ -1,7 +1,9 @@
 """Export to GGUF, the single-file format of llama.cpp and the runtimes built on it.
 
 ``lmforge export RUN --format gguf --out model.gguf [--export.gguf_type=q8_0]`` writes
-the Transformer as a ``llama`` architecture GGUF with the ``gguf`` package:
+the Transformer, or a wrapped Hugging Face model of the Llama family (Llama 3.x with its
+scaled rotary positions included; :mod:`lmforge.export.gguf_llama` says what is written and
+refuses other families), as a ``llama`` architecture GGUF with the ``gguf`` package:
 
 - hyperparameters (context, widths, heads, rotary base, RMSNorm epsilon);
 - tensors under llama.cpp's names (``token_embd``, ``blk.N.attn_q``, ...), with the
@@ -9,7 +11,8 @@ the Transformer as a ``llama`` architecture GGUF with the ``gguf`` package:
   does: its rotary embedding rotates adjacent pairs of channels, while lmforge
   (like Hugging Face) rotates the two halves of each head;
 - the tokenizer as a GPT-2 style byte-level BPE (tokens, merges, types; special
-  tokens are control tokens), its special ids and the ChatML chat template.
+  tokens are control tokens), its special ids and chat template (lmforge's ChatML, or
+  the wrapped model's own).
 
 Matrices are stored as f32, f16 or Q8_0 (``export.gguf_type``); norms stay f32, and
 a matrix whose rows are not a multiple of Q8_0's 32-value blocks stays f32.
@@ -23,16 +26,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmforge.artifacts import atomic_path
 from lmforge.config import ConfigError
-from lmforge.data.chat import CHAT_TEMPLATE
-from lmforge.export.hf import require_llama, special_ids
-from lmforge.export.hf_llama import to_hf_llama_state_dict
-from lmforge.models.transformer import Transformer
+from lmforge.export.gguf_llama import LlamaSpec, llama_spec
 from lmforge.trained import TrainedModel
 
 Q8_BLOCK = 32
@@ -90,57 +91,64 @@ def export_gguf(tm: TrainedModel, out_file: Path, qtype: str = "f32") -> list[Pa
     import gguf
 
     if qtype not in _FILE_TYPES:
-        raise ConfigError(f"export.gguf_type must be one of {', '.join(_FILE_TYPES)} (got {qtype!r})")
-    model: Transformer = require_llama(tm, "gguf")
+        raise ConfigError(f"export.format=gguf: export.gguf_type must be one of {', '.join(_FILE_TYPES)} "
+                          f"(got {qtype!r})")
+    spec = llama_spec(tm)  # refuses what the llama architecture cannot hold, before anything is written
     tokens, types, merges = tokenizer_tables(tm)
-    cfg, t = model.cfg, model.cfg.transformer
-    n_heads, n_kv = t.n_heads, t.n_kv_heads or t.n_heads
-    head_dim = cfg.d_model // n_heads
-    ids = special_ids(tm.tokenizer)
-
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_file) as tmp:  # a .gguf on disk is whole: llama.cpp reads no partial file
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_name(tm.cfg.name)
-        writer.add_context_length(cfg.context)
-        writer.add_embedding_length(cfg.d_model)
-        writer.add_block_count(cfg.n_layers)
-        writer.add_feed_forward_length(model.layers[0].mlp.gate.out_features)
-        writer.add_head_count(n_heads)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(t.rope_theta)
-        writer.add_layer_norm_rms_eps(t.norm_eps)
-        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_context_length(spec.context)
+        writer.add_embedding_length(spec.d_model)
+        writer.add_block_count(spec.n_layers)
+        writer.add_feed_forward_length(spec.ffn)
+        writer.add_head_count(spec.n_heads)
+        writer.add_head_count_kv(spec.n_kv)
+        writer.add_rope_dimension_count(spec.d_model // spec.n_heads)
+        writer.add_rope_freq_base(spec.rope_theta)
+        writer.add_layer_norm_rms_eps(spec.norm_eps)
+        writer.add_vocab_size(tm.cfg.model.vocab_size)
         writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype])))
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which our ByteLevel pre-tokenizer uses
+        writer.add_tokenizer_pre(spec.pre_tokenizer)  # the split before byte-level BPE
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(ids["bos"])
-        writer.add_eos_token_id(ids["im_end"] if ids["im_end"] is not None else ids["eot"])
-        writer.add_eot_token_id(ids["eot"])
-        if ids["pad"] is not None:
-            writer.add_pad_token_id(ids["pad"])
+        writer.add_bos_token_id(spec.bos)
+        writer.add_eos_token_id(spec.eos)
+        writer.add_eot_token_id(spec.eot)
+        if tm.tokenizer.pad_id is not None:
+            writer.add_pad_token_id(tm.tokenizer.pad_id)
         writer.add_add_bos_token(tm.tokenizer.add_bos)  # llama.cpp then scores and prompts as lmforge does
         writer.add_add_eos_token(False)
-        writer.add_chat_template(tm.tokenizer.chat_template or CHAT_TEMPLATE)  # an imported model's own, else ChatML
-
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
-        for hf_name, tensor in to_hf_llama_state_dict(model).items():
-            w = tensor.detach().to("cpu", torch.float32).numpy()
-            if hf_name.endswith("q_proj.weight"):
-                w = permute_rotary(w, n_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                w = permute_rotary(w, n_kv)
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ValueError(f"no GGUF name for tensor {hf_name}")
-            data, raw = (w, None) if w.ndim == 1 else _matrix(np.ascontiguousarray(w), qtype)
-            writer.add_tensor(name, data, raw_dtype=raw)
+        if spec.chat_template:
+            writer.add_chat_template(spec.chat_template)
+        _add_tensors(writer, spec, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     return [out_file]
+
+
+def _add_tensors(writer: Any, spec: LlamaSpec, qtype: str) -> None:
+    """The weights under llama.cpp's names, q/k rows permuted for its rotary convention; Llama 3's factors."""
+    import gguf
+
+    if spec.rope_factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", spec.rope_factors)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, spec.n_layers)
+    for hf_name, tensor in spec.tensors.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some checkpoints carry; llama.cpp computes the frequencies itself
+        w = tensor.detach().to("cpu", torch.float32).numpy()
+        if hf_name.endswith("q_proj.weight"):
+            w = permute_rotary(w, spec.n_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            w = permute_rotary(w, spec.n_kv)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"no GGUF name for tensor {hf_name}")
+        data, raw = (w, None) if w.ndim == 1 else _matrix(np.ascontiguousarray(w), qtype)
+        writer.add_tensor(name, data, raw_dtype=raw)

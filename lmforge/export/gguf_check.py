@@ -47,10 +47,13 @@ def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _rope_pairs(x: np.ndarray, theta: float) -> np.ndarray:
-    """llama.cpp's 'normal' rotary embedding: channels (2i, 2i+1) of each head turn by pos * theta^(-2i/d)."""
+def _rope_pairs(x: np.ndarray, theta: float, factors: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's 'normal' rotary embedding: channels (2i, 2i+1) of each head turn by pos * theta^(-2i/d),
+    divided by ``factors[i]`` when the file has a ``rope_freqs`` tensor (Llama 3's scaled positions)."""
     t, _, d = x.shape  # (T, heads, head_dim)
     freq = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+    if factors is not None:
+        freq = freq / factors
     angle = np.arange(t, dtype=np.float64)[:, None] * freq[None, :]  # (T, d/2)
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]
@@ -70,12 +73,13 @@ def reference_logits(meta: dict[str, Any], tensors: dict[str, np.ndarray], ids: 
     x = w["token_embd.weight"][ids]  # (T, d)
     t, d = x.shape
     hd = d // n_heads
+    factors = w.get("rope_freqs.weight")  # (hd/2,) or None
     causal = np.triu(np.full((t, t), -np.inf), k=1)  # (T, T): no looking ahead
     for i in range(n_layers):
         p = f"blk.{i}."
         h = _rms(x, w[p + "attn_norm.weight"], eps)
-        q = _rope_pairs((h @ w[p + "attn_q.weight"].T).reshape(t, n_heads, hd), theta)
-        k = _rope_pairs((h @ w[p + "attn_k.weight"].T).reshape(t, n_kv, hd), theta)
+        q = _rope_pairs((h @ w[p + "attn_q.weight"].T).reshape(t, n_heads, hd), theta, factors)
+        k = _rope_pairs((h @ w[p + "attn_k.weight"].T).reshape(t, n_kv, hd), theta, factors)
         v = (h @ w[p + "attn_v.weight"].T).reshape(t, n_kv, hd)
         k, v = np.repeat(k, n_heads // n_kv, axis=1), np.repeat(v, n_heads // n_kv, axis=1)  # (T, nh, hd)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + causal  # (nh, T, T)

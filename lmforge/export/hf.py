@@ -16,7 +16,9 @@ then loads the folder back with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and
 checks that its logits equal lmforge's within 1e-4 and that both tokenizers give
 the same ids (``export.check``). Only the Transformer maps onto Llama (default options,
 no ``qk_norm``) or GPT-2 (``norm=layernorm pos=learned mlp=gelu bias=true``); other models
-are refused with a pointer to ``--format lmforge``. :mod:`lmforge.trained.hf`
+are refused with a pointer to ``--format lmforge``. A wrapped model (``model.arch=hf``, opened from a
+Hugging Face folder of another family) is written back as its own family by transformers
+(:mod:`lmforge.export.hf_wrapped`) and checked the same way. :mod:`lmforge.trained.hf`
 reads such a folder back into lmforge (``lmforge serve DIR``).
 """
 
@@ -82,6 +84,10 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
 
 def export_hf(tm: TrainedModel, out: Path) -> list[Path]:
     """Write the Hugging Face folder ``out``; returns the files written."""
+    if tm.cfg.model.arch == "hf":
+        from lmforge.export.hf_wrapped import export_wrapped
+
+        return export_wrapped(tm, out)
     model, layout = hf_layout(tm)
     out.mkdir(parents=True, exist_ok=True)
     # First: the files below replace its special_tokens_map.json. The post-processor puts the begin
@@ -136,7 +142,8 @@ def check_hf(tm: TrainedModel, out: Path, tolerance: float = LOGITS_TOLERANCE) -
     theirs_ids = hf_tok(CHECK_TEXT, add_special_tokens=False)["input_ids"]
     if ours_ids != theirs_ids:
         raise CheckpointError(f"{out}: transformers tokenizes the check text differently from lmforge")
-    if hf_tok(CHECK_TEXT)["input_ids"] != tm.tokenizer.with_bos(ours_ids):
+    # A wrapped model's tokenizer is written unchanged, its begin-token rule the family's own.
+    if tm.cfg.model.arch != "hf" and hf_tok(CHECK_TEXT)["input_ids"] != tm.tokenizer.with_bos(ours_ids):
         raise CheckpointError(f"{out}: transformers does not put the begin token first as lmforge does")
     context = tm.cfg.model.context
     g = torch.Generator().manual_seed(0)

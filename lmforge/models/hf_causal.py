@@ -30,6 +30,7 @@ step. ``transformers`` is imported lazily, when such a model is built::
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -57,16 +58,18 @@ def hf_config_object(hf_config: dict[str, Any], vocab_size: int | None = None, t
     return config
 
 
-def _row_cache(keys: list[Tensor], values: list[Tensor], positions: Tensor, span: int) -> Any:
-    """A transformers ``Cache`` whose layer ``i`` writes into ``keys[i]`` / ``values[i]`` at each row's positions."""
-    from transformers.cache_utils import Cache, CacheLayerMixin
+@functools.cache
+def _row_layer() -> type:
+    """transformers' cache-layer interface over one layer of lmforge's decode state (built once, lazily)."""
+    from transformers.cache_utils import CacheLayerMixin
 
     class RowLayer(CacheLayerMixin):
         """One attention layer's keys and values, each row at its own columns of a preallocated buffer."""
 
-        def __init__(self, k_buf: Tensor, v_buf: Tensor) -> None:
+        def __init__(self, k_buf: Tensor, v_buf: Tensor, positions: Tensor, span: int) -> None:
             super().__init__()
             self.k_buf, self.v_buf = k_buf, v_buf  # (B, nkv, capacity, hd)
+            self.positions, self.span = positions, span  # (B, T) where the new keys go; columns to attend over
             self.is_initialized = True
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -74,22 +77,31 @@ def _row_cache(keys: list[Tensor], values: list[Tensor], positions: Tensor, span
 
         def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
             # key_states: (B, nkv, T, hd). Advanced indices on dims 0 and 2 put (B, T) first: slots are (B, T, nkv, hd).
-            rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-            self.k_buf[rows, :, positions] = key_states.transpose(1, 2).to(self.k_buf.dtype)
-            self.v_buf[rows, :, positions] = value_states.transpose(1, 2).to(self.v_buf.dtype)
-            self.keys, self.values = self.k_buf[:, :, :span], self.v_buf[:, :, :span]
+            pos = self.positions
+            rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+            self.k_buf[rows, :, pos] = key_states.transpose(1, 2).to(self.k_buf.dtype)
+            self.v_buf[rows, :, pos] = value_states.transpose(1, 2).to(self.v_buf.dtype)
+            self.keys, self.values = self.k_buf[:, :, : self.span], self.v_buf[:, :, : self.span]
             return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return span, 0
+            return self.span, 0
 
         def get_seq_length(self) -> int:
-            return span - positions.shape[1]
+            return self.span - self.positions.shape[1]
 
         def get_max_length(self) -> int:
             return int(self.k_buf.shape[2])
 
-    return Cache(layers=[RowLayer(k, v) for k, v in zip(keys, values, strict=True)])
+    return RowLayer
+
+
+def _row_cache(keys: list[Tensor], values: list[Tensor], positions: Tensor, span: int) -> Any:
+    """A transformers ``Cache`` whose layer ``i`` writes into ``keys[i]`` / ``values[i]`` at each row's positions."""
+    from transformers.cache_utils import Cache
+
+    layer = _row_layer()
+    return Cache(layers=[layer(k, v, positions, span) for k, v in zip(keys, values, strict=True)])
 
 
 class HFCausalLM(LanguageModel):
@@ -165,9 +177,10 @@ class HFCausalLM(LanguageModel):
         idx = torch.zeros(1, 1, dtype=torch.long, device=self._param_like().device)
         try:
             self.hf(input_ids=idx, position_ids=torch.zeros_like(idx), use_cache=True, **{self._cache_arg: cache})
-        except (TypeError, ValueError, AttributeError) as e:
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError, NotImplementedError):
+            # Its forward takes no such cache, or asks it for another kind of state (convolution, recurrence).
             raise ValueError(f"{type(self.hf).__name__} cannot decode step by step through a key/value cache "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                             f"(its layers keep another kind of state, or none)") from None
         layers = [layer for layer in cache.layers if isinstance(layer, DynamicLayer) and layer.keys is not None]
         n_layers = self.text_config.num_hidden_layers
         if not layers or len(layers) != len(cache.layers) or len(layers) != n_layers:

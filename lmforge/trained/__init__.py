@@ -14,7 +14,8 @@ run's name with ``-finetune``. The format readers, one module each:
 
 - :mod:`lmforge.trained.run`: lmforge checkpoints (a run folder, its checkpoint folder, one checkpoint);
 - :mod:`lmforge.trained.native`: lmforge exports (``lmforge export --format lmforge``);
-- :mod:`lmforge.trained.hf`: Hugging Face folders of a Llama-family or GPT-2 model.
+- :mod:`lmforge.trained.hf`: Hugging Face folders of any causal LM (lmforge's Transformer where it computes
+  the family exactly, else the ``hf`` architecture wrapping transformers' own code).
 """
 
 from __future__ import annotations

@@ -273,22 +273,28 @@ def load_wrapped(folder: Path, mcfg: ModelConfig) -> HFCausalLM:
     from transformers.utils import logging
 
     where = weights_path(folder)
-    bar = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # its per-tensor progress bar would fill the terminal of every verb
+    bar, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    # Its per-tensor progress bar and notes (kernel fallbacks, ...) would fill the terminal of every verb;
+    # what matters to the user is said below, as one error or not at all.
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
-        hf_model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                              output_loading_info=True)
-    except Exception as e:  # transformers raises many kinds for a damaged or foreign folder
-        raise CheckpointError(f"{folder}: transformers cannot load it ({str(e).strip().splitlines()[0]})") from None
+        try:
+            hf_model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                                  output_loading_info=True)
+        except Exception as e:  # transformers raises many kinds for a damaged or foreign folder
+            raise CheckpointError(f"{folder}: transformers cannot load it "
+                                  f"({str(e).strip().splitlines()[0]})") from None
+        missing = sorted(info.get("missing_keys", []))
+        if missing:  # transformers would start these from random values; a model is loaded whole or not at all
+            raise CheckpointError(f"{where}: no tensor for '{missing[0]}'"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        model = HFCausalLM(mcfg, hf_model=hf_model)
+        check_decoding(model, folder)
     finally:
+        logging.set_verbosity(verbosity)
         if bar:
             logging.enable_progress_bar()
-    missing = sorted(info.get("missing_keys", []))
-    if missing:  # transformers would start these from random values; a model is loaded whole or not at all
-        raise CheckpointError(f"{where}: no tensor for '{missing[0]}'"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model = HFCausalLM(mcfg, hf_model=hf_model)
-    check_decoding(model, folder)
     return model
 
 
