@@ -25,7 +25,8 @@ class LoraConfig(Section):
         "empty = every Linear, Conv1d, LSTM and GRU except the output head"))
     quantize: Literal["none", "4bit"] = Field("none", description=(
         "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the adapters; needs a CUDA GPU "
-        "and finetune.lora.rank >= 1; 'none' = full-precision base"))
+        "and finetune.lora.rank >= 1 (refused otherwise; the 4-bit path itself is not in this version yet); "
+        "'none' = full-precision base"))
 
     @model_validator(mode="after")
     def _check(self) -> LoraConfig:

@@ -72,8 +72,10 @@ def require_quantization(cfg: RunConfig) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(f"finetune.lora.quantize={quantize} needs bitsandbytes: pip install bitsandbytes") from None
-    raise ConfigError(f"finetune.lora.quantize={quantize}: 4-bit bases are taken by models wrapped from a "
-                      f"Hugging Face folder only; lmforge's own architectures train with finetune.lora.quantize=none")
+    # The 4-bit training path itself (bitsandbytes NF4 base under PEFT's adapters) is not in this version:
+    # it needs a GPU to be tested, and a setting that trains untested would be worse than a refusal.
+    raise ConfigError(f"finetune.lora.quantize={quantize}: training on a 4-bit base is not available in this "
+                      f"version of lmforge yet; use finetune.lora.quantize=none (LoRA on the full-precision base)")
 
 
 def heldout_task(cfg: RunConfig) -> Path | None:

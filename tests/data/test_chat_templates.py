@@ -258,3 +258,12 @@ def test_a_native_import_exports_its_own_template_and_begin_rule(tmp_path):
     messages = [SYSTEM, *TWO_TURNS]
     assert theirs.apply_chat_template(messages, tokenize=True, return_dict=False) == chat_spans(tm.tokenizer, messages)[0]
     assert theirs("hi")["input_ids"] == tm.tokenizer.with_bos(tm.tokenizer.encode("hi"))
+
+
+def test_a_held_out_reply_is_scored_as_the_template_writes_it(tmp_path):
+    from lmforge.finetune.evaluate import reply_request
+
+    tok = load("llama3_1", tmp_path)
+    prompt, reply = reply_request(tok, [SYSTEM, TWO_TURNS[0]], "Paris")
+    assert prompt == render_chat(tok, [SYSTEM, TWO_TURNS[0]], add_generation_prompt=True)
+    assert tok.decode(reply) == "Paris<|eot_id|>"
