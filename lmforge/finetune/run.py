@@ -38,7 +38,14 @@ from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
-from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, build_job, data_files, prepare_data
+from lmforge.finetune.setup import (
+    EMBEDDED_DIR,
+    EMBEDDED_TASK,
+    build_job,
+    check_chat_tokenizer,
+    data_files,
+    prepare_data,
+)
 from lmforge.train import lora
 from lmforge.trained import TrainedModel, load_model
 
@@ -102,9 +109,11 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # model is what this stage writes, never where it starts (resuming would change the base).
     own = ft.init is None or Path(ft.init).expanduser().resolve() == run_dir.resolve()
     base = load_model(run_dir / "train" if own else ft.init)
+    tok = base.tokenizer
+    if ft.mode != "text":
+        check_chat_tokenizer(tok)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
-    tok = base.tokenizer
     if tok.vocab_size > base.cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer of {init} has {tok.vocab_size} tokens but the model's embedding only "
                           f"{base.cfg.model.vocab_size}: the tokenizer does not belong to this checkpoint")

@@ -181,3 +181,17 @@ def test_serving_prompt_is_the_template_and_generation_stops_at_its_end_of_turn(
     body = r.json()
     assert r.status_code == 200 and body["usage"]["prompt_tokens"] == len(prompt)
     assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["message"]["content"] == ""
+
+
+def test_a_template_without_roles_is_refused_in_one_line_naming_the_folder(data, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = family_folder("qwen2_5", tmp_path / "no-roles", template="{% for m in messages %}{{ m['content'] }}\n"
+                                                                      "{% endfor %}")
+    LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=256)).save_pretrained(folder)
+    assert call_cli("finetune", "--init", str(folder), f"--runs_dir={tmp_path}", "--name=bad",
+                    f"--finetune.data={data['train']}", *QUIET) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err and "cannot mark the assistant's tokens" in err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
