@@ -190,6 +190,7 @@ def test_a_template_without_roles_is_refused_in_one_line_naming_the_folder(data,
                                                                       "{% endfor %}")
     LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=256)).save_pretrained(folder)
+    capsys.readouterr()  # what saving the folder printed
     assert call_cli("finetune", "--init", str(folder), f"--runs_dir={tmp_path}", "--name=bad",
                     f"--finetune.data={data['train']}", *QUIET) == 2
     err = capsys.readouterr().err.strip()
