@@ -15,9 +15,10 @@ logprobs, lm-eval and the HF / GGUF exports share). A tokenizer imported with a 
 Face model keeps that model's own end-of-text / begin / pad tokens (``specials``), saved beside ``tokenizer.json`` as
 ``special_tokens_map.json``; code asks for ``eot_id`` / ``pad_id``, never for fixed ids.
 Generation stops at every id of ``end_ids`` (end of text, ``<|im_end|>``, and any further end
-token the imported model declares). An imported tokenizer also keeps its model's own begin-token rule
-(``add_bos``: Llama and Gemma add one, Qwen does not) and chat template (``chat_template``, rendered by
-:mod:`lmforge.data.chat`); both are saved beside ``tokenizer.json`` and read back. Text that merely spells a special token (``"<|im_end|>"`` in a
+token the imported model declares). An imported tokenizer also keeps its model's own
+begin-token rule (``add_bos``: Llama and Gemma add one, Qwen does not) and chat template
+(``chat_template``, rendered by :mod:`lmforge.data.chat`); both are saved beside ``tokenizer.json``
+and read back. Text that merely spells a special token (``"<|im_end|>"`` in a
 document) is encoded as ordinary text, so data cannot inject control tokens; code
 that needs a special token uses its id. The kind is not a separate field: it is
 read back from the saved ``tokenizer.json`` (a BPE with byte fallback and no merges

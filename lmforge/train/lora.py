@@ -227,9 +227,12 @@ def _is_peft(module: nn.Module) -> bool:
 def _attach_peft(model: nn.Module, cfg: LoraConfig, last_layers: int | None) -> list[str]:
     """``get_peft_model`` on the wrapped transformers module (``model.hf``), with lmforge's target rules:
     names or patterns of Linear modules (all but the output head when empty), in the last ``last_layers``."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise ConfigError("finetune.lora on a model wrapped from Hugging Face trains PEFT's adapters: "
+                          "pip install peft (or lmforge[hf])") from None
     head = model.lm_head
     candidates = [n for n, m in model.hf.named_modules() if isinstance(m, nn.Linear) and m is not head]
     chosen = [n for n in candidates if not cfg.targets or any(_matches(n, p) for p in cfg.targets)]
