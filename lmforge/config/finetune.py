@@ -23,6 +23,17 @@ class LoraConfig(Section):
     targets: list[str] = Field(default_factory=list, description=(
         "modules to adapt: names (q, v, mlp.down), dotted paths or glob patterns (layers.*.attn.q); "
         "empty = every Linear, Conv1d, LSTM and GRU except the output head"))
+    quantize: Literal["none", "4bit"] = Field("none", description=(
+        "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the adapters; needs a CUDA GPU "
+        "and finetune.lora.rank >= 1 (refused otherwise; the 4-bit path itself is not in this version yet); "
+        "'none' = full-precision base"))
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.quantize != "none" and not self.rank:
+            raise ValueError(f"finetune.lora.quantize={self.quantize} quantizes the base under LoRA adapters; "
+                             f"set finetune.lora.rank >= 1 too")
+        return self
 
 
 class FinetuneConfig(Section):

@@ -15,7 +15,10 @@ logprobs, lm-eval and the HF / GGUF exports share). A tokenizer imported with a 
 Face model keeps that model's own end-of-text / begin / pad tokens (``specials``), saved beside ``tokenizer.json`` as
 ``special_tokens_map.json``; code asks for ``eot_id`` / ``pad_id``, never for fixed ids.
 Generation stops at every id of ``end_ids`` (end of text, ``<|im_end|>``, and any further end
-token the imported model declares). Text that merely spells a special token (``"<|im_end|>"`` in a
+token the imported model declares). An imported tokenizer also keeps its model's own
+begin-token rule (``add_bos``: Llama and Gemma add one, Qwen does not) and chat template
+(``chat_template``, rendered by :mod:`lmforge.data.chat`); both are saved beside ``tokenizer.json``
+and read back. Text that merely spells a special token (``"<|im_end|>"`` in a
 document) is encoded as ordinary text, so data cannot inject control tokens; code
 that needs a special token uses its id. The kind is not a separate field: it is
 read back from the saved ``tokenizer.json`` (a BPE with byte fallback and no merges
@@ -44,6 +47,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 
 from lmforge import artifacts
 from lmforge.config import ConfigError, RunConfig, TokenizerConfig
+from lmforge.data.chat import is_chatml
 from lmforge.data.readers.files import stage_texts
 from lmforge.data.sources import DataError
 
@@ -64,6 +68,7 @@ BPT_SAMPLE_BYTES = 1_000_000  # validation text measured for bytes_per_token
 
 
 SPECIALS_FILE = "special_tokens_map.json"  # Hugging Face's name; written only for non-lmforge special tokens
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 keeps a tokenizer's chat template
 DEFAULT_SPECIALS = {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD}
 
 
@@ -75,6 +80,8 @@ class Tokenizer:
     their ids (a missing bos or pad falls back to the end-of-text token). ``end_tokens`` names
     further tokens that end a generation, besides ``eos_token`` and ``<|im_end|>`` (an imported
     model's ``generation_config.json`` may declare several); :attr:`end_ids` holds them all.
+    ``chat_template`` is an imported model's own Jinja template (None: lmforge's ChatML), ``add_bos``
+    its begin-token rule (None: lmforge's, a begin token first).
     """
 
     # The begin-of-sequence rule, declared here once: a scored or prompted sequence starts with
@@ -87,8 +94,9 @@ class Tokenizer:
     add_bos: bool = True
 
     def __init__(self, inner: tokenizers.Tokenizer, origin: str = "tokenizer",
-                 specials: dict[str, str | None] | None = None, end_tokens: Sequence[str] = ()) -> None:
-        self.inner = inner
+                 specials: dict[str, str | None] | None = None, end_tokens: Sequence[str] = (),
+                 chat_template: str | None = None, add_bos: bool | None = None) -> None:
+        self.inner, self.origin = inner, origin
         # Added (special) tokens are otherwise matched inside the input text; this makes text
         # that spells "<|endoftext|>" encode as the ordinary characters it is.
         self.inner.encode_special_tokens = True
@@ -107,6 +115,16 @@ class Tokenizer:
         if missing:
             raise DataError(f"{origin}: end token {missing[0]!r} is not in the tokenizer")
         self.end_tokens: list[str] = sorted(set(end_tokens))
+        # lmforge's own template (what its exports write) is rendered by lmforge's ChatML code, as before export.
+        self.chat_template: str | None = None if chat_template is None or is_chatml(chat_template) else chat_template
+        if add_bos is not None:
+            self.add_bos = add_bos
+        self._chat_inner: tokenizers.Tokenizer | None = None
+
+    @property
+    def folder(self) -> str:
+        """Where the tokenizer came from, for messages: its folder when it was read from a file."""
+        return self.origin.removesuffix("/tokenizer.json")
 
     @property
     def end_ids(self) -> list[int]:
@@ -126,6 +144,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added or recognised."""
         return self.inner.encode(text, add_special_tokens=False).ids
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        """Token ids of a chat template's rendering: the special tokens it spells are recognised, as in
+        transformers' ``apply_chat_template`` (:mod:`lmforge.data.chat` first checks that no message content
+        spells one, so only the template's own markup becomes control tokens); nothing is added."""
+        if self._chat_inner is None:
+            self._chat_inner = tokenizers.Tokenizer.from_str(self.inner.to_str())
+            self._chat_inner.encode_special_tokens = False
+        return self._chat_inner.encode(text, add_special_tokens=False).ids
+
+    def special_tokens(self) -> dict[int, str]:
+        """The added tokens marked special (control tokens: begin, end, turn markers), by id."""
+        return {i: t.content for i, t in self.inner.get_added_tokens_decoder().items() if t.special}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.inner.encode_batch(list(texts), add_special_tokens=False)]
@@ -168,15 +199,19 @@ class Tokenizer:
     def save(self, directory: Path | str, bos_post_processor: bool = False) -> Path:
         """Write ``directory/tokenizer.json`` (atomically) and return its path.
 
-        An imported tokenizer's own special tokens go beside it in ``special_tokens_map.json``.
+        An imported tokenizer's own special tokens (and begin-token rule) go beside it in
+        ``special_tokens_map.json``, its chat template in ``chat_template.jinja``.
         ``bos_post_processor`` writes :meth:`with_bos_post_processor` (for exports to other tools).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.specials != DEFAULT_SPECIALS or self.end_tokens:
-            # "end_tokens" is lmforge's own key; Hugging Face's readers ignore it (HF exports rewrite this file).
+        if self.specials != DEFAULT_SPECIALS or self.end_tokens or not self.add_bos:
+            # "end_tokens" and "add_bos_token" are lmforge's keys here; HF exports rewrite this file.
             extra = {"end_tokens": self.end_tokens} if self.end_tokens else {}
+            extra |= {} if self.add_bos else {"add_bos_token": False}
             artifacts.write_text(directory / SPECIALS_FILE, json.dumps({**self.specials, **extra}, indent=2) + "\n")
+        if self.chat_template is not None:
+            artifacts.write_text(directory / TEMPLATE_FILE, self.chat_template)
         path = directory / "tokenizer.json"
         inner = self.with_bos_post_processor() if bos_post_processor else self.inner
         artifacts.write_text(path, inner.to_str(pretty=True))
@@ -194,7 +229,8 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{p} is not a valid tokenizer.json ({e})") from None
-        return cls(inner, origin=str(p), specials=read_specials(p.parent), end_tokens=read_end_tokens(p.parent))
+        return cls(inner, origin=str(p), specials=read_specials(p.parent), end_tokens=read_end_tokens(p.parent),
+                   chat_template=read_chat_template(p.parent), add_bos=read_add_bos(p.parent))
 
 
 def tokenizer_digest(path: Path) -> str:
@@ -238,6 +274,36 @@ def read_end_tokens(folder: Path) -> list[str]:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise DataError(f"{path}: end_tokens must be a list of token strings (got {tokens!r})")
     return tokens
+
+
+def _read_object(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def read_add_bos(folder: Path) -> bool | None:
+    """The begin-token rule written in ``folder``: ``add_bos_token`` of ``special_tokens_map.json`` (lmforge's
+    key) or of ``tokenizer_config.json`` (Hugging Face's); None when neither says."""
+    for path in (folder / SPECIALS_FILE, folder / "tokenizer_config.json"):
+        value = _read_object(path).get("add_bos_token") if path.is_file() else None
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The chat template of ``folder``: ``chat_template.jinja`` (transformers 5) or ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates whose ``default`` one is taken)."""
+    if (folder / TEMPLATE_FILE).is_file():
+        return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    found = _read_object(config).get("chat_template") if config.is_file() else None
+    if isinstance(found, list):
+        found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
+    return found if isinstance(found, str) and found.strip() else None
 
 
 def _detect_kind(inner: tokenizers.Tokenizer) -> str:

@@ -102,7 +102,7 @@ def llama_spec(tm: TrainedModel) -> LlamaSpec:
                      ffn=model.layers[0].mlp.gate.out_features, n_heads=t.n_heads, n_kv=t.n_kv_heads or t.n_heads,
                      rope_theta=t.rope_theta, norm_eps=t.norm_eps, tensors=to_hf_llama_state_dict(model),
                      bos=ids["bos"], eos=ids["im_end"] if ids["im_end"] is not None else ids["eot"], eot=ids["eot"],
-                     chat_template=CHAT_TEMPLATE)
+                     chat_template=tm.tokenizer.chat_template or CHAT_TEMPLATE)  # an imported model keeps its own
 
 
 def _wrapped_spec(tm: TrainedModel, model: HFCausalLM) -> LlamaSpec:

@@ -100,11 +100,13 @@ def export_hf(tm: TrainedModel, out: Path) -> list[Path]:
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     # The tokenizer's own special tokens: lmforge's, or those of the model it was imported with.
     names = {k: v for k, v in tm.tokenizer.specials.items() if v is not None}
-    # The ChatML template needs its two tokens; a tokenizer imported without them gets no template.
-    chat = ids["im_start"] is not None and ids["im_end"] is not None
+    # An imported model keeps its own template. The ChatML template needs its two tokens; a tokenizer
+    # imported without them and without a template of its own gets none.
+    own = tm.tokenizer.chat_template
+    chat = own is not None or (ids["im_start"] is not None and ids["im_end"] is not None)
     # transformers' apply_chat_template tokenizes without special tokens, so the begin token lmforge puts
     # before a conversation (Tokenizer.with_bos) is written by the template; llama.cpp adds it itself.
-    template = ("{{- bos_token }}" if tm.tokenizer.add_bos else "") + CHAT_TEMPLATE
+    template = own if own is not None else ("{{- bos_token }}" if tm.tokenizer.add_bos else "") + CHAT_TEMPLATE
     files = {
         "config.json": config,
         # max_length: without it, pipeline("text-generation") runs past the context (transformers only warns).

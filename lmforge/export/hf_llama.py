@@ -80,6 +80,19 @@ _HF_LAYER_NAMES = {
 }
 
 
+def hf_llama_module(name: str, cfg: ModelConfig) -> str:
+    """The Hugging Face Llama name of one of our modules (``layers.0.attn.q`` -> ``model.layers.0.self_attn.q_proj``).
+
+    Raises ConfigError for a model without the Llama layout, ValueError for a module Llama has not.
+    """
+    _check_llama_compatible(cfg)
+    _, index, stem = name.split(".", 2) if name.startswith("layers.") else ("", "", "")
+    hf_name = _HF_LAYER_NAMES.get(f"{stem}.weight")
+    if hf_name is None:
+        raise ValueError(f"module '{name}' has no Llama counterpart")
+    return f"model.layers.{index}.{hf_name.removesuffix('.weight')}"
+
+
 def to_hf_llama_state_dict(model: Transformer) -> dict[str, Tensor]:
     """Our weights under Hugging Face Llama names (detached; they share memory with the model).
 

@@ -14,6 +14,11 @@ content, ``<|im_end|>`` and a newline. The loss mask is 1 on the assistant conte
 ``<|im_end|>`` (so the model learns to end its turn) and 0 elsewhere; ``decode(ids)`` equals the Jinja
 template's rendering of the same messages.
 
+A model imported with its own chat template (``Tokenizer.chat_template``) is rendered through that
+template instead, and the loss falls on each assistant message's tokens and its end of turn as
+:func:`lmforge.data.chat.chat_spans` reads them from the template (Llama 3's ``<|eot_id|>``, Gemma's
+``<end_of_turn>``, ...); a conversation the template refuses is dropped and counted under its reason.
+
 A conversation longer than ``max_length`` tokens keeps its system turn and as many whole turns from
 the start as fit, ending with an assistant turn; one whose first exchange cannot fit is dropped and
 counted under its reason. Usage::
@@ -31,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.chat import IM_END, ROLES, render_chat
+from lmforge.data.chat import IM_END, ROLES, TemplateRefused, chat_spans, render_chat
 from lmforge.data.sources import DataError
 
 EXAMPLES_KEPT = 5  # bad lines quoted in the report, per reason
@@ -142,6 +147,8 @@ def encode_conversation(tokenizer, messages: Sequence[dict], max_length: int | N
     Turns are added whole while they fit in ``max_length``; the kept part ends at its last assistant
     turn. ``loss_on="last_assistant"`` keeps the loss on the last kept assistant turn only.
     """
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return _encode_with_template(tokenizer, messages, max_length, loss_on)
     turns = [encode_turn(tokenizer, m) for m in messages]
     ids: list[int] = []
     mask: list[int] = []
@@ -160,6 +167,29 @@ def encode_conversation(tokenizer, messages: Sequence[dict], max_length: int | N
     if loss_on == "last_assistant":
         start = keep - len(turns[last_assistant][0])
         mask = [0] * start + mask[start:]
+    return Example(ids, mask, truncated)
+
+
+def _encode_with_template(tokenizer, messages: Sequence[dict], max_length: int | None,
+                          loss_on: str) -> Example | str:
+    """:func:`encode_conversation` through the model's own template: its assistant spans carry the loss."""
+    try:
+        ids, spans = chat_spans(tokenizer, messages)
+    except TemplateRefused as e:
+        return e.reason
+    kept = [s for s in spans if max_length is None or s[1] <= max_length]
+    if not kept:
+        return "first exchange longer than max_length"
+    truncated = len(kept) < len(spans)
+    if truncated:
+        ids = ids[: kept[-1][1]]  # end with the last assistant turn that fits whole
+    elif max_length is not None:
+        ids = ids[:max_length]  # only what the template writes after the last turn can be cut
+    if loss_on == "last_assistant":
+        kept = kept[-1:]
+    mask = [0] * len(ids)
+    for start, end in kept:
+        mask[start:end] = [1] * (end - start)
     return Example(ids, mask, truncated)
 
 

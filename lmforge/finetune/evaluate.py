@@ -3,7 +3,8 @@
 - A held-out chat task: multiple-choice items ``{"messages": [...], "choices": [...], "label": i}``.
   The prompt is the conversation rendered with the chat template and an assistant generation prompt;
   each choice is scored as the assistant's reply (its tokens and ``<|im_end|>``) by the
-  log-likelihood :class:`~lmforge.eval.scoring.Scorer` of the evaluation tasks; ``acc`` counts items
+  log-likelihood :class:`~lmforge.eval.scoring.Scorer` of the evaluation tasks (a model with its own chat
+  template: the prompt and the reply's tokens as that template renders them, :func:`reply_request`); ``acc`` counts items
   whose most likely choice is the label, ``acc_norm`` divides by the choice's length in characters.
 - Validation bits per byte on held-out text (the pre-training validation shards of a run, or the
   fine-tuning validation text), with :func:`~lmforge.eval.perplexity.evaluate_tokens`::
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from lmforge.data.chat import IM_END, render_chat
+from lmforge.data.chat import IM_END, chat_spans, render_chat
 from lmforge.data.pack import list_shards, read_shard
 from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
@@ -58,13 +59,25 @@ def load_chat_task(path: Path) -> list[dict]:
     return items
 
 
+def reply_request(tokenizer, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """``(prompt ids, reply ids)``: the conversation with the generation prompt, and the reply as the model
+    would write it, end of turn included (a model's own template marks both, as in training)."""
+    if tokenizer.chat_template is not None:
+        ids, spans = chat_spans(tokenizer, [*messages, {"role": "assistant", "content": reply}])
+        start, end = spans[-1]
+        return ids[:start], ids[start:end]
+    prompt = [tokenizer.eot_id, *render_chat(tokenizer, messages, add_generation_prompt=True)]
+    return prompt, [*tokenizer.encode(reply), tokenizer.token_to_id(IM_END)]
+
+
 def score_chat_task(model: nn.Module, tokenizer, context: int, items: list[dict], batch_size: int = 16) -> dict:
     """Accuracy of the most likely reply among each item's choices (see the module docstring)."""
-    end = tokenizer.token_to_id(IM_END)
     requests = []
     for it in items:
-        prompt = [tokenizer.eot_id, *render_chat(tokenizer, it["messages"], add_generation_prompt=True)]
-        requests += [(prompt, [*tokenizer.encode(c), end]) for c in it["choices"]]
+        try:
+            requests += [reply_request(tokenizer, it["messages"], c) for c in it["choices"]]
+        except ValueError as e:  # the model's own template refuses the item
+            raise DataError(f"{it['id']}: {e}") from None
     scores = iter(Scorer(model, tokenizer, context, batch_size).loglikelihood_tokens(requests))
     acc = acc_norm = 0
     for it in items:

@@ -10,7 +10,9 @@ the same optimizer, schedule, checkpoints and exact resume as pre-training. Ever
     finetune/tokenizer/       the pretrained model's tokenizer (checkpoints point to it)
     finetune/data/            encoded conversations (chat_*.npz) or token shards (text)
     finetune/ckpt/            checkpoints; a run that stops resumes from the newest
-    finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone
+    finetune/adapter/         LoRA runs: adapter.safetensors + adapter.json alone; for the Transformer also
+                              PEFT's adapter_config.json + adapter_model.safetensors (lmforge.export.peft_adapter);
+                              for a model wrapped from Hugging Face PEFT's files only (saved by PEFT)
     finetune/results.json     training summary and the before/after comparison
 
 Usage::
@@ -27,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +38,14 @@ from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.data.tokenizer import tokenizer_digest
 from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
-from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, build_job, data_files, prepare_data
+from lmforge.finetune.setup import (
+    EMBEDDED_DIR,
+    EMBEDDED_TASK,
+    build_job,
+    check_chat_tokenizer,
+    data_files,
+    prepare_data,
+)
 from lmforge.train import lora
 from lmforge.trained import TrainedModel, load_model
 
@@ -57,6 +67,24 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def require_quantization(cfg: RunConfig) -> None:
+    """Refuse QLoRA, before anything is written, where its 4-bit kernels cannot run (no CUDA, no bitsandbytes)."""
+    quantize = cfg.finetune.lora.quantize
+    if quantize == "none":
+        return
+    if not torch.cuda.is_available() or cfg.train.device in ("cpu", "mps"):
+        raise ConfigError(f"finetune.lora.quantize={quantize} needs a CUDA GPU (bitsandbytes 4-bit kernels) and "
+                          f"this run has none (train.device={cfg.train.device}); use finetune.lora.quantize=none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"finetune.lora.quantize={quantize} needs bitsandbytes: pip install bitsandbytes") from None
+    # The 4-bit training path itself (bitsandbytes NF4 base under PEFT's adapters) is not in this version:
+    # it needs a GPU to be tested, and a setting that trains untested would be worse than a refusal.
+    raise ConfigError(f"finetune.lora.quantize={quantize}: training on a 4-bit base is not available in this "
+                      f"version of lmforge yet; use finetune.lora.quantize=none (LoRA on the full-precision base)")
+
+
 def heldout_task(cfg: RunConfig) -> Path | None:
     ft = cfg.finetune
     if ft.heldout_task:
@@ -72,6 +100,7 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     from lmforge.train import loop
 
     ft = cfg.finetune
+    require_quantization(cfg)
     init = ft.init or str(run_dir)
     if ft.init is None and not (run_dir / "train").is_dir():
         raise ConfigError(f"finetune.init: no model to start from ({run_dir} has no pre-trained model); "
@@ -80,9 +109,11 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # model is what this stage writes, never where it starts (resuming would change the base).
     own = ft.init is None or Path(ft.init).expanduser().resolve() == run_dir.resolve()
     base = load_model(run_dir / "train" if own else ft.init)
+    tok = base.tokenizer
+    if ft.mode != "text":
+        check_chat_tokenizer(tok)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
-    tok = base.tokenizer
     if tok.vocab_size > base.cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer of {init} has {tok.vocab_size} tokens but the model's embedding only "
                           f"{base.cfg.model.vocab_size}: the tokenizer does not belong to this checkpoint")
@@ -100,9 +131,11 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # The finetune fields that invalidate its checkpoints; those named like train's count in run_cfg.train.
     shape = {k: v for k, v in artifacts.reuse_key(cfg, "finetune", resume=True)["finetune"].items()
              if k not in TRAIN_KEYS}
+    # A model's own chat template and begin-token rule shape the data as much as its tokenizer.json does.
+    template = {"chat_template": tok.chat_template, "add_bos": tok.add_bos} if tok.chat_template is not None else {}
     data_fp = artifacts.digest({"init": _weights_digest(base.model), "tokenizer": tokenizer_digest(tok_path),
                                 "finetune": shape, "data": artifacts.content_digest([*train_files, *val_files]),
-                                "max_length": max_length})
+                                "max_length": max_length, **template})
     text = data_stats["mode"] == "text"
     # Chat has no bits per byte (only assistant tokens are scored); text is measured on its validation split.
     bpt = data_stats["val"]["bytes"] / max(1, data_stats["val"]["tokens"] - data_stats["val"]["docs"]) if text else None
@@ -132,7 +165,18 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
     checkpoint.load(ckpt, model, optimizer=None, restore_rng=False)
     info = {"base": {"path": str(base.path), "step": base.step, "weights": _weights_digest(base.model)},
             "model": run_cfg.model.model_dump(), "step": state["step"]}
-    return lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, state["lora"]["targets"], info)
+    targets = state["lora"]["targets"]
+    if lora.is_wrapped(model):  # PEFT's adapters, saved by PEFT, for the model's own Hugging Face folder
+        return lora.save_peft(model, out / "adapter", str(base.path))
+    files = lora.save_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, info)
+    if run_cfg.model.arch == "transformer":  # and in PEFT's format, for the model's Hugging Face export
+        from lmforge.export.peft_adapter import save_peft_adapter
+
+        try:
+            files += save_peft_adapter(model, out / "adapter", run_cfg.finetune.lora, targets, str(base.path))
+        except ConfigError as e:  # a Transformer with no Hugging Face export (qk_norm, ...)
+            warnings.warn(f"the adapter is saved in lmforge's format only, not PEFT's: {e}", stacklevel=1)
+    return files
 
 
 def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,

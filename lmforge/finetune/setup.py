@@ -22,7 +22,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig
-from lmforge.data.chat import IM_END, IM_START
+from lmforge.data.chat import IM_END, IM_START, ChatTemplateError, template_end_token
 from lmforge.data.loader import TokenLoader
 from lmforge.data.readers.files import stage_texts
 from lmforge.data.sources import DataError
@@ -92,9 +92,6 @@ def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path
     data_dir.mkdir(parents=True, exist_ok=True)
     if ft.mode == "text":
         return _prepare_text(cfg, tok, max_length, data_dir, train_files, val_files)
-    if tok.token_to_id(IM_START) is None or tok.token_to_id(IM_END) is None:
-        raise ConfigError(f"the pretrained model's tokenizer has no {IM_START} / {IM_END} tokens, so it cannot "
-                          f"be chat fine-tuned; use finetune.mode=text or a tokenizer trained by lmforge")
     convs, report = read_conversations(train_files, ft.on_bad_line)
     if val_files:
         val_convs, _ = read_conversations(val_files, ft.on_bad_line, report)
@@ -113,6 +110,21 @@ def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path
         save_examples(examples, data_dir / f"chat_{split}.npz")
         stats[split] = s
     return stats
+
+
+def check_chat_tokenizer(tok: Tokenizer) -> None:
+    """Refuse, before anything is written, a model that cannot be chat fine-tuned: its own template cannot
+    mark the assistant's tokens, or it has no template and no ChatML tokens."""
+    if tok.chat_template is not None:
+        try:
+            template_end_token(tok)
+        except ChatTemplateError as e:
+            raise ConfigError(f"{e}; fine-tune it with finetune.mode=text, or give its folder a chat_template.jinja "
+                              f"with role markers") from None
+    elif tok.token_to_id(IM_START) is None or tok.token_to_id(IM_END) is None:
+        raise ConfigError(f"the pretrained model's tokenizer has no {IM_START} / {IM_END} tokens and no chat "
+                          f"template, so it cannot be chat fine-tuned; use finetune.mode=text or a tokenizer "
+                          f"trained by lmforge")
 
 
 def _prepare_text(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path,

@@ -12,9 +12,13 @@ An adapter adds ``(alpha / r) * B @ A`` to a frozen weight ``W`` (``A`` is ``r x
   recurrent input inside the kernel).
 
 Embeddings and the output head are not adapted by default (a head tied to the embedding would be
-adapted on one side only). lmforge uses its own small LoRA rather than peft because the registry
-models are plain ``nn.Module``s with recurrent layers peft does not cover, and the merged model must
-keep the exact parameter names the checkpoint, export and serving code expect. It lives with training,
+adapted on one side only). lmforge uses its own small LoRA for its own architectures because they are
+plain ``nn.Module``s with recurrent layers peft does not cover, and the merged model must keep the exact
+parameter names the checkpoint, export and serving code expect (the Transformer's adapters are also
+written in PEFT's format, :mod:`lmforge.export.peft_adapter`). A model wrapped from Hugging Face
+(``model.arch=hf``) gets PEFT's own LoRA instead (``get_peft_model`` on its transformers module, the same
+options; merged with ``merge_and_unload``, saved with ``save_pretrained``): the same functions below
+dispatch to it. It lives with training,
 like the other things applied to a model from outside (DDP, FSDP, compile in :mod:`lmforge.train.distributed`),
 because fine-tuning attaches adapters and :func:`lmforge.trained.load_model` merges them, and the loader
 must not import the fine-tuning stage that itself loads models::
@@ -178,6 +182,8 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, last_layers: int | None = Non
     """Freeze every base parameter and wrap the target modules with adapters; returns their names."""
     if cfg.rank < 1:
         raise ConfigError("finetune.lora.rank must be at least 1 to attach adapters")
+    if is_wrapped(model):
+        return _attach_peft(model, cfg, last_layers)
     names = select_targets(model, cfg, last_layers)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -190,12 +196,14 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, last_layers: int | None = Non
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, _LoRA) for m in model.modules())
+    return any(isinstance(m, _LoRA) for m in model.modules()) or (is_wrapped(model) and _is_peft(model.hf))
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain module back (names as before LoRA)."""
+    if is_wrapped(model) and _is_peft(model.hf):
+        model.hf = model.hf.merge_and_unload()
     for name, module in list(model.named_modules()):
         if isinstance(module, _LoRA):
             parent_name, _, child = name.rpartition(".")
@@ -204,6 +212,49 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+# ------------------------------------------------------------------ models wrapped from Hugging Face: PEFT
+def is_wrapped(model: nn.Module) -> bool:
+    """A transformers model behind lmforge's contract (``model.arch=hf``), adapted through PEFT."""
+    return getattr(getattr(model, "cfg", None), "arch", None) == "hf"
+
+
+def _is_peft(module: nn.Module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def _attach_peft(model: nn.Module, cfg: LoraConfig, last_layers: int | None) -> list[str]:
+    """``get_peft_model`` on the wrapped transformers module (``model.hf``), with lmforge's target rules:
+    names or patterns of Linear modules (all but the output head when empty), in the last ``last_layers``."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise ConfigError("finetune.lora on a model wrapped from Hugging Face trains PEFT's adapters: "
+                          "pip install peft (or lmforge[hf])") from None
+    head = model.lm_head
+    candidates = [n for n, m in model.hf.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    chosen = [n for n in candidates if not cfg.targets or any(_matches(n, p) for p in cfg.targets)]
+    for pattern in cfg.targets:
+        if not any(_matches(n, pattern) for n in candidates):
+            raise ConfigError(f"finetune.lora.targets: '{pattern}' matches no Linear module of the model; "
+                              f"its modules are named like {', '.join(candidates[:8])}")
+    if last_layers is not None:
+        chosen = [n for n in chosen if layer_of(n) is not None and layer_of(n) >= model.cfg.n_layers - last_layers]
+    if not chosen:
+        raise ConfigError("finetune.lora: no module left to adapt (check finetune.lora.targets and train_layers)")
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=chosen,
+                              bias="none", task_type="CAUSAL_LM")
+    model.hf = get_peft_model(model.hf, peft_cfg)  # freezes the base weights; adapters A random, B zero
+    return chosen
+
+
+def save_peft(model: nn.Module, folder: Path, base: str) -> list[Path]:
+    """The PEFT adapters of a wrapped model, with ``save_pretrained`` (adapter_config.json + adapter_model.safetensors)."""
+    model.hf.peft_config["default"].base_model_name_or_path = base
+    model.hf.save_pretrained(str(folder))
+    return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:

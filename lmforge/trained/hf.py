@@ -31,6 +31,7 @@ generation stops where the original model stops::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -42,7 +43,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lmforge.config import ModelConfig, RunConfig
-from lmforge.data.tokenizer import DEFAULT_SPECIALS, Tokenizer, read_specials
+from lmforge.data.chat import ChatTemplateError, template_end_token
+from lmforge.data.tokenizer import DEFAULT_SPECIALS, Tokenizer, read_add_bos, read_chat_template, read_specials
 from lmforge.models import HFCausalLM, LanguageModel, build_model
 from lmforge.train.checkpoint import CheckpointError
 from lmforge.trained.hf_config import LLAMA_TYPES, native_config, wrapped_config
@@ -197,7 +199,26 @@ def load_tokenizer(folder: Path, hf: dict[str, Any], vocab_size: int) -> Tokeniz
         raise CheckpointError(f"{folder}: no end-of-text token: none of tokenizer_config.json, "
                               f"special_tokens_map.json, generation_config.json or config.json names one "
                               f"that tokenizer.json holds")
-    return Tokenizer(inner, origin=str(path), specials=specials, end_tokens=end_tokens(inner, generation, hf))
+    ends = end_tokens(inner, generation, hf)
+    tok = Tokenizer(inner, origin=str(path), specials=specials, end_tokens=ends,
+                    chat_template=read_chat_template(folder), add_bos=begin_rule(folder, inner, specials["bos_token"]))
+    # The template's end of turn stops generation too (a base model's config may list only its end of text).
+    # A template that cannot mark turns adds none; it is refused, with its reason, where a chat is rendered.
+    with contextlib.suppress(ChatTemplateError):
+        if tok.chat_template is not None:
+            tok.end_tokens = sorted({*tok.end_tokens, template_end_token(tok)})
+    return tok
+
+
+def begin_rule(folder: Path, inner: tokenizers.Tokenizer, bos: str | None) -> bool:
+    """Whether the tokenizer puts a begin token first, as transformers decides: ``add_bos_token`` of
+    ``tokenizer_config.json`` when it says, else whether ``tokenizer.json``'s post-processor adds ``bos``
+    (Llama 3 and Gemma do; Qwen and GPT-2 do not)."""
+    declared = read_add_bos(folder)
+    if declared is not None:
+        return declared
+    bos_id = None if bos is None else inner.token_to_id(bos)
+    return bos_id is not None and inner.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
 
 
 def end_tokens(inner: tokenizers.Tokenizer, generation: dict[str, Any], hf: dict[str, Any]) -> list[str]:

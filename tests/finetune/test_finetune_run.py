@@ -100,7 +100,8 @@ def test_lora_run_resumes_exactly(base, chat_files, tmp_path):
     assert vals[0] == vals[1]
     # The adapter alone, loaded onto the base, gives the merged fine-tuned model's logits.
     adapter = tmp_path / "whole/finetune/adapter"
-    assert {p.name for p in adapter.iterdir()} == {"adapter.safetensors", "adapter.json"}
+    assert {p.name for p in adapter.iterdir()} == {"adapter.safetensors", "adapter.json", "adapter_config.json",
+                                                   "adapter_model.safetensors"}  # lmforge's and PEFT's formats
     from lmforge.train.lora import load_adapter
 
     plain = load_model(base).model
@@ -193,3 +194,16 @@ def test_finetune_with_every_checkpoint_damaged_stops_and_keeps_it(base, chat_fi
     assert weights.read_bytes() == damaged
     assert run("--train.resume=false") == 0  # the way to start over on purpose
     assert load_model(tmp_path / "damaged/finetune").step == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_qlora_without_cuda_is_refused_in_one_line_before_anything_is_written(base, chat_files, tmp_path, capsys):
+    args = _finetune_args(base, tmp_path, "q", f"--finetune.data={chat_files['data']}", "--finetune.lora.rank=2",
+                          "--finetune.lora.quantize=4bit")
+    assert call_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finetune.lora.quantize=4bit needs a CUDA GPU" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+    # Quantizing a base that no adapter trains on is a config error naming both settings.
+    assert call_cli(*_finetune_args(base, tmp_path, "q", "--finetune.lora.quantize=4bit")) == 2
+    assert "finetune.lora.rank >= 1" in capsys.readouterr().err
