@@ -80,3 +80,15 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, small_corpus: Path):
             "--train.steps=2", "--train.eval_every=0"]
     assert run_cli(*base).returncode == 0
     _fails(run_cli(*base, "--model.arch=lstm"), 2, "'transformer' model", "model.arch is 'lstm'")
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """``1e-06`` (as Hugging Face config.json files write it) is a number in a recipe and in an override, as
+    JSON and YAML 1.2 read it; PyYAML alone would make it the string '1e-06'."""
+    from lmforge.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 3e-4\n")
+    cfg = load_config(recipe, ['model.hf_config={"model_type": "qwen3", "rms_norm_eps": 1e-06}', "model.arch=hf"])
+    assert cfg.train.lr == 3e-4 and cfg.model.hf_config["rms_norm_eps"] == 1e-06
+    assert isinstance(cfg.model.hf_config["rms_norm_eps"], float)

@@ -50,6 +50,7 @@ from lmforge.config.run import (
 )
 from lmforge.config.sections import (
     ARCHS,
+    SCRATCH_ARCHS,
     CNNConfig,
     CompareConfig,
     DataConfig,
@@ -68,6 +69,7 @@ from lmforge.config.sections import (
 
 __all__ = [
     "ARCHS",
+    "SCRATCH_ARCHS",
     "CNNConfig",
     "CleanConfig",
     "CollectConfig",

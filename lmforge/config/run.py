@@ -7,6 +7,7 @@ Values come, in order of precedence, from the class defaults, a YAML recipe and
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,21 @@ from lmforge.config.sections import (
     TokenizerConfig,
     TrainConfig,
 )
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """YAML as JSON and YAML 1.2 read numbers: PyYAML follows YAML 1.1, where ``1e-06`` (no dot) is a string.
+
+    It matters for values copied from a Hugging Face ``config.json`` (``rms_norm_eps: 1e-06``) into
+    ``model.hf_config``, a mapping whose fields no type check turns back into numbers."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YAMLLoader)  # a SafeLoader: no object tags
 
 
 class RunConfig(Section):
@@ -87,7 +103,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
@@ -123,7 +139,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

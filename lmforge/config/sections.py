@@ -126,6 +126,9 @@ class ModelConfig(Section):
         if (self.arch == "hf") != bool(self.hf_config):
             raise ValueError("model.hf_config is set only for model.arch=hf, which needs it (a Hugging Face "
                              "config.json as a mapping, with its model_type)")
+        if self.arch == "hf" and self.param_budget is not None:
+            raise ValueError(f"model.param_budget ({self.param_budget}) does not apply to model.arch=hf: the "
+                             "family's config (model.hf_config) fixes its size")
         if self.arch == "cnn" and self.cnn.kernel_size > self.context:
             raise ValueError(f"model.cnn.kernel_size ({self.cnn.kernel_size}) is wider than "
                              f"model.context ({self.context})")

@@ -24,6 +24,7 @@ from lmforge.train import loop
 from lmforge.train.metrics import read_metrics
 from lmforge.trained import load_model
 from tests.conftest import TINY, run_cli
+from tests.hf_families import tiny_hf_config
 
 # One thread: tiny models gain nothing from two, and a busy machine makes two much slower.
 FAST = ["--train.threads=1", "--train.steps=12", "--train.eval_every=6", "--train.ckpt_every=6"]
@@ -107,6 +108,8 @@ def test_exact_resume(arch, runs: Path, packed: Path):
     """
     over = [f"model.arch={arch}", "train.steps=8", "train.log_every=1", "train.ckpt_every=0", "train.threads=1",
             "model.dropout=0.1", "train.eval_every=0"]
+    if arch == "hf":  # a tiny Qwen3 through the wrapper; its vocabulary is laid over from the tokenizer
+        over.append("model.hf_config=" + json.dumps(tiny_hf_config(320, 32, 2, 32, dropout=0.1)))
 
     def train(name: str, *extra: str) -> Path:
         run_dir = runs / f"resume-{arch}" / name
