@@ -64,9 +64,14 @@ class Fingerprint:
     hashes: np.ndarray  # word hashes, for decontamination
 
 
+def exact_key(words: list[str]) -> bytes:
+    """16-byte key of a text's lowercase words: copies differing only in case, punctuation or spacing collide."""
+    return hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=16).digest()
+
+
 def fingerprint(text: str, cfg: DedupConfig) -> Fingerprint:
     words, hashes = word_hashes(text)
-    key = hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=16).digest()
+    key = exact_key(words)
     signature = minhash(hashes, cfg.shingle_words, cfg.num_perm) if cfg.near else None
     return Fingerprint(key, signature, hashes)
 
