@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 
 from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
-
 # --------------------------------------------------------------------------- data
 # How the data stages run (executor, tasks, Slurm) never changes what they produce.
 _HOW = reuse(docs=IRRELEVANT, bakeoff=IRRELEVANT, clean=IRRELEVANT)
