@@ -6,6 +6,7 @@ and says so, rather than being skipped.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.sources import DataError
-from tests.data.test_data_tasks import _card, _clean, _kept, _with, collected  # noqa: F401 - a fixture
+from tests.data.test_data_tasks import _card, _clean, _kept, _with
+from tests.data.test_data_tasks import collected as collected  # the fixture, shared
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 
@@ -70,10 +72,8 @@ def _pid(pid_file: Path) -> int:
 
 def _stop(pids: list[int]) -> None:
     for pid in reversed(pids):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def cluster(tmp_path: Path, monkeypatch) -> Iterator[Path]:
         _stop(pids)
 
 
-def test_slurm_runs_the_clean_stage_and_keeps_what_local_keeps(cluster: Path, collected, tmp_path: Path) -> None:
+def test_slurm_runs_the_clean_stage_and_keeps_what_local_keeps(cluster: Path, collected: tuple, tmp_path: Path) -> None:
     cfg, up = collected
     local = _clean(_with(cfg, tasks=4, workers=2), up, tmp_path / "local")
     slurm_cfg = _with(cfg, tasks=4, workers=2, executor="slurm",
@@ -121,7 +121,7 @@ def test_slurm_runs_the_clean_stage_and_keeps_what_local_keeps(cluster: Path, co
     assert on_slurm["documents"] == local["documents"] and local["documents"]["kept"] > 0
 
 
-def test_a_job_the_cluster_refuses_is_one_clear_error(cluster: Path, collected, tmp_path: Path) -> None:
+def test_a_job_the_cluster_refuses_is_one_clear_error(cluster: Path, collected: tuple, tmp_path: Path) -> None:
     cfg, up = collected
     bad = _with(cfg, executor="slurm", tasks=2,
                 slurm=cfg.data.slurm.model_copy(update={"partition": "nosuchpartition"}))
