@@ -189,3 +189,36 @@ def test_slurm_without_a_partition_is_a_clear_error(collected, tmp_path: Path) -
     cfg, up = collected
     with pytest.raises(DataError, match=r"data\.slurm\.partition"):
         _clean(_with(cfg, executor="slurm"), up, tmp_path / "out")
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(collected, tmp_path: Path, capsys) -> None:
+    from lmforge.cli import main as cli_main
+
+    cfg, _ = collected
+    common = ["clean", f"--runs_dir={cfg.runs_dir}", "--name=t", f"--data.train=[{cfg.data.train[0]}]"]
+    for args, expected in (([*common, "--data.executor=slurm"], "data.slurm.partition"),
+                           (["clean", f"--runs_dir={tmp_path}", f"--data.train=[{tmp_path / 'nowhere.txt'}]"],
+                            "nowhere.txt")):
+        with pytest.raises(SystemExit) as stop:
+            cli_main(args)
+        assert stop.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        # One error line (a missing source is warned about first, then the stage stops with a line of its own).
+        assert len([e for e in err if e.startswith("error")]) == 1 and expected in err[-1]
+        assert not any("Traceback" in e for e in err)
+    assert not (cfg.run_dir / "clean" / "manifest.json").exists()
+
+
+def test_a_failing_task_names_the_damage_and_marks_nothing_done(collected, tmp_path: Path) -> None:
+    import shutil
+
+    cfg, up = collected
+    damaged = _with(cfg.model_copy(update={"runs_dir": str(tmp_path)}), tasks=4, workers=2)
+    shutil.copytree(cfg.run_dir / "collect", damaged.run_dir / "collect")
+    shard = shard_paths(damaged.run_dir / "collect" / "shards")[-1]
+    shard.write_text(shard.read_text(encoding="utf-8") + "{damaged\n", encoding="utf-8")
+    out = damaged.run_dir / "clean"
+    with pytest.raises(DataError, match=rf"{shard.name}:\d+: .*damaged shard"):
+        curate.main(damaged, damaged.run_dir / "collect", out, up["collect"], up["_fp"]["collect"])
+    assert not (out / "data_card.json").exists() and not list((out / "docs").glob("*.jsonl"))
+    assert "00003" not in {p.name for p in (out / "work" / "logs" / "a" / "completions").glob("*")}
