@@ -56,23 +56,31 @@ def step_order(cfg: CleanConfig, decontaminate: bool) -> list[str]:
     return names + (["decontaminate"] if decontaminate else []) + (["dedup"] if _dedup_on(cfg) else [])
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands x rows (b * r <= num_perm) that minimise the mean of the false-positive and false-negative areas
+    under the candidate curve 1 - (1 - s^r)^b around ``threshold``: the rule datasketch's MinHashLSH follows."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], float)
+    b, r = pairs[:, :1], pairs[:, 1:]
+    grid = (np.arange(1000) + 0.5) / 1000  # midpoints: the areas as means times widths
+    below, above = grid * threshold, threshold + grid * (1 - threshold)
+    false_pos = np.mean(1 - (1 - below**r) ** b, axis=1) * threshold
+    false_neg = np.mean((1 - above**r) ** b, axis=1) * (1 - threshold)
+    best = int(np.argmin(0.5 * false_pos + 0.5 * false_neg))
+    return int(pairs[best, 0]), int(pairs[best, 1])
+
+
 def minhash_config(cfg: CleanConfig):
     """datatrove's MinHash settings for ``clean.dedup``: ``shingle_words``-word shingles of lowercase words, and
-    the bands x rows that datasketch's LSH picks for (threshold, num_perm), e.g. 25 x 5 for (0.5, 128)."""
-    from datasketch.lsh import _optimal_param
+    the bands x rows of :func:`lsh_bands` for (threshold, num_perm), e.g. 25 x 5 for (0.5, 128)."""
     from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.utils.text import TextNormConfig
 
-    bands, rows = _optimal_param(cfg.dedup.threshold, cfg.dedup.num_perm, 0.5, 0.5)
-    # Only lowercase and whitespace: the words themselves come from lmforge's \w+ tokenizer.
-    norm = TextNormConfig(remove_punctuation=False, norm_unicode_diacritics=False, norm_numbers=False)
-    return MinhashConfig(n_grams=cfg.dedup.shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1,
-                         norm_config=norm)
+    bands, rows = lsh_bands(cfg.dedup.threshold, cfg.dedup.num_perm)
+    return MinhashConfig(n_grams=cfg.dedup.shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1)
 
 
 def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -> list[tuple[str, list, int]]:
     """The datatrove stages as ``(name, pipeline, tasks)``."""
-    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupSignature
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 
     from lmforge.data import tasks as t
 
@@ -83,7 +91,7 @@ def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -
     buckets = mh.num_buckets if mh else 4  # exact-key buckets: as many tasks as there are bands
     stage_a = [t.ReadRange([str(s) for s in shards], counts), t.CleanTask(clean, ngrams, str(out), buckets)]
     if near:
-        stage_a.append(MinhashDedupSignature(str(work / "minhash" / "sigs"), config=mh, language=t.Words()))
+        stage_a.append(t.Signatures(str(work / "minhash" / "sigs"), config=mh, language=t.Words()))
     stages = [("a", stage_a, n)]
     if exact or near:
         stage_b = [MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "buckets"), config=mh)

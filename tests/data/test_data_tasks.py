@@ -176,6 +176,11 @@ def test_minhash_settings_follow_threshold_and_permutations() -> None:
     assert (mh.n_grams, mh.num_buckets, mh.hashes_per_bucket) == (3, 25, 5)  # datasketch's choice for (0.5, 128)
     strict = curate.minhash_config(CleanConfig.model_validate({"dedup": {"threshold": 0.8}}))
     assert strict.hashes_per_bucket > mh.hashes_per_bucket
+    from datasketch.lsh import _optimal_param  # the LSH the in-memory finder uses picks the same bands
+
+    for threshold in (0.3, 0.5, 0.7, 0.9):
+        for num_perm in (64, 128, 256):
+            assert curate.lsh_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
 def test_task_ranges_cover_the_corpus_in_order() -> None:
