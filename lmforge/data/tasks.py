@@ -108,8 +108,9 @@ class ReadRange(PipelineStep):
 class CleanTask(PipelineStep):
     """Cleaning steps, decontamination and exact keys for one task; yields the documents kept.
 
-    Writes ``work/a/<task>.jsonl`` (kept, in order), ``work/keys/<bucket>/<task>.npy`` (exact keys
-    by bucket), ``work/ledger/a/<task>.json`` and ``rejects/<task>.jsonl``.
+    Writes ``work/a/<task>.jsonl`` (kept, in order), ``work/ids/<task>.json`` (their ids),
+    ``work/keys/<bucket>/<task>.npy`` (exact keys by bucket), ``work/ledger/a/<task>.json`` and
+    ``rejects/<task>.jsonl``.
     """
 
     name = "clean"
@@ -125,6 +126,7 @@ class CleanTask(PipelineStep):
                                self.cfg.rejects_max_chars)
         kept = artifacts.AtomicFile(self.out / "work" / "a" / f"{rank:05d}.jsonl", "wb")
         keys: list[tuple[int, int, int]] = []
+        ids: list[str] = []  # of the documents kept, in order: stage C names the copy a duplicate repeats
         for doc in data:
             doc, size = _clean_one(doc, steps, ledger, rejects)
             if doc is None:
@@ -143,8 +145,10 @@ class CleanTask(PipelineStep):
                 key = exact_key(words)
                 keys.append((int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"), len(keys)))
             kept.write((doc.to_json() + "\n").encode("utf-8", errors="surrogatepass"))
+            ids.append(doc.id)
             yield doc
         kept.commit()
+        artifacts.write_json(self.out / "work" / "ids" / f"{rank:05d}.json", ids, indent=None)
         rejects.close()
         if self.cfg.dedup.exact:
             _write_keys(np.array(keys, dtype=KEY_DTYPE), self.out / "work" / "keys", rank, self.buckets)
@@ -243,7 +247,7 @@ class PickCopies(PipelineStep):
                 continue
             for g in groups_of[node]:
                 keeper.setdefault(g, node)
-        ids = _ids_of({kept for _, kept in removed.values()}, self.work / "a")
+        ids = _ids_of({kept for _, kept in removed.values()}, self.work / "ids")
         per_task: dict[int, list] = {t: [] for t in range(self.tasks)}
         for (task, idx), (reason, kept) in sorted(removed.items()):
             per_task[task].append([idx, reason, ids[kept]])
@@ -275,14 +279,14 @@ def _band_groups(folder: Path) -> dict[tuple[int, int], list[int]]:
 
 
 def _ids_of(wanted: set[tuple[int, int]], folder: Path) -> dict[tuple[int, int], str]:
-    """The document ids at ``(task, index)`` positions, read from stage A's kept files."""
+    """The document ids at ``(task, index)`` positions, from stage A's id lists (one task's list at a time)."""
+    by_task: dict[int, list[int]] = {}
+    for task, index in wanted:
+        by_task.setdefault(task, []).append(index)
     ids: dict[tuple[int, int], str] = {}
-    for task in sorted({t for t, _ in wanted}):
-        need = {i for t, i in wanted if t == task}
-        with open(folder / f"{task:05d}.jsonl", encoding="utf-8", errors="surrogatepass") as f:
-            for i, line in enumerate(f):
-                if i in need:
-                    ids[(task, i)] = json.loads(line)["id"]
+    for task, indices in sorted(by_task.items()):
+        listed = json.loads((folder / f"{task:05d}.json").read_text(encoding="utf-8"))
+        ids.update({(task, i): listed[i] for i in indices})
     return ids
 
 
