@@ -9,8 +9,8 @@ prints the throughput (input MB per wall second of the clean stage), the peak me
 of the main process and of the workers, the time per step and the drop table.
 
 With --resume-check it then starts the clean stage again in a child process, kills it
-(SIGKILL, the whole process group) once --kill-after shards are done, reruns it and
-reports how many shards the rerun had to clean. ::
+(SIGKILL, the whole process group) once --kill-after tasks are done, reruns it and
+reports how many tasks the rerun had to clean. ::
 
     python benchmarks/data_pipeline.py --mb 5                     # a quick check (about a minute on 2 cores)
     python benchmarks/data_pipeline.py --mb 200 --workers 2 --resume-check     # the figure in docs/benchmarks.md
@@ -18,7 +18,7 @@ reports how many shards the rerun had to clean. ::
 Expected output ends with lines like::
 
     clean: 5.2 MB in 9.8 s = 0.53 MB/s (2 workers) | peak RSS main 310 MB, workers 280 MB
-    resume: killed after 3 of 7 shards were cleaned; the rerun cleaned 4 (3 kept from before)
+    resume: killed after 3 of 8 tasks were cleaned; the rerun cleaned 5 (3 kept from before)
 """
 
 from __future__ import annotations
