@@ -85,7 +85,7 @@ def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -
     from lmforge.data import tasks as t
 
     clean, n, work = cfg.clean, cfg.data.tasks, out / "work"
-    counts = [_count_lines(s) for s in shards]
+    counts = [t.count_lines(s) for s in shards]
     exact, near = _dedup_on(clean) and clean.dedup.exact, _dedup_on(clean) and clean.dedup.near
     mh = minhash_config(clean) if near else None
     buckets = mh.num_buckets if mh else 4  # exact-key buckets: as many tasks as there are bands
@@ -100,15 +100,6 @@ def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -
                    ("c", [t.PickCopies(str(work), n)], 1)]
     stages.append(("d", [t.ReadKept(str(work)), t.DropCopies(clean, str(out), exact or near)], n))
     return stages
-
-
-def _count_lines(path: Path) -> int:
-    """Documents in a shard (one JSON line each), counted without parsing them."""
-    count = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-    return count
 
 
 def _prepare(cfg: RunConfig, out: Path, key: str) -> None:

@@ -83,6 +83,44 @@ class Signatures(MinhashDedupSignature):
         return np.unique(shingles).reshape((-1, 1))
 
 
+def count_lines(path: Path) -> int:
+    """Documents in a JSONL file (one per line), counted without parsing them."""
+    count = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
+
+
+class PackTask(PipelineStep):
+    """The pack stage's task: encode this task's range of a docs-stage file into ``<work>/<task>.bin``."""
+
+    name = "encode"
+
+    def __init__(self, docs: str, total: int, tokenizer_dir: str, work: str) -> None:
+        super().__init__()
+        self.docs, self.total, self.tokenizer_dir, self.work = docs, total, tokenizer_dir, Path(work)
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        from lmforge.data.pack import encode_range
+        from lmforge.data.tokenizer import Tokenizer
+
+        start, end = task_range(self.total, rank, world_size)
+
+        def texts():
+            with open(self.docs, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i >= end:
+                        return
+                    if i >= start:
+                        yield json.loads(line)["text"]
+
+        counts = encode_range(texts(), Tokenizer.load(Path(self.tokenizer_dir)), self.work / f"{rank:05d}.bin")
+        artifacts.write_json(self.work / f"{rank:05d}.json", counts, indent=None)
+        return
+        yield
+
+
 class ReadRange(PipelineStep):
     """Stage A's reader: this task's contiguous share of the collected shards."""
 

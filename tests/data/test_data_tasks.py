@@ -227,3 +227,23 @@ def test_a_failing_task_names_the_damage_and_marks_nothing_done(collected, tmp_p
         curate.main(damaged, damaged.run_dir / "collect", out, up["collect"], up["_fp"]["collect"])
     assert not (out / "data_card.json").exists() and not list((out / "docs").glob("*.jsonl"))
     assert "00003" not in {p.name for p in (out / "work" / "logs" / "a" / "completions").glob("*")}
+
+
+def test_packing_in_tasks_writes_the_shards_one_process_writes(collected, tmp_path: Path) -> None:
+    from lmforge.data import pack
+
+    cfg, _ = collected
+    small = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shard_tokens": 4096})})
+    run(small, until="pack")
+    up = small.run_dir
+    many = pack.main(_with(small, tasks=5, workers=2), up / "docs", up / "tokenizer", tmp_path / "pack", 4096)
+    one = pack.main(small, up / "docs", up / "tokenizer", tmp_path / "one", 4096)
+    assert many == one and one["train"]["shards"] > 3  # shards close at the same document boundaries
+    for split in ("train", "val"):
+        names = [p.name for p in pack.list_shards(tmp_path / "one", split)]
+        assert names == [p.name for p in pack.list_shards(tmp_path / "pack", split)]
+        for name in names:
+            assert (tmp_path / "pack" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+            index = pack.index_path(Path(name)).name
+            assert (tmp_path / "pack" / index).read_bytes() == (tmp_path / "one" / index).read_bytes()
+    assert not (tmp_path / "pack" / "work").exists()
