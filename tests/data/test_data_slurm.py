@@ -108,7 +108,7 @@ def cluster(tmp_path: Path, monkeypatch) -> Iterator[Path]:
         _stop(pids)
 
 
-def test_slurm_runs_the_clean_stage_and_keeps_what_local_keeps(cluster: Path, collected: tuple, tmp_path: Path) -> None:
+def test_slurm_runs_clean_and_pack_and_writes_what_local_writes(cluster: Path, collected: tuple, tmp_path: Path) -> None:
     cfg, up = collected
     local = _clean(_with(cfg, tasks=4, workers=2), up, tmp_path / "local")
     slurm_cfg = _with(cfg, tasks=4, workers=2, executor="slurm",
@@ -119,6 +119,16 @@ def test_slurm_runs_the_clean_stage_and_keeps_what_local_keeps(cluster: Path, co
     assert _kept(tmp_path / "slurm") == _kept(tmp_path / "local")
     assert _card(tmp_path / "slurm") == _card(tmp_path / "local")
     assert on_slurm["documents"] == local["documents"] and local["documents"]["kept"] > 0
+    # The pack stage's encoding tasks on Slurm write the same shards as one local process.
+    from lmforge.data import pack
+    from lmforge.pipeline import run
+
+    run(cfg, until="tokenizer")
+    args = (cfg.run_dir / "docs", cfg.run_dir / "tokenizer")
+    packed = pack.main(_with(slurm_cfg, tasks=3), *args, tmp_path / "pack_slurm", 4096)
+    assert packed == pack.main(cfg, *args, tmp_path / "pack_local", 4096) and packed["train"]["shards"] > 1
+    for name in [p.name for p in pack.list_shards(tmp_path / "pack_local", "train")]:
+        assert (tmp_path / "pack_slurm" / name).read_bytes() == (tmp_path / "pack_local" / name).read_bytes()
 
 
 def test_a_job_the_cluster_refuses_is_one_clear_error(cluster: Path, collected: tuple, tmp_path: Path) -> None:
