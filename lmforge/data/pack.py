@@ -250,26 +250,9 @@ def main(cfg: RunConfig, docs_dir: Path, tokenizer_dir: Path, out_dir: Path,
     return result
 
 
-def encode_range(texts: Iterable[str], tok: Tokenizer, tokens_path: Path) -> dict:
-    """Encode ``texts`` (each followed by EOT) into one flat token file plus ``.len.npy`` with each document's
-    length; returns {tokens, docs, bytes}. A pack task's output, merged into shards by :func:`merge_ranges`."""
-    dtype = np.dtype(DTYPES[dtype_code(tok.vocab_size)])
-    lengths = array("q")
-    n_bytes = 0
-    with AtomicFile(tokens_path) as f:
-        for batch in _batches(texts, ENCODE_BATCH):
-            for text, ids in zip(batch, tok.encode_batch(batch), strict=True):
-                ids.append(tok.eot_id)
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                lengths.append(len(ids))
-                n_bytes += len(text.encode("utf-8"))
-    with AtomicFile(tokens_path.with_suffix(".len.npy")) as f:
-        np.save(f, np.frombuffer(lengths, dtype=np.int64))
-    return {"tokens": int(sum(lengths)), "docs": len(lengths), "bytes": n_bytes}
-
-
 def merge_ranges(parts: list[Path], vocab_size: int, out_dir: Path, split: str, shard_tokens: int) -> list[Path]:
-    """The pack tasks' token files, in task order, written as the shards one writer would have made."""
+    """The pack tasks' token files (``tasks.PackTask``: tokens, then ``.len.npy`` with each document's length),
+    in task order, written as the shards one writer would have made."""
     _remove_shards(out_dir, split)
     writer = ShardWriter(out_dir, split, vocab_size, shard_tokens)
     try:
@@ -299,8 +282,9 @@ def _pack_in_tasks(cfg: RunConfig, docs: Path, tok: Tokenizer, tokenizer_dir: Pa
         raise DataError(f"{docs} not found; run the docs stage first (lmforge docs)")
     work = out_dir / "work" / split
     shutil.rmtree(work, ignore_errors=True)  # the pack stage always starts over
-    run_tasks(cfg.data, "encode", [PackTask(str(docs), count_lines(docs), str(tokenizer_dir), str(work))],
-              cfg.data.tasks, work / "logs")
+    dtype = np.dtype(DTYPES[dtype_code(tok.vocab_size)]).name
+    step = PackTask(str(docs), count_lines(docs), str(tokenizer_dir), str(work), dtype, ENCODE_BATCH)
+    run_tasks(cfg.data, "encode", [step], cfg.data.tasks, work / "logs")
     parts = [work / f"{task:05d}.bin" for task in range(cfg.data.tasks)]
     paths = merge_ranges(parts, tok.vocab_size, out_dir, split, shard_tokens)
     total = {"tokens": 0, "docs": 0, "bytes": 0}

@@ -20,6 +20,7 @@ a killed run redoes exactly the unfinished tasks. ::
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -93,29 +94,46 @@ def count_lines(path: Path) -> int:
 
 
 class PackTask(PipelineStep):
-    """The pack stage's task: encode this task's range of a docs-stage file into ``<work>/<task>.bin``."""
+    """The pack stage's task: encode this task's range of a docs-stage file, each document followed by EOT,
+    into ``<work>/<task>.bin`` (flat tokens), ``<task>.len.npy`` (document lengths) and ``<task>.json``
+    (counts); ``pack.merge_ranges`` turns the tasks' files into shards."""
 
     name = "encode"
 
-    def __init__(self, docs: str, total: int, tokenizer_dir: str, work: str) -> None:
+    def __init__(self, docs: str, total: int, tokenizer_dir: str, work: str, dtype: str, batch: int) -> None:
         super().__init__()
         self.docs, self.total, self.tokenizer_dir, self.work = docs, total, tokenizer_dir, Path(work)
+        self.dtype, self.batch = np.dtype(dtype), batch
+
+    def _texts(self, start: int, end: int):
+        with open(self.docs, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= end:
+                    return
+                if i >= start:
+                    yield json.loads(line)["text"]
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from lmforge.data.pack import encode_range
         from lmforge.data.tokenizer import Tokenizer
 
-        start, end = task_range(self.total, rank, world_size)
-
-        def texts():
-            with open(self.docs, encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    if i >= end:
-                        return
-                    if i >= start:
-                        yield json.loads(line)["text"]
-
-        counts = encode_range(texts(), Tokenizer.load(Path(self.tokenizer_dir)), self.work / f"{rank:05d}.bin")
+        tok = Tokenizer.load(Path(self.tokenizer_dir))
+        lengths: list[int] = []
+        n_bytes, batch = 0, []
+        with artifacts.AtomicFile(self.work / f"{rank:05d}.bin") as f:
+            # Streamed; the None at the end flushes the last batch.
+            for text in itertools.chain(self._texts(*task_range(self.total, rank, world_size)), [None]):
+                if text is not None:
+                    batch.append(text)
+                    n_bytes += len(text.encode("utf-8"))
+                if batch and (text is None or len(batch) == self.batch):
+                    for ids in tok.encode_batch(batch):
+                        ids.append(tok.eot_id)
+                        f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+                        lengths.append(len(ids))
+                    batch = []
+        with artifacts.AtomicFile(self.work / f"{rank:05d}.len.npy") as f:
+            np.save(f, np.array(lengths, dtype=np.int64))
+        counts = {"tokens": int(sum(lengths)), "docs": len(lengths), "bytes": n_bytes}
         artifacts.write_json(self.work / f"{rank:05d}.json", counts, indent=None)
         return
         yield
