@@ -9,8 +9,8 @@ prints the throughput (input MB per wall second of the clean stage), the peak me
 of the main process and of the workers, the time per step and the drop table.
 
 With --resume-check it then starts the clean stage again in a child process, kills it
-(SIGKILL, the whole process group) once --kill-after shards are done, reruns it and
-reports how many shards the rerun had to clean. ::
+(SIGKILL, the whole process group) once --kill-after tasks are done, reruns it and
+reports how many tasks the rerun had to clean. ::
 
     python benchmarks/data_pipeline.py --mb 5                     # a quick check (about a minute on 2 cores)
     python benchmarks/data_pipeline.py --mb 200 --workers 2 --resume-check     # the figure in docs/benchmarks.md
@@ -18,7 +18,7 @@ reports how many shards the rerun had to clean. ::
 Expected output ends with lines like::
 
     clean: 5.2 MB in 9.8 s = 0.53 MB/s (2 workers) | peak RSS main 310 MB, workers 280 MB
-    resume: killed after 3 of 7 shards were cleaned; the rerun cleaned 4 (3 kept from before)
+    resume: killed after 3 of 8 tasks were cleaned; the rerun cleaned 5 (3 kept from before)
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.model_validate({
         "name": f"bench{args.mb:g}", "runs_dir": str(Path(args.dir) / "runs"),
         "collect": {"sources": [str(Path(args.dir) / f"corpus{args.mb:g}")], "shard_mb": args.shard_mb},
-        "clean": {"workers": args.workers, "rejects_max_chars": 500,
+        "data": {"workers": args.workers, "tasks": args.tasks}, "clean": {"rejects_max_chars": 500,
                   "quality": {"gopher_repetition": True, "c4": True, "fineweb": True}},
     })
 
@@ -152,34 +152,35 @@ def clean_only(args: argparse.Namespace) -> dict:
 
 def resume_check(args: argparse.Namespace) -> None:
     cfg = config(args)
-    markers = cfg.run_dir / "clean" / "work" / "a"
+    markers = cfg.run_dir / "clean" / "work" / "logs" / "a" / "completions"  # datatrove's finished tasks
     child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child"], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while child.poll() is None and len(list(markers.glob("*.json"))) < args.kill_after:
+    while child.poll() is None and len(list(markers.glob("*"))) < args.kill_after:
         time.sleep(0.2)
     if child.poll() is not None:
         print("resume: the child finished before it could be killed; use a larger --mb or a smaller --kill-after")
         return
     os.killpg(child.pid, signal.SIGKILL)  # the child and its workers, as a crash or `kill -9` would
     child.wait()
-    done_before = {p.stem: p.stat().st_mtime_ns for p in markers.glob("*.json")}
-    total = len(list((cfg.run_dir / "collect" / "shards").glob("*.jsonl")))
+    done_before = {p.name: p.stat().st_mtime_ns for p in markers.glob("*")}
+    total = cfg.data.tasks
     from lmforge.pipeline import run
 
     t0 = time.time()
     out = run(cfg, until="clean")["clean"]
-    print(f"resume: killed after {len(done_before)} of {total} shards were cleaned; the rerun cleaned "
-          f"{total - out['resumed_shards']} ({out['resumed_shards']} kept from before) in {time.time() - t0:.1f}s")
+    print(f"resume: killed after {len(done_before)} of {total} tasks were cleaned; the rerun cleaned "
+          f"{total - out['resumed_tasks']} ({out['resumed_tasks']} kept from before) in {time.time() - t0:.1f}s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=5.0, help="corpus size in MB of text (200 for the full benchmark)")
     ap.add_argument("--dir", default="/tmp/lmforge-bench", help="where the corpus and the run go")
-    ap.add_argument("--workers", type=int, default=2, help="clean.workers")
+    ap.add_argument("--workers", type=int, default=2, help="data.workers: tasks running at once")
+    ap.add_argument("--tasks", type=int, default=8, help="data.tasks: datatrove tasks the corpus is split into")
     ap.add_argument("--shard-mb", type=float, default=8.0, help="collect.shard_mb: size of a shard of work")
     ap.add_argument("--resume-check", action="store_true", help="kill a clean run midway and resume it")
-    ap.add_argument("--kill-after", type=int, default=3, help="resume check: kill once this many shards are done")
+    ap.add_argument("--kill-after", type=int, default=3, help="resume check: kill once this many tasks are done")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -195,7 +196,7 @@ def main() -> None:
     card = json.loads(Path(cl["data_card"]).read_text())
     print(f"\ncollect: {col['bytes'] / 1e6:.1f} MB, {col['documents']:,} documents, {col['shards']} shards in "
           f"{secs['collect']:.1f}s = {col['bytes'] / 1e6 / max(secs['collect'], 1e-9):.2f} MB/s")
-    print("passes (wall s):", json.dumps(cl["pass_seconds"]))
+    print("stages (wall s):", json.dumps(cl["stage_seconds"]))
     print("CPU seconds per step:", json.dumps(card["clean"]["seconds"]))
     print(f"kept {cl['documents']['kept']:,} of {cl['documents']['in']:,} documents "
           f"({cl['bytes']['kept'] / 1e6:.1f} of {mb_in:.1f} MB)")

@@ -19,10 +19,14 @@ and with a fresh finder, the passages followed by their copies:
 - precision: correct finds over all finds, with every edit rate's copies in the pool;
 - ms/doc: the time to fingerprint one passage (words, exact key, MinHash), mean over all.
 
-It also prints the true Jaccard similarity of the copies' shingle sets per edit rate. ::
+It also prints the true Jaccard similarity of the copies' shingle sets per edit rate.
+With ``--stage`` it measures the clean stage itself instead, at the default settings:
+the datatrove tasks of ``lmforge/data/curate.py`` (every cleaning step off but
+dedup), ``--tasks`` tasks, on the passages followed by one rate's copies. ::
 
     python benchmarks/dedup_curve.py                      # every setting (about 2 minutes on 2 cores)
     python benchmarks/dedup_curve.py --shingles 5 --perms 128 --thresholds 0.5 0.8
+    python benchmarks/dedup_curve.py --stage --tasks 4    # the clean stage's datatrove MinHash (about 2 minutes)
 
 Expected output ends with a table like::
 
@@ -109,6 +113,44 @@ def measure(originals: list[Fingerprint], copies: dict[float, list[Fingerprint]]
             "bands": finder.lsh.b, "rows": finder.lsh.r}
 
 
+def measure_stage(originals: list[str], copies: dict[float, list[str]], tasks: int, folder: Path) -> dict:
+    """The same figures from the clean stage run as datatrove tasks (only its dedup on), one rate at a time."""
+    import json
+
+    from lmforge.config import RunConfig
+    from lmforge.pipeline import run
+
+    off = {"normalize": {"html": False, "fix_unicode": False, "form": "none", "whitespace": False,
+                         "control_chars": False},
+           "lines": {"navigation": False, "boilerplate": False, "lorem_ipsum": False},
+           "quality": {"gopher_quality": False}, "language": {"enabled": False},
+           "pii": {"emails": False, "phones": False, "ips": False}}
+    recall, false, wrong, found = {}, 0, 0, 0
+    for rate, texts in copies.items():
+        corpus = folder / f"corpus{rate}.jsonl"
+        rows = [{"id": f"p{i}", "text": t} for i, t in enumerate(originals)]
+        rows += [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)]
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        cfg = RunConfig.model_validate({"name": f"r{rate}", "runs_dir": str(folder), "clean": off,
+                                        "data": {"train": [str(corpus)], "tasks": tasks}})
+        run(cfg, until="clean")
+        hits = 0
+        for path in (cfg.run_dir / "clean" / "rejects").glob("*.dedup.jsonl"):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                kept = row["detail"].removeprefix("copy of ")
+                if row["id"].startswith("p"):
+                    false += 1
+                    continue
+                found += 1
+                hits += kept == "p" + row["id"][1:]
+                wrong += kept != "p" + row["id"][1:]
+        recall[rate] = hits / len(texts)
+    correct = found - wrong
+    return {"recall": recall, "distinct_dropped": false // len(copies),
+            "precision": correct / max(1, correct + wrong + false // len(copies))}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -127,6 +169,8 @@ def main() -> None:
                     help="estimated Jaccard similarities that make a near-copy")
     ap.add_argument("--passages", type=int, default=0, help="use only this many passages (0 = all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the passages and of the edits")
+    ap.add_argument("--stage", action="store_true", help="measure the clean stage's datatrove tasks instead")
+    ap.add_argument("--tasks", type=int, default=4, help="data.tasks for --stage")
     args = ap.parse_args()
 
     items = passages(args.seed, args.passages)
@@ -136,6 +180,16 @@ def main() -> None:
     print(f"{len(originals)} passages of {len({w for w, _, _ in items})} works; {len(RATES)} edit rates; "
           f"CPU: {cpu_name()}\n")
 
+    if args.stage:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            m = measure_stage(originals, copies, args.tasks, Path(folder))
+        print("\n| clean stage, tasks | " + " | ".join(f"{r:.0%}" for r in RATES) + " | distinct dropped | precision |")
+        print("|---" * (len(RATES) + 3) + "|")
+        print(f"| defaults, {args.tasks} | " + " | ".join(f"{m['recall'][r]:.2f}" for r in RATES)
+              + f" | {m['distinct_dropped']} of {len(originals)} | {m['precision']:.3f} |")
+        return
     print("true Jaccard similarity of a copy and its passage (mean, 5th percentile), by words per shingle:\n")
     print("| edit rate | " + " | ".join(f"{k}-word shingles" for k in args.shingles) + " |")
     print("|---" * (len(args.shingles) + 1) + "|")

@@ -163,6 +163,5 @@ class CleanConfig(Section):
     language: LanguageConfig = Field(default_factory=LanguageConfig, description="language identification")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="personal data scrubbing")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="deduplication and decontamination")
-    workers: int = Field(0, ge=0, description="processes cleaning shards in parallel (0 = one per CPU, at most one per shard)")
     rejects: bool = Field(True, description="write dropped documents with their reason to clean/rejects/")
     rejects_max_chars: int = Field(0, ge=0, description="keep this many characters of a rejected text (0 = all)")

@@ -9,8 +9,28 @@ from pydantic import Field, field_validator, model_validator
 
 from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
-
 # --------------------------------------------------------------------------- data
+# How the data stages run (executor, tasks, Slurm) never changes what they produce.
+_HOW = reuse(docs=IRRELEVANT, bakeoff=IRRELEVANT, clean=IRRELEVANT)
+
+
+class SlurmConfig(Section):
+    partition: str | None = Field(None, description="Slurm partition the job array is submitted to (required)")
+    time: str = Field("24:00:00", description="time limit per task (sbatch --time)")
+    cpus_per_task: int = Field(1, ge=1, description="CPUs per task (sbatch --cpus-per-task)")
+    mem_per_cpu_gb: int = Field(2, ge=1, description="memory per CPU in GB (sbatch --mem-per-cpu)")
+    job_name: str = Field("lmforge-clean", description="job name prefix; each datatrove stage adds its own suffix")
+    qos: str = Field("", description="quality of service (sbatch --qos); empty = the cluster's default")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description=(
+        "more sbatch options, e.g. {account: myproject, constraint: cpu}"))
+    env_command: str | None = Field(None, description=(
+        "shell line that makes lmforge importable in a job (e.g. 'source /shared/venv/bin/activate'); "
+        "None = activate the Python environment running lmforge"))
+    logs_dir: str | None = Field(None, description=(
+        "where Slurm writes each task's output; None = clean/work/slurm_logs in the run folder"))
+    poll_seconds: float = Field(5.0, gt=0, description="how often lmforge checks whether the job array finished")
+
+
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description=(
         "training text: files, folders or globs (.txt .md .html .epub .jsonl .csv .parquet, optionally "
@@ -28,6 +48,16 @@ class DataConfig(Section):
     shard_tokens: int = Field(100_000_000, ge=1024, description=(
         "tokens per packed shard file; a shard closes at the first document boundary past it"),
         json_schema_extra=reuse(top=("pack",), pack=INVALIDATES))
+    executor: Literal["local", "slurm"] = Field("local", description=(
+        "what runs the clean stage's datatrove tasks: 'local' = processes on this machine, 'slurm' = a job "
+        "array on a Slurm cluster (data.slurm); the kept documents are the same either way"), json_schema_extra=_HOW)
+    tasks: int = Field(1, ge=1, description=(
+        "datatrove tasks the corpus is split into (contiguous ranges of documents); a killed run redoes only "
+        "the unfinished ones"), json_schema_extra=_HOW)
+    workers: int = Field(0, ge=0, description=(
+        "tasks running at once (0 = one per CPU for local, no limit for slurm)"), json_schema_extra=_HOW)
+    slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig(), description=(
+        "cluster settings for data.executor=slurm"), json_schema_extra=_HOW)
 
 
 # ---------------------------------------------------------------------- tokenizer

@@ -1,24 +1,26 @@
 """The clean stage (``lmforge clean``): collected shards -> cleaned, deduplicated shards and a data card.
 
-Reads ``runs/<name>/collect/shards/*.jsonl`` and works in three passes:
+Reads ``runs/<name>/collect/shards/*.jsonl`` and runs four datatrove stages
+(``lmforge/data/tasks.py``) with the executor of ``data.executor``: local processes
+(``data.tasks`` tasks, ``data.workers`` at once) or a Slurm job array (``data.slurm``):
 
-A. per shard, in parallel (``clean.workers`` processes): the cleaning steps of
-   ``lmforge/data/clean.py``, then decontamination against the evaluation sets;
-   the kept documents and their fingerprints (exact key, MinHash) go to ``work/``;
-B. once, over all shards in order: exact and near-duplicate detection (the first
-   copy is kept; ``lmforge/data/dedup.py``);
-C. per shard, in parallel: the duplicates are dropped and the final shard written.
+A. per task (a contiguous range of documents): the cleaning steps of
+   ``lmforge/data/clean.py``, decontamination against the evaluation sets, exact keys
+   and datatrove's MinHash signatures;
+B. per band / key bucket: candidate near-copies (datatrove's MinHash buckets) and exact copies;
+C. once: which copy goes (the first in corpus order stays, whatever the number of tasks);
+D. per task: the copies are dropped and the final shard written.
 
 Output under ``runs/<name>/clean/``::
 
-    docs/00000.jsonl ...      the cleaned documents (the docs stage reads these)
+    docs/00000.jsonl ...      the cleaned documents, one file per task (the docs stage reads these)
     rejects/00000.jsonl       documents dropped while cleaning, with step, reason and detail
     rejects/00000.dedup.jsonl documents dropped as duplicates, with the id of the copy kept
     data_card.json, lengths.png
 
-Each shard's pass A and C end with a done-marker (its ledger, written atomically), so
-a run that is killed resumes without redoing finished shards; a changed config or
-input starts over. Every document is accounted for: in = kept + dropped[reason]. ::
+datatrove marks each finished task in ``work/logs/<stage>/completions/``, so a run that is
+killed resumes without redoing finished tasks; a changed config, input or task count starts
+over. Every document is accounted for across tasks: in = kept + dropped[reason]. ::
 
     from lmforge.data import curate
     result = curate.main(cfg, Path("runs/demo/collect"), Path("runs/demo/clean"), collect_outputs, "fp")
@@ -27,41 +29,21 @@ input starts over. Every document is accounted for: in = kept + dropped[reason].
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import shutil
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
 from lmforge import artifacts
 from lmforge.config import CleanConfig, RunConfig
-from lmforge.data.clean import Drop, build_steps
-from lmforge.data.dedup import DuplicateFinder, contaminated, eval_ngrams, fingerprint
-from lmforge.data.ledger import Ledger, RejectWriter
-from lmforge.data.shards import ShardWriter, read_shard, shard_paths
+from lmforge.data.clean import build_steps
+from lmforge.data.dedup import eval_ngrams
+from lmforge.data.ledger import Ledger
+from lmforge.data.shards import shard_paths
 from lmforge.data.sources import DataError
 
-WORK_VERSION = 1
-NO_LIMIT = 1 << 62  # shard size for the writers here: one output shard per input shard
-_STATE: dict = {}  # per-process: the steps and settings, set once by _init
-
-
-def _init(cfg: CleanConfig, ngrams: np.ndarray, out: str) -> None:
-    _STATE.update(cfg=cfg, steps=[] if not cfg.enabled else build_steps(cfg), ngrams=ngrams, out=Path(out))
-
-
-def _warm(cfg: CleanConfig) -> None:
-    """Import the heavy libraries and load the language model before workers are forked."""
-    if cfg.enabled and cfg.language.enabled:
-        from lmforge.data.clean import identify_language
-
-        identify_language("warm up")
-    if _dedup_on(cfg):
-        import datasketch  # noqa: F401 - imported for its side effect: loaded once, shared by forks
+WORK_VERSION = 2
 
 
 def _dedup_on(cfg: CleanConfig) -> bool:
@@ -74,129 +56,72 @@ def step_order(cfg: CleanConfig, decontaminate: bool) -> list[str]:
     return names + (["decontaminate"] if decontaminate else []) + (["dedup"] if _dedup_on(cfg) else [])
 
 
-def _rejects(path: Path) -> RejectWriter:
-    cfg: CleanConfig = _STATE["cfg"]
-    return RejectWriter(path if cfg.rejects else None, cfg.rejects_max_chars)
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands x rows (b * r <= num_perm) that minimise the mean of the false-positive and false-negative areas
+    under the candidate curve 1 - (1 - s^r)^b around ``threshold``: the rule datasketch's MinHashLSH follows."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], float)
+    b, r = pairs[:, :1], pairs[:, 1:]
+    grid = (np.arange(1000) + 0.5) / 1000  # midpoints: the areas as means times widths
+    below, above = grid * threshold, threshold + grid * (1 - threshold)
+    false_pos = np.mean(1 - (1 - below**r) ** b, axis=1) * threshold
+    false_neg = np.mean((1 - above**r) ** b, axis=1) * (1 - threshold)
+    best = int(np.argmin(0.5 * false_pos + 0.5 * false_neg))
+    return int(pairs[best, 0]), int(pairs[best, 1])
 
 
-# ------------------------------------------------------------------ pass A
-def clean_shard(shard: Path) -> dict:
-    """Pass A for one shard: clean, filter, decontaminate, fingerprint; returns the shard's ledger."""
-    cfg: CleanConfig = _STATE["cfg"]
-    out: Path = _STATE["out"]
-    ngrams: np.ndarray = _STATE["ngrams"]
-    stem, work = shard.stem, out / "work"
-    ledger, rejects = Ledger(), _rejects(out / "rejects" / f"{stem}.jsonl")
-    kept = ShardWriter(work / "a", NO_LIMIT, first=int(stem))
-    keys, sigs, ids = [], [], []
-    need_fp = _dedup_on(cfg) or len(ngrams) > 0
-    for doc in read_shard(shard):
-        size = ledger.take(doc)
-        for name, step in _STATE["steps"]:
-            t0 = time.perf_counter()
-            result = step(doc)
-            ledger.timed(name, time.perf_counter() - t0)
-            if isinstance(result, Drop):
-                ledger.drop(doc, name, result.reason, result.detail, size)
-                rejects.write(doc, name, result.reason, result.detail)
-                break
-            ledger.passed(name, doc, result)
-            doc = result
-        else:
-            t0 = time.perf_counter()
-            fp = fingerprint(doc.text, cfg.dedup) if need_fp else None
-            ledger.timed("fingerprint", time.perf_counter() - t0)
-            if len(ngrams):
-                shared = contaminated(fp, ngrams, cfg.dedup.ngram)
-                if shared:
-                    detail = f"{shared} {cfg.dedup.ngram}-grams shared with the evaluation sets"
-                    ledger.drop(doc, "decontaminate", "contaminated", detail, size)
-                    rejects.write(doc, "decontaminate", "contaminated", detail)
-                    continue
-                ledger.passed("decontaminate", doc, doc)
-            ledger.keep(doc, size)
-            kept.write(doc)
-            if _dedup_on(cfg):
-                keys.append(np.frombuffer(fp.key, dtype=np.uint8))
-                sigs.append(fp.signature if fp.signature is not None else np.zeros(0, np.uint32))
-                ids.append(doc.id)
-    kept.close()
-    rejects.close()
-    if _dedup_on(cfg):
-        arrays = {"keys": np.stack(keys) if keys else np.zeros((0, 16), np.uint8),
-                  "sigs": np.stack(sigs) if sigs else np.zeros((0, 0), np.uint32)}
-        with artifacts.AtomicFile(work / "a" / f"{stem}.npz") as f:
-            np.savez(f, **arrays)
-    summary = {"ledger": ledger.to_dict(), "ids": ids}
-    artifacts.write_json(work / "a" / f"{stem}.json", summary, indent=None)  # the done-marker, written last
-    return summary
+def minhash_config(cfg: CleanConfig):
+    """datatrove's MinHash settings for ``clean.dedup``: ``shingle_words``-word shingles of lowercase words, and
+    the bands x rows of :func:`lsh_bands` for (threshold, num_perm), e.g. 25 x 5 for (0.5, 128)."""
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    bands, rows = lsh_bands(cfg.dedup.threshold, cfg.dedup.num_perm)
+    return MinhashConfig(n_grams=cfg.dedup.shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1)
 
 
-# ------------------------------------------------------------------ pass B
-def find_duplicates(stems: list[str], work: Path, cfg: CleanConfig) -> dict[str, dict[int, tuple[str, str]]]:
-    """For each shard, ``{index in the shard's kept documents: (reason, id of the copy kept)}``."""
-    finder = DuplicateFinder(cfg.dedup)
-    found: dict[str, dict[int, tuple[str, str]]] = {}
-    for stem in stems:
-        ids = json.loads((work / "a" / f"{stem}.json").read_text(encoding="utf-8"))["ids"]
-        with np.load(work / "a" / f"{stem}.npz") as arrays:
-            keys, sigs = arrays["keys"], arrays["sigs"]
-        found[stem] = {}
-        for i, doc_id in enumerate(ids):
-            verdict = finder.check(doc_id, keys[i].tobytes(), sigs[i] if cfg.dedup.near else None)
-            if verdict is not None:
-                found[stem][i] = verdict
-    return found
+def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -> list[tuple[str, list, int]]:
+    """The datatrove stages as ``(name, pipeline, tasks)``."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+
+    from lmforge.data import tasks as t
+
+    clean, n, work = cfg.clean, cfg.data.tasks, out / "work"
+    counts = [t.count_lines(s) for s in shards]
+    exact, near = _dedup_on(clean) and clean.dedup.exact, _dedup_on(clean) and clean.dedup.near
+    mh = minhash_config(clean) if near else None
+    buckets = mh.num_buckets if mh else 4  # exact-key buckets: as many tasks as there are bands
+    stage_a = [t.ReadRange([str(s) for s in shards], counts), t.CleanTask(clean, ngrams, str(out), buckets)]
+    if near:
+        stage_a.append(t.Signatures(str(work / "minhash" / "sigs"), config=mh, language=t.Words()))
+    stages = [("a", stage_a, n)]
+    if exact or near:
+        stage_b = [MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "buckets"), config=mh)
+                   ] if near else []
+        stages += [("b", stage_b + ([t.ExactBuckets(str(work), n)] if exact else []), buckets),
+                   ("c", [t.PickCopies(str(work), n)], 1)]
+    stages.append(("d", [t.ReadKept(str(work)), t.DropCopies(clean, str(out), exact or near)], n))
+    return stages
 
 
-# ------------------------------------------------------------------ pass C
-def finish_shard(stem: str, duplicates: dict[int, tuple[str, str]]) -> dict:
-    """Pass C for one shard: drop its duplicates, write the final shard; returns the dedup ledger."""
-    cfg: CleanConfig = _STATE["cfg"]
-    out: Path = _STATE["out"]
+def _prepare(cfg: RunConfig, out: Path, key: str) -> None:
+    """Start over when the key changed; drop the temporaries of writes a kill interrupted."""
     work = out / "work"
-    ledger, rejects = Ledger(), _rejects(out / "rejects" / f"{stem}.dedup.jsonl")
-    writer = ShardWriter(out / "docs", NO_LIMIT, first=int(stem), lossless=False)
-    kept = work / "a" / f"{stem}.jsonl"
-    for i, doc in enumerate(read_shard(kept) if kept.exists() else []):
-        if i in duplicates:
-            reason, first = duplicates[i]
-            size = ledger.unkeep(doc)
-            ledger.drop(doc, "dedup", reason, f"copy of {first}", size)
-            rejects.write(doc, "dedup", reason, f"copy of {first}")
-            continue
-        if _dedup_on(cfg):
-            ledger.passed("dedup", doc, doc)
-        writer.write(doc)
-    writer.close()
-    rejects.close()
-    summary = {"ledger": ledger.to_dict()}
-    artifacts.write_json(work / "c" / f"{stem}.json", summary, indent=None)
-    return summary
+    if not (work / "key").is_file() or (work / "key").read_text() != key:
+        shutil.rmtree(out, ignore_errors=True)  # a different config, input or task count: start over
+    for sub in (work, out / "rejects", out / "docs"):
+        sub.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(work / "key", key)
+    partial = [p for folder in [out, *(d for d in out.rglob("*") if d.is_dir())] for p in artifacts.remove_temp(folder)]
+    if partial:
+        print(f"[clean] removed {len(partial)} half-written file(s) of an interrupted run")
 
 
-# --------------------------------------------------------------- the stage
-def _parallel(fn: Callable, jobs: list[tuple], workers: int, initargs: tuple, label: str) -> None:
-    """Run ``fn(*job)`` for every job: in this process, or in a pool whose workers run ``_init`` first."""
-    if not jobs:
-        return
-    if workers <= 1 or len(jobs) == 1:
-        _init(*initargs)
-        for job in jobs:
-            fn(*job)
-            print(f"[clean] {label} {job[0] if isinstance(job[0], str) else job[0].stem}")
-        return
-    # fork starts workers at once and re-imports nothing; spawn is the fallback where fork is missing.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if method == "fork":
-        _warm(initargs[0])  # load models and libraries once here; forked workers share them
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init,
-                             initargs=initargs) as pool:
-        futures = {pool.submit(fn, *job): job for job in jobs}
-        for future in as_completed(futures):
-            future.result()  # re-raises a worker's error here
-            job = futures[future]
-            print(f"[clean] {label} {job[0] if isinstance(job[0], str) else job[0].stem}")
+def _merge_ledgers(work: Path, tasks: int) -> Ledger:
+    ledger = Ledger()
+    for part in ("a", "d"):
+        for task in range(tasks):
+            path = work / "ledger" / part / f"{task:05d}.json"
+            ledger.merge(Ledger.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+    return ledger
 
 
 # The option behind each Gopher quality reason, for the hint; the reasons without one have only the switch.
@@ -229,49 +154,28 @@ def eval_files(cfg: RunConfig) -> list[str]:
 def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp: str) -> dict:
     """Clean the shards of ``in_dir`` (the collect stage's folder) into ``out_dir``; return the counts."""
     from lmforge.data.data_card import write_data_card
+    from lmforge.data.executor import run_tasks
 
     shards = shard_paths(Path(in_dir) / "shards")
     if not shards:
         raise DataError(f"no collected shards in {Path(in_dir) / 'shards'}; run the collect stage first")
-    out, clean = Path(out_dir), cfg.clean
+    out, clean, tasks = Path(out_dir), cfg.clean, cfg.data.tasks
     files = eval_files(cfg) if clean.enabled else []
     key = artifacts.fingerprint(cfg, "clean", resume=True, v=WORK_VERSION, collected=collect_fp,
-                                eval=artifacts.file_signature(files))
+                                eval=artifacts.file_signature(files), tasks=tasks)
+    _prepare(cfg, out, key)
     work = out / "work"
-    if not (work / "key").is_file() or (work / "key").read_text() != key:
-        shutil.rmtree(out, ignore_errors=True)  # a different config or input: start over
-    for sub in (work / "a", work / "c", out / "rejects", out / "docs"):
-        sub.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text(work / "key", key)
-    # Files of a shard whose pass a kill interrupted; the pass runs again from its start.
-    partial = [p for sub in (work / "a", work / "c", out / "rejects", out / "docs") for p in artifacts.remove_temp(sub)]
-    if partial:
-        print(f"[clean] removed {len(partial)} half-written file(s) of an interrupted run: "
-              f"{', '.join(p.name for p in partial)}")
-
     ngrams = eval_ngrams(files, clean.dedup.ngram) if files else np.zeros(0, np.uint64)
-    workers = clean.workers or os.cpu_count() or 1
-    initargs = (clean, ngrams, str(out))
-    todo = todo_a = [(s,) for s in shards if not (work / "a" / f"{s.stem}.json").is_file()]
-    if len(todo) < len(shards):
-        print(f"[clean] resuming: {len(shards) - len(todo)} of {len(shards)} shards already cleaned")
-    clock = {"start": time.perf_counter()}
-    _parallel(clean_shard, todo, min(workers, len(todo)), initargs, "cleaned shard")
-    clock["clean"] = time.perf_counter()
+    seconds, resumed = {}, 0
+    for name, pipeline, n in _stages(cfg, shards, ngrams, out):
+        t0 = time.perf_counter()
+        done = run_tasks(cfg.data, name, pipeline, n, work / "logs")
+        resumed += done if name == "a" else 0
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        print(f"[clean] stage {name}: {n} task(s) finished" + (f" ({done} already done)" if done else "")
+              + f" in {seconds[name]:.1f} s")
 
-    stems = [s.stem for s in shards]
-    duplicates = find_duplicates(stems, work, clean) if _dedup_on(clean) else {s: {} for s in stems}
-    clock["find_duplicates"] = time.perf_counter()
-    todo = [(s, duplicates[s]) for s in stems if not (work / "c" / f"{s}.json").is_file()]
-    _parallel(finish_shard, todo, min(workers, len(todo)), initargs, "deduplicated shard")
-    clock["write"] = time.perf_counter()
-    passes = {k: round(clock[k] - clock[prev], 2)
-              for prev, k in (("start", "clean"), ("clean", "find_duplicates"), ("find_duplicates", "write"))}
-
-    ledger = Ledger()
-    for stem in stems:
-        for part in ("a", "c"):
-            ledger.merge(Ledger.from_dict(json.loads((work / part / f"{stem}.json").read_text())["ledger"]))
+    ledger = _merge_ledgers(work, tasks)
     order = step_order(clean, decontaminate=len(ngrams) > 0)
     ledger.check(order)
     card = write_data_card(out, collect, ledger.to_dict(), order, clean)
@@ -284,6 +188,6 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
     print(f"[clean] kept {c['documents']['kept']:,} of {c['documents']['in']:,} documents "
           f"({c['bytes']['kept'] / 1e6:.1f} of {c['bytes']['in'] / 1e6:.1f} MB); dropped {json.dumps(c['dropped'])}")
     return {"documents": c["documents"], "bytes": c["bytes"], "dropped": c["dropped"], "steps": order,
-            "languages": dict(list(c["languages"].items())[:20]), "shards": len(stems),
-            "pass_seconds": passes, "resumed_shards": len(shards) - len(todo_a),
+            "languages": dict(list(c["languages"].items())[:20]), "shards": len(shards), "tasks": tasks,
+            "executor": cfg.data.executor, "stage_seconds": seconds, "resumed_tasks": resumed,
             "data_card": str(out / "data_card.json")}

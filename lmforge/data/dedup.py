@@ -50,8 +50,9 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+@lru_cache(maxsize=2)  # the clean stage asks twice per document: exact key, then MinHash shingles
 def word_hashes(text: str) -> tuple[list[str], np.ndarray]:
-    """Lowercase word tokens and their stable 64-bit hashes (each distinct word hashed once)."""
+    """Lowercase word tokens and their stable 64-bit hashes (each distinct word hashed once); do not modify them."""
     words = _WORD.findall(text.lower())
     table = {w: _word_hash(w) for w in set(words)}
     return words, np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
@@ -64,9 +65,14 @@ class Fingerprint:
     hashes: np.ndarray  # word hashes, for decontamination
 
 
+def exact_key(words: list[str]) -> bytes:
+    """16-byte key of a text's lowercase words: copies differing only in case, punctuation or spacing collide."""
+    return hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=16).digest()
+
+
 def fingerprint(text: str, cfg: DedupConfig) -> Fingerprint:
     words, hashes = word_hashes(text)
-    key = hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=16).digest()
+    key = exact_key(words)
     signature = minhash(hashes, cfg.shingle_words, cfg.num_perm) if cfg.near else None
     return Fingerprint(key, signature, hashes)
 

@@ -228,6 +228,10 @@ def main(cfg: RunConfig, docs_dir: Path, tokenizer_dir: Path, out_dir: Path,
     show = sys.stderr.isatty()
     result: dict = {}
     for split in ("train", "val"):
+        if cfg.data.tasks > 1:
+            result[split] = _pack_in_tasks(cfg, docs_dir / f"{split}.jsonl", tok, tokenizer_dir, out_dir, split,
+                                           shard_tokens)
+            continue
         texts = tqdm(stage_texts(docs_dir / f"{split}.jsonl"), desc=f"pack {split}", unit="doc", disable=not show)
         result[split] = write_shards(texts, tok, out_dir, split, shard_tokens)
     need = cfg.model.context + 1
@@ -244,3 +248,50 @@ def main(cfg: RunConfig, docs_dir: Path, tokenizer_dir: Path, out_dir: Path,
     result["vocab_size"] = tok.vocab_size
     result["dtype"] = np.dtype(DTYPES[dtype_code(tok.vocab_size)]).name
     return result
+
+
+def merge_ranges(parts: list[Path], vocab_size: int, out_dir: Path, split: str, shard_tokens: int) -> list[Path]:
+    """The pack tasks' token files (``tasks.PackTask``: tokens, then ``.len.npy`` with each document's length),
+    in task order, written as the shards one writer would have made."""
+    _remove_shards(out_dir, split)
+    writer = ShardWriter(out_dir, split, vocab_size, shard_tokens)
+    try:
+        for part in parts:
+            tokens = np.fromfile(part, dtype=DTYPES[dtype_code(vocab_size)])
+            lengths = np.load(part.with_suffix(".len.npy"))
+            ends = np.cumsum(lengths)
+            for start, end in zip(ends - lengths, ends, strict=True):
+                writer.add(tokens[start:end])
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _pack_in_tasks(cfg: RunConfig, docs: Path, tok: Tokenizer, tokenizer_dir: Path, out_dir: Path, split: str,
+                   shard_tokens: int) -> dict:
+    """One split encoded by ``data.tasks`` datatrove tasks (contiguous ranges of documents), then merged into
+    the same shards a single process writes, so the task count never changes what training reads."""
+    import json
+    import shutil
+
+    from lmforge.data.executor import run_tasks
+    from lmforge.data.tasks import PackTask, count_lines
+
+    if not docs.is_file():
+        raise DataError(f"{docs} not found; run the docs stage first (lmforge docs)")
+    work = out_dir / "work" / split
+    shutil.rmtree(work, ignore_errors=True)  # the pack stage always starts over
+    dtype = np.dtype(DTYPES[dtype_code(tok.vocab_size)]).name
+    step = PackTask(str(docs), count_lines(docs), str(tokenizer_dir), str(work), dtype, ENCODE_BATCH)
+    run_tasks(cfg.data, "encode", [step], cfg.data.tasks, work / "logs")
+    parts = [work / f"{task:05d}.bin" for task in range(cfg.data.tasks)]
+    paths = merge_ranges(parts, tok.vocab_size, out_dir, split, shard_tokens)
+    total = {"tokens": 0, "docs": 0, "bytes": 0}
+    for part in parts:
+        counts = json.loads(part.with_suffix(".json").read_text(encoding="utf-8"))
+        total = {k: total[k] + counts[k] for k in total}
+    shutil.rmtree(work)
+    if not any((out_dir / "work").iterdir()):
+        (out_dir / "work").rmdir()
+    return {**total, "shards": len(paths)}

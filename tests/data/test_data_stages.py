@@ -142,37 +142,6 @@ def test_strict_flag_stops_at_a_malformed_line(tmp_path: Path, works) -> None:
     assert manifest["outputs"]["documents"] == 1 and manifest["outputs"]["skipped"] == {"malformed_line": 1}
 
 
-def test_clean_resumes_without_redoing_finished_shards(tmp_path: Path, works, monkeypatch) -> None:
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    for i, name in enumerate(("sonnets", "tempest", "macbeth", "hamlet")):
-        (corpus / f"{i}_{name}.txt").write_text(works[name][:6000], encoding="utf-8")
-    cfg = _cfg(tmp_path, data={"train": [str(corpus)]}, collect={"shard_mb": 0.001}, clean={"workers": 1})
-    up = run(cfg, until="collect")
-    assert up["collect"]["shards"] == 4
-    collect_dir, out = cfg.run_dir / "collect", cfg.run_dir / "clean"
-    done: list[str] = []
-    real = curate.clean_shard
-
-    def dies_on_the_third(shard: Path) -> dict:
-        if len(done) == 2:
-            raise KeyboardInterrupt  # as if the process were killed here
-        done.append(shard.stem)
-        return real(shard)
-
-    monkeypatch.setattr(curate, "clean_shard", dies_on_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        curate.main(cfg, collect_dir, out, up["collect"], up["_fp"]["collect"])
-    assert sorted(p.name for p in (out / "work" / "a").glob("*.json")) == ["00000.json", "00001.json"]
-    done.clear()
-    monkeypatch.setattr(curate, "clean_shard", lambda shard: done.append(shard.stem) or real(shard))
-    result = curate.main(cfg, collect_dir, out, up["collect"], up["_fp"]["collect"])
-    assert done == ["00002", "00003"]  # only the unfinished shards were cleaned again
-    assert result["documents"] == {"in": 4, "kept": 4, "dropped": 0}
-    assert [p.name for p in shard_paths(out / "docs")] == ["00000.jsonl", "00001.jsonl", "00002.jsonl", "00003.jsonl"]
-    assert not (out / "work").exists()
-
-
 def test_default_cleaning_leaves_real_works_intact(tmp_path: Path, small_corpus: Path) -> None:
     cfg = _cfg(tmp_path, data={"train": [str(small_corpus)]})
     out = run(cfg, until="clean")["clean"]

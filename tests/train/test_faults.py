@@ -374,16 +374,18 @@ def _digests(run: Path) -> dict[str, str]:
 
 
 def test_pipeline_killed_while_cleaning_and_packing_resumes_to_identical_outputs(tmp_path, small_corpus):
-    def args(name: str) -> list[str]:  # several small shards, so each stage is killed between two of them
+    def args(name: str) -> list[str]:  # several small shards and tasks, so each stage is killed between two of them
         return ["pack", "--config", str(TINY), f"--runs_dir={tmp_path}", f"--data.train=[{small_corpus}]",
-                f"--name={name}", "--collect.shard_mb=0.05", "--clean.workers=1", "--data.shard_tokens=1024"]
+                f"--name={name}", "--collect.shard_mb=0.05", "--data.tasks=4", "--data.workers=1", "--data.shard_tokens=1024"]
 
     log = tmp_path / "log"
     assert _run(args("straight"), log) == 0, log.read_text()
     run = tmp_path / "killed"
     # The collected shards stamp documents with the time of collection: share them, then compare bytes.
     shutil.copytree(tmp_path / "straight" / "collect", run / "collect")
-    for stage, first_output in (("clean", "clean/work/a/*.json"), ("pack", "pack/train_*.bin")):
+    # Killed once a first datatrove task of the stage has finished (4 tasks: the stage is not over yet).
+    for stage, first_output in (("clean", "clean/work/logs/a/completions/*"),
+                                ("pack", "pack/work/train/logs/encode/completions/*")):
         proc = _spawn(args("killed"), log)
         _wait_for(lambda first_output=first_output: any(run.glob(first_output)), proc)
         proc.kill()
@@ -392,6 +394,6 @@ def test_pipeline_killed_while_cleaning_and_packing_resumes_to_identical_outputs
         assert not (run / stage / "manifest.json").exists(), f"the kill came after the {stage} stage ended"
     assert _run(args("killed"), log) == 0, log.read_text()
     clean = json.loads((run / "clean" / "manifest.json").read_text())["outputs"]
-    assert clean["resumed_shards"] >= 1  # shards cleaned before the kill were not cleaned again
+    assert clean["resumed_tasks"] >= 1  # tasks cleaned before the kill were not cleaned again
     expected = _digests(tmp_path / "straight")
     assert len(expected) > 10 and _digests(run) == expected

@@ -1,0 +1,392 @@
+"""The clean stage's datatrove pipeline steps: read, clean, fingerprint, find copies, drop them, write.
+
+``lmforge/data/curate.py`` runs them with a datatrove executor (local processes or a
+Slurm job array) in four stages over a shared folder ``work/``::
+
+    A  tasks    ReadRange -> CleanTask -> MinhashDedupSignature      cleaned docs, exact keys, MinHash signatures
+    B  buckets  MinhashDedupBuckets + ExactBuckets                    candidate pairs per band, exact copies
+    C  1 task   PickCopies                                            which document goes, and the copy it repeats
+    D  tasks    ReadKept -> DropCopies                                the final shards, the dedup rejects
+
+Task ``r`` of ``n`` reads the documents ``[N*r//n, N*(r+1)//n)`` of the collected
+shards, taken in order, so ``(task, index in task)`` sorts the same way as the
+corpus whatever ``n`` is. Every choice of "the first copy" uses that order, which is
+why ``tasks=1`` and ``tasks=8`` keep the same documents. Each step writes its files
+atomically and datatrove marks a task complete only after its whole pipeline ran, so
+a killed run redoes exactly the unfinished tasks. ::
+
+    steps = [ReadRange(shards, counts), CleanTask(cfg.clean, ngrams, out)]   # stage A without near dedup
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from lmforge import artifacts
+from lmforge.config import CleanConfig
+from lmforge.data.clean import Drop, build_steps
+from lmforge.data.dedup import exact_key, word_hashes
+from lmforge.data.ledger import Ledger, RejectWriter
+from lmforge.data.quality import ngram_hashes
+from lmforge.data.shards import ShardWriter, read_shard
+from lmforge.data.sources import Document
+
+NO_LIMIT = 1 << 62  # shard size for the final writer: one output file per task
+KEY_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("idx", "<u4")])  # a kept document's exact key
+COPY_DTYPE = np.dtype([("rank", "<u4"), ("idx", "<u4"), ("krank", "<u4"), ("kidx", "<u4")])  # a copy, and what it repeats
+EXACT, NEAR = "exact_duplicate", "near_duplicate"
+
+
+def task_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The corpus positions ``[start, end)`` task ``rank`` of ``world_size`` works on."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+class Words(WordTokenizer):
+    """Lowercase ``\\w+`` words, as lmforge's exact key and decontamination use; no spaCy."""
+
+    _WORD = re.compile(r"\w+")
+    _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self._WORD.findall(text.lower())
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s.strip() for s in self._SENTENCE.findall(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in self._SENTENCE.finditer(text) if m.group().strip()]
+
+
+class Signatures(MinhashDedupSignature):
+    """datatrove's MinHash signature step, with shingles hashed in numpy from lmforge's word hashes.
+
+    datatrove hashes every shingle's joined string in Python (about 1 s per 5 MB); here each distinct
+    word is hashed once and a shingle is a 64-bit mix of its words' hashes (``quality.ngram_hashes``).
+    A text shorter than one shingle is one shingle, as in lmforge's in-memory finder.
+    """
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        hashes = word_hashes(text)[1]
+        if len(hashes) == 0:
+            return np.zeros((0, 1), np.uint64)
+        shingles = ngram_hashes(hashes, min(self.config.n_grams, len(hashes)))
+        if self.config.hash_config.precision == 32:
+            shingles = shingles & np.uint64(0xFFFFFFFF)
+        return np.unique(shingles).reshape((-1, 1))
+
+
+def count_lines(path: Path) -> int:
+    """Documents in a JSONL file (one per line), counted without parsing them."""
+    count = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
+
+
+class PackTask(PipelineStep):
+    """The pack stage's task: encode this task's range of a docs-stage file, each document followed by EOT,
+    into ``<work>/<task>.bin`` (flat tokens), ``<task>.len.npy`` (document lengths) and ``<task>.json``
+    (counts); ``pack.merge_ranges`` turns the tasks' files into shards."""
+
+    name = "encode"
+
+    def __init__(self, docs: str, total: int, tokenizer_dir: str, work: str, dtype: str, batch: int) -> None:
+        super().__init__()
+        self.docs, self.total, self.tokenizer_dir, self.work = docs, total, tokenizer_dir, Path(work)
+        self.dtype, self.batch = np.dtype(dtype), batch
+
+    def _texts(self, start: int, end: int):
+        with open(self.docs, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= end:
+                    return
+                if i >= start:
+                    yield json.loads(line)["text"]
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        from lmforge.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(Path(self.tokenizer_dir))
+        lengths: list[int] = []
+        n_bytes, batch = 0, []
+        with artifacts.AtomicFile(self.work / f"{rank:05d}.bin") as f:
+            # Streamed; the None at the end flushes the last batch.
+            for text in itertools.chain(self._texts(*task_range(self.total, rank, world_size)), [None]):
+                if text is not None:
+                    batch.append(text)
+                    n_bytes += len(text.encode("utf-8"))
+                if batch and (text is None or len(batch) == self.batch):
+                    for ids in tok.encode_batch(batch):
+                        ids.append(tok.eot_id)
+                        f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+                        lengths.append(len(ids))
+                    batch = []
+        with artifacts.AtomicFile(self.work / f"{rank:05d}.len.npy") as f:
+            np.save(f, np.array(lengths, dtype=np.int64))
+        counts = {"tokens": int(sum(lengths)), "docs": len(lengths), "bytes": n_bytes}
+        artifacts.write_json(self.work / f"{rank:05d}.json", counts, indent=None)
+        return
+        yield
+
+
+class ReadRange(PipelineStep):
+    """Stage A's reader: this task's contiguous share of the collected shards."""
+
+    name = "read collected shards"
+
+    def __init__(self, shards: list[str], counts: list[int]) -> None:
+        super().__init__()
+        self.shards, self.counts = shards, counts
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        start, end = task_range(sum(self.counts), rank, world_size)
+        first = 0
+        for shard, count in zip(self.shards, self.counts, strict=True):
+            if first + count > start and first < end:
+                for i, doc in enumerate(read_shard(Path(shard)), start=first):
+                    if i >= end:
+                        break
+                    if i >= start:
+                        yield doc
+            first += count
+
+
+class CleanTask(PipelineStep):
+    """Cleaning steps, decontamination and exact keys for one task; yields the documents kept.
+
+    Writes ``work/a/<task>.jsonl`` (kept, in order), ``work/ids/<task>.json`` (their ids),
+    ``work/keys/<bucket>/<task>.npy`` (exact keys by bucket), ``work/ledger/a/<task>.json`` and
+    ``rejects/<task>.jsonl``.
+    """
+
+    name = "clean"
+
+    def __init__(self, cfg: CleanConfig, ngrams: np.ndarray, out: str, buckets: int) -> None:
+        super().__init__()
+        self.cfg, self.ngrams, self.out, self.buckets = cfg, ngrams, Path(out), buckets
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        steps = build_steps(self.cfg) if self.cfg.enabled else []
+        ledger = Ledger()
+        rejects = RejectWriter(self.out / "rejects" / f"{rank:05d}.jsonl" if self.cfg.rejects else None,
+                               self.cfg.rejects_max_chars)
+        kept = artifacts.AtomicFile(self.out / "work" / "a" / f"{rank:05d}.jsonl", "wb")
+        keys: list[tuple[int, int, int]] = []
+        ids: list[str] = []  # of the documents kept, in order: stage C names the copy a duplicate repeats
+        for doc in data:
+            doc, size = _clean_one(doc, steps, ledger, rejects)
+            if doc is None:
+                continue
+            words, hashes = word_hashes(doc.text) if self.cfg.dedup.exact or len(self.ngrams) else ([], None)
+            if len(self.ngrams):
+                shared = _shared_ngrams(hashes, self.ngrams, self.cfg.dedup.ngram)
+                if shared:
+                    detail = f"{shared} {self.cfg.dedup.ngram}-grams shared with the evaluation sets"
+                    ledger.drop(doc, "decontaminate", "contaminated", detail, size)
+                    rejects.write(doc, "decontaminate", "contaminated", detail)
+                    continue
+                ledger.passed("decontaminate", doc, doc)
+            ledger.keep(doc, size)
+            if self.cfg.dedup.exact:
+                key = exact_key(words)
+                keys.append((int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"), len(keys)))
+            kept.write((doc.to_json() + "\n").encode("utf-8", errors="surrogatepass"))
+            ids.append(doc.id)
+            yield doc
+        kept.commit()
+        artifacts.write_json(self.out / "work" / "ids" / f"{rank:05d}.json", ids, indent=None)
+        rejects.close()
+        if self.cfg.dedup.exact:
+            _write_keys(np.array(keys, dtype=KEY_DTYPE), self.out / "work" / "keys", rank, self.buckets)
+        artifacts.write_json(self.out / "work" / "ledger" / "a" / f"{rank:05d}.json", ledger.to_dict(), indent=None)
+
+
+def _clean_one(doc: Document, steps: list, ledger: Ledger, rejects: RejectWriter) -> tuple[Document | None, int]:
+    """Run the cleaning steps on one document: ``(cleaned, bytes in)`` or ``(None, bytes in)`` when dropped."""
+    import time
+
+    size = ledger.take(doc)
+    for name, step in steps:
+        t0 = time.perf_counter()
+        result = step(doc)
+        ledger.timed(name, time.perf_counter() - t0)
+        if isinstance(result, Drop):
+            ledger.drop(doc, name, result.reason, result.detail, size)
+            rejects.write(doc, name, result.reason, result.detail)
+            return None, size
+        ledger.passed(name, doc, result)
+        doc = result
+    return doc, size
+
+
+def _shared_ngrams(hashes: np.ndarray, ngrams: np.ndarray, n: int) -> int:
+    from lmforge.data.dedup import Fingerprint, contaminated
+
+    return contaminated(Fingerprint(b"", None, hashes), ngrams, n)
+
+
+def _write_keys(keys: np.ndarray, folder: Path, rank: int, buckets: int) -> None:
+    """One file per hash bucket, so stage B's task for a bucket reads only its share of all keys."""
+    which = keys["hi"] % np.uint64(buckets)
+    for b in range(buckets):
+        with artifacts.AtomicFile(folder / f"{b:03d}" / f"{rank:05d}.npy") as f:
+            np.save(f, keys[which == b])
+
+
+class ExactBuckets(PipelineStep):
+    """Stage B, one task per key bucket: every later copy of a key, with the first (in corpus order)."""
+
+    name = "exact copies"
+
+    def __init__(self, work: str, tasks: int) -> None:
+        super().__init__()
+        self.work, self.tasks = Path(work), tasks
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        parts = []
+        for task in range(self.tasks):
+            keys = np.load(self.work / "keys" / f"{rank:03d}" / f"{task:05d}.npy")
+            parts.append((keys, np.full(len(keys), task, np.uint32)))
+        keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, KEY_DTYPE)
+        ranks = np.concatenate([r for _, r in parts]) if parts else np.zeros(0, np.uint32)
+        order = np.lexsort((keys["idx"], ranks, keys["lo"], keys["hi"]))  # by key, then corpus position
+        keys, ranks = keys[order], ranks[order]
+        same = (keys["hi"][1:] == keys["hi"][:-1]) & (keys["lo"][1:] == keys["lo"][:-1])
+        first = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(keys)), 0))
+        copy = np.flatnonzero(np.concatenate([[False], same]))
+        out = np.zeros(len(copy), COPY_DTYPE)
+        out["rank"], out["idx"] = ranks[copy], keys["idx"][copy]
+        out["krank"], out["kidx"] = ranks[first[copy]], keys["idx"][first[copy]]
+        with artifacts.AtomicFile(self.work / "exact" / f"{rank:03d}.npy") as f:
+            np.save(f, out)
+        return
+        yield  # a generator like every step, with nothing to pass on
+
+
+class PickCopies(PipelineStep):
+    """Stage C, one task: decide which documents go, in corpus order, as the old single-process finder did.
+
+    Exact copies go first. For near copies, a document goes when it shares a MinHash band with a
+    document kept earlier (within one band, equal band hashes are one group: datatrove writes them as
+    a chain of pairs). Writes ``work/remove/<task>.json``: ``[[index, reason, id of the copy kept], ...]``.
+    """
+
+    name = "pick copies"
+
+    def __init__(self, work: str, tasks: int) -> None:
+        super().__init__()
+        self.work, self.tasks = Path(work), tasks
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        removed: dict[tuple[int, int], tuple[str, tuple[int, int]]] = {}
+        for path in sorted((self.work / "exact").glob("*.npy")):
+            for row in np.load(path):
+                removed[(int(row["rank"]), int(row["idx"]))] = (EXACT, (int(row["krank"]), int(row["kidx"])))
+        groups_of = _band_groups(self.work / "minhash" / "buckets")
+        keeper: dict[int, tuple[int, int]] = {}  # group -> its first document kept
+        for node in sorted(groups_of):
+            if node in removed:  # an exact copy: gone already, and its twin carries the same bands
+                continue
+            kept_before = [keeper[g] for g in groups_of[node] if g in keeper]
+            if kept_before:
+                removed[node] = (NEAR, min(kept_before))
+                continue
+            for g in groups_of[node]:
+                keeper.setdefault(g, node)
+        ids = _ids_of({kept for _, kept in removed.values()}, self.work / "ids")
+        per_task: dict[int, list] = {t: [] for t in range(self.tasks)}
+        for (task, idx), (reason, kept) in sorted(removed.items()):
+            per_task[task].append([idx, reason, ids[kept]])
+        for task, rows in per_task.items():
+            artifacts.write_json(self.work / "remove" / f"{task:05d}.json", rows, indent=None)
+        return
+        yield
+
+
+def _band_groups(folder: Path) -> dict[tuple[int, int], list[int]]:
+    """For each document in a candidate pair, the groups it belongs to: documents with equal hashes
+    in one band, read from datatrove's ``.dups`` pair files."""
+    import struct
+
+    groups_of: dict[tuple[int, int], list[int]] = {}
+    count = 0
+    for path in sorted(folder.glob("*.dups")) if folder.is_dir() else []:
+        group_in_band: dict[tuple[int, int], int] = {}
+        for f1, d1, f2, d2 in struct.iter_unpack("<4I", path.read_bytes()):
+            a, b = (f1, d1), (f2, d2)
+            g = group_in_band.get(a)
+            if g is None:  # a chain (a, b), (b, c) ... within one band is one group; it starts here
+                g = group_in_band[a] = count
+                count += 1
+                groups_of.setdefault(a, []).append(g)
+            group_in_band[b] = g
+            groups_of.setdefault(b, []).append(g)
+    return groups_of
+
+
+def _ids_of(wanted: set[tuple[int, int]], folder: Path) -> dict[tuple[int, int], str]:
+    """The document ids at ``(task, index)`` positions, from stage A's id lists (one task's list at a time)."""
+    by_task: dict[int, list[int]] = {}
+    for task, index in wanted:
+        by_task.setdefault(task, []).append(index)
+    ids: dict[tuple[int, int], str] = {}
+    for task, indices in sorted(by_task.items()):
+        listed = json.loads((folder / f"{task:05d}.json").read_text(encoding="utf-8"))
+        ids.update({(task, i): listed[i] for i in indices})
+    return ids
+
+
+class ReadKept(PipelineStep):
+    """Stage D's reader: the documents stage A kept for this task, in the same order."""
+
+    name = "read kept"
+
+    def __init__(self, work: str) -> None:
+        super().__init__()
+        self.work = Path(work)
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        yield from read_shard(self.work / "a" / f"{rank:05d}.jsonl")
+
+
+class DropCopies(PipelineStep):
+    """Stage D: drop the copies stage C named, write ``docs/<task>.jsonl`` and the dedup rejects and ledger."""
+
+    name = "drop copies"
+
+    def __init__(self, cfg: CleanConfig, out: str, dedup: bool) -> None:
+        super().__init__()
+        self.cfg, self.out, self.dedup = cfg, Path(out), dedup
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        work = self.out / "work"
+        path = work / "remove" / f"{rank:05d}.json"
+        copies = {idx: (reason, kept) for idx, reason, kept in json.loads(path.read_text())} if self.dedup else {}
+        ledger = Ledger()
+        rejects = RejectWriter(self.out / "rejects" / f"{rank:05d}.dedup.jsonl" if self.cfg.rejects else None,
+                               self.cfg.rejects_max_chars)
+        writer = ShardWriter(self.out / "docs", NO_LIMIT, first=rank, lossless=False)
+        for i, doc in enumerate(data):
+            if i in copies:
+                reason, kept = copies[i]
+                size = ledger.unkeep(doc)
+                ledger.drop(doc, "dedup", reason, f"copy of {kept}", size)
+                rejects.write(doc, "dedup", reason, f"copy of {kept}")
+                continue
+            if self.dedup:
+                ledger.passed("dedup", doc, doc)
+            writer.write(doc)
+            yield doc
+        writer.close()
+        rejects.close()
+        artifacts.write_json(work / "ledger" / "d" / f"{rank:05d}.json", ledger.to_dict(), indent=None)
