@@ -206,6 +206,13 @@ def _marks(model: type[BaseModel], name: str) -> tuple[dict[str, str], tuple[str
     return dict(extra.get("reuse", {})), tuple(extra.get("reuse_top", ()))
 
 
+def _added_at_default(section: BaseModel, name: str) -> bool:
+    """A field marked ``reuse(added=True)`` that holds its default: fingerprints leave it out."""
+    field = type(section).model_fields[name]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return bool(extra.get("reuse_added")) and getattr(section, name) == field.get_default(call_default_factory=True)
+
+
 def reuse_key(cfg: BaseModel, stage: str, resume: bool = False) -> dict:
     """The config values that shape ``stage``'s result, nested as in the config.
 
@@ -230,7 +237,7 @@ def _select(section: BaseModel, dumped: dict, stage: str, counted: set[str], inh
             _select(value, dumped[name], stage, counted, mark, sub, top)
             if sub:
                 into[name] = sub
-        elif mark in counted:
+        elif mark in counted and not _added_at_default(section, name):
             # reuse_top: keyed by the field's own name, the layout of fingerprints written before the marks.
             (top if stage in tops else into)[name] = dumped[name]
 

@@ -33,10 +33,12 @@ IRRELEVANT = "irrelevant"  # the result stays valid (how progress is shown, whic
 REUSE_MARKS = (INVALIDATES, RESUMABLE, IRRELEVANT)
 
 
-def reuse(top: tuple[str, ...] = (), **stages: str) -> dict[str, Any]:
+def reuse(top: tuple[str, ...] = (), added: bool = False, **stages: str) -> dict[str, Any]:
     """Field metadata: ``reuse(train=RESUMABLE)``; ``top`` names the stages whose fingerprint keys this
-    field by its own name instead of under its section (the layout of fingerprints already on disk)."""
+    field by its own name instead of under its section (the layout of fingerprints already on disk);
+    ``added=True`` marks a field added after runs were written: left out of fingerprints while it holds its
+    default, so those runs are still skipped and resumed."""
     bad = {s: m for s, m in stages.items() if m not in REUSE_MARKS}
     if bad:
         raise ValueError(f"reuse marks must be one of {REUSE_MARKS}, got {bad}")
-    return {"reuse": stages, **({"reuse_top": list(top)} if top else {})}
+    return {"reuse": stages, **({"reuse_top": list(top)} if top else {}), **({"reuse_added": True} if added else {})}

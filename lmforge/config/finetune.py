@@ -26,7 +26,7 @@ class LoraConfig(Section):
     quantize: Literal["none", "4bit"] = Field("none", description=(
         "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the adapters; needs a CUDA GPU "
         "and finetune.lora.rank >= 1 (refused otherwise; the 4-bit path itself is not in this version yet); "
-        "'none' = full-precision base"))
+        "'none' = full-precision base"), json_schema_extra=reuse(added=True))
 
     @model_validator(mode="after")
     def _check(self) -> LoraConfig:

@@ -138,7 +138,7 @@ class ModelConfig(Section):
     hf_config: dict[str, Any] | None = Field(None, description=(
         "model.arch=hf: the Hugging Face config.json (as a mapping) of the transformers model to build; set "
         "when a Hugging Face folder is opened, so checkpoints rebuild the same family"),
-        json_schema_extra=reuse(train=INVALIDATES, finetune=INVALIDATES, bakeoff=INVALIDATES))
+        json_schema_extra=reuse(added=True, train=INVALIDATES, finetune=INVALIDATES, bakeoff=INVALIDATES))
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
