@@ -25,6 +25,14 @@ class LoraConfig(Section):
         "empty = every Linear, Conv1d, LSTM and GRU except the output head"))
 
 
+class PreferenceConfig(Section):
+    beta: float | None = Field(None, gt=0, description=(
+        "preference modes: how strongly the loss pushes the reward margin; DPO: scale of the log-probability "
+        "ratios to the reference (None = 0.1); SimPO: scale of the length-normalised log-probabilities "
+        "(None = 2.0)"))
+    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers")
+
+
 class FinetuneConfig(Section):
     enabled: bool = Field(False, description=(
         "lmforge run: fine-tune after pre-training and evaluation (the finetune stage); `lmforge finetune` "
@@ -32,9 +40,17 @@ class FinetuneConfig(Section):
     init: str | None = Field(None, description=(
         "pretrained model to start from (--init PATH): a lmforge run folder, checkpoint or export, or a local "
         "Hugging Face folder; None = this run's own pre-trained model"))
-    mode: Literal["text", "chat"] = Field("chat", description=(
+    mode: Literal["text", "chat", "dpo", "simpo"] = Field("chat", description=(
         "'text' = domain adaptation on plain text (next-token loss on every token); 'chat' = conversations "
-        "in OpenAI messages JSONL, loss on assistant turns only"))
+        "in OpenAI messages JSONL, loss on assistant turns only; 'dpo' / 'simpo' = preference tuning on "
+        "JSONL pairs {\"prompt\" or \"messages\", \"chosen\", \"rejected\"}: DPO against the starting model "
+        "(the base with adapters off for LoRA), or reference-free SimPO; the loss covers the answers only"))
+    pack: bool | Literal["auto"] = Field("auto", description=(
+        "chat: lay a step's conversations end to end in rows of model.context tokens, each attending only "
+        "to itself with positions from 0 (the same loss, no padding); 'auto' = when it saves at least a "
+        "fifth of the positions and the model can keep examples apart (Transformer; LSTM/GRU/CNN cannot)"))
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description=(
+        "preference tuning (finetune.mode=dpo or simpo)"))
     data: list[str] = Field(default_factory=list, description=(
         "training data: for chat, JSONL files of {\"messages\": [{\"role\", \"content\"}, ...]}; for text, files, "
         "folders or globs in any format the data stage reads; empty (chat) = the embedded Shakespeare "
@@ -86,5 +102,5 @@ class FinetuneConfig(Section):
     def _check(self) -> FinetuneConfig:
         if self.mode == "text" and not self.data:
             raise ValueError("finetune.data: text fine-tuning needs files (finetune.mode=text); "
-                             "the embedded set is for finetune.mode=chat")
+                             "the embedded sets are for finetune.mode=chat, dpo and simpo")
         return self

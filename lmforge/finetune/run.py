@@ -34,8 +34,18 @@ import torch
 from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.data.tokenizer import tokenizer_digest
-from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
-from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TASK, build_job, data_files, prepare_data
+from lmforge.finetune.evaluate import load_chat_task, pair_logprobs, preference_report, score_chat_task, shard_bpb
+from lmforge.finetune.pairs import load_pairs, read_pairs
+from lmforge.finetune.setup import (
+    DEFAULT_BETA,
+    EMBEDDED_DIR,
+    EMBEDDED_TASK,
+    PAIRS_HELDOUT,
+    PREFERENCE,
+    build_job,
+    data_files,
+    prepare_data,
+)
 from lmforge.train import lora
 from lmforge.trained import TrainedModel, load_model
 
@@ -55,6 +65,22 @@ def _weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def heldout_preferences(cfg: RunConfig, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
+                        data_dir: Path) -> dict:
+    """Preference figures of both models on held-out pairs: finetune.heldout_task, else the embedded set's
+    held-out pairs (no finetune.data), else the validation pairs."""
+    ft = cfg.finetune
+    source = ft.heldout_task or (None if ft.data else str(EMBEDDED_DIR / PAIRS_HELDOUT))
+    if source:
+        pairs, _ = read_pairs([source], base.tokenizer, ft.max_length or base.cfg.model.context, ft.on_bad_line)
+    else:
+        pairs = load_pairs(data_dir / "pairs_val.npz")
+    bs = cfg.eval.batch_size
+    report = preference_report(pair_logprobs(base.model, pairs, bs), pair_logprobs(tuned.model, pairs, bs),
+                               ft.preference.beta or DEFAULT_BETA[ft.mode])
+    return {"source": source or "validation pairs", **report}
 
 
 def heldout_task(cfg: RunConfig) -> Path | None:
@@ -142,6 +168,8 @@ def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedMod
     out: dict = {}
     kw = dict(eot_id=base.tokenizer.eot_id, context=context, batch_size=bs, max_tokens=cfg.eval.max_tokens,
               stride=cfg.eval.stride)
+    if cfg.finetune.mode in PREFERENCE:
+        out["preference"] = heldout_preferences(cfg, base, tuned, data_stats, run_dir / "finetune" / "data")
     task = heldout_task(cfg)
     if task is not None:
         items = load_chat_task(task)
