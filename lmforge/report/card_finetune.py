@@ -36,7 +36,7 @@ def comparison_rows(compare: dict) -> list[list[str]]:
             rows.append([f"held-out pairs ({n}): {label}", format(b, f), format(t, f), format(t - b, "+" + f)])
         r = pref["reward"]
         rows.append([f"held-out pairs ({n}): DPO reward accuracy / margin (beta {r['beta']}, against the base)",
-                     "-", f"{r['accuracy']:.3f} / {r['margin']:+.3f}", ""])
+                     "0 / 0", f"{r['accuracy']:.3f} / {r['margin']:+.3f}", "-"])
     for key, label in _VAL_LABELS.items():
         pair = compare.get(key)
         if pair and pair.get("base") and pair.get("finetuned"):
