@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config.base import RESUMABLE, Section, reuse
+from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
 
 class LoraConfig(Section):
@@ -31,6 +31,18 @@ class PreferenceConfig(Section):
         "ratios to the reference (None = 0.1); SimPO: scale of the length-normalised log-probabilities "
         "(None = 2.0)"))
     gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers")
+    # The dpo stage of `lmforge run`: the finetune stage's own result does not depend on these.
+    stage: Literal["off", "dpo", "simpo"] = Field("off", description=(
+        "lmforge run: after the finetune stage, tune its chat model (or the pre-trained one when "
+        "finetune.enabled is false) on preference pairs with this loss (the dpo stage, runs/<name>/dpo)"),
+        json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
+    data: list[str] = Field(default_factory=list, description=(
+        "the dpo stage's pairs (JSONL); empty = the embedded Shakespeare preference set"),
+        json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
+    steps: int = Field(100, ge=1, description="the dpo stage's optimizer steps",
+                       json_schema_extra=reuse(finetune=IRRELEVANT, dpo=RESUMABLE))
+    lr: float = Field(1e-4, gt=0, description="the dpo stage's peak learning rate",
+                      json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
 
 
 class FinetuneConfig(Section):

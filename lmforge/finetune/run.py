@@ -90,8 +90,8 @@ def heldout_task(cfg: RunConfig) -> Path | None:
     return EMBEDDED_DIR / EMBEDDED_TASK if not ft.data and ft.mode == "chat" else None
 
 
-def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
-    """Fine-tune into ``run_dir/finetune``; returns the training summary and the before/after comparison.
+def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None, stage: str = "finetune") -> dict:
+    """Fine-tune into ``run_dir/<stage>``; returns the training summary and the before/after comparison.
 
     ``base_val``: the base model's validation figures when the caller has them already (the eval stage).
     """
@@ -106,7 +106,7 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     # model is what this stage writes, never where it starts (resuming would change the base).
     own = ft.init is None or Path(ft.init).expanduser().resolve() == run_dir.resolve()
     base = load_model(run_dir / "train" if own else ft.init)
-    out = run_dir / "finetune"
+    out = run_dir / stage
     out.mkdir(parents=True, exist_ok=True)
     tok = base.tokenizer
     if tok.vocab_size > base.cfg.model.vocab_size:
@@ -141,9 +141,19 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     tuned = load_model(out)  # the newest checkpoint, adapters merged
     if ft.lora.rank:
         result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
-    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val)
+    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val, out / "data")
     artifacts.write_json(out / "results.json", result)
     return result
+
+
+def preference_stage(cfg: RunConfig, run_dir: Path) -> dict:
+    """The ``dpo`` stage of ``lmforge run`` (``finetune.preference.stage``): preference tuning of the chat
+    model the finetune stage made (or of the pre-trained one) into ``run_dir/dpo``."""
+    p = cfg.finetune.preference
+    start = run_dir / ("finetune" if cfg.finetune.enabled else "train")
+    ft = cfg.finetune.model_copy(update={"mode": p.stage, "init": str(start), "data": list(p.data), "val": [],
+                                         "steps": p.steps, "lr": p.lr, "heldout_task": None})
+    return main(cfg.model_copy(update={"finetune": ft}), run_dir, stage="dpo")
 
 
 def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Path]:
@@ -162,14 +172,14 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
 
 
 def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
-            base_val: dict | None) -> dict:
+            base_val: dict | None, data_dir: Path) -> dict:
     """Held-out task accuracy and validation bits per byte of the base and the fine-tuned model."""
     context, bs = base.cfg.model.context, cfg.eval.batch_size
     out: dict = {}
     kw = dict(eot_id=base.tokenizer.eot_id, context=context, batch_size=bs, max_tokens=cfg.eval.max_tokens,
               stride=cfg.eval.stride)
     if cfg.finetune.mode in PREFERENCE:
-        out["preference"] = heldout_preferences(cfg, base, tuned, data_stats, run_dir / "finetune" / "data")
+        out["preference"] = heldout_preferences(cfg, base, tuned, data_stats, data_dir)
     task = heldout_task(cfg)
     if task is not None:
         items = load_chat_task(task)
@@ -186,7 +196,6 @@ def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedMod
             break
     if data_stats["mode"] == "text":  # the domain's own held-out text
         n_bytes = data_stats["val"]["bytes"]
-        data_dir = run_dir / "finetune" / "data"
         out["finetune_val"] = {"base": shard_bpb(base.model, data_dir, n_bytes, **kw),
                                "finetuned": shard_bpb(tuned.model, data_dir, n_bytes, **kw)}
     return out

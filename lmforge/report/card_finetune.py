@@ -46,11 +46,16 @@ def comparison_rows(compare: dict) -> list[list[str]]:
 
 
 def finetuning(c) -> list:
-    """Card section (see :mod:`lmforge.report.card`); empty when the run did not fine-tune."""
-    result = c.extra.get("finetune") or {}
+    """Card sections (see :mod:`lmforge.report.card`): the finetune stage, then the dpo stage; empty when
+    the run did neither."""
+    return [*_stage(c.extra.get("finetune") or {}, "Fine-tuning"),
+            *_stage(c.extra.get("dpo") or {}, "Preference tuning (dpo stage)")]
+
+
+def _stage(result: dict, title: str) -> list:
     if not result or "skipped" in result:
         return []
-    blocks: list = [Heading(2, "Fine-tuning"),
+    blocks: list = [Heading(2, title),
                     Para(f"Started from {result['init']} (step {result['base_step']}); "
                          f"{result['data']['mode']} fine-tuning for {result['train']['steps']} steps "
                          f"({fmt(result['train']['train_seconds'], 'train_seconds')}).")]

@@ -104,3 +104,27 @@ def test_embedded_sets_are_as_built(capsys):
     assert "pairs_train: ok" in out and "pairs_heldout: ok" in out
     rows = [json.loads(s) for s in (EMBEDDED_DIR / PAIRS_TRAIN).read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 1200 and all(r["chosen"] != r["rejected"] and r["prompt"] for r in rows)
+
+
+def test_pipeline_dpo_stage_tunes_the_chat_model_and_reports(small_corpus, pairs, tmp_path):
+    from tests.conftest import TINY
+
+    args = ["run", "--config", str(TINY), f"--data.train={small_corpus}", f"--runs_dir={tmp_path}",
+            "--model.context=96", "--train.steps=6", "--finetune.enabled=true", "--finetune.steps=2",
+            "--finetune.batch_size=4", "--finetune.eval_batches=2", "--finetune.preference.stage=dpo",
+            f"--finetune.preference.data=[{pairs}]", "--finetune.preference.steps=2",
+            "--finetune.on_bad_line=skip", *QUIET]  # this tokenizer makes a few prompts too long for 96
+    assert call_cli(*args) == 0
+    run = tmp_path / "tiny"
+    result = json.loads((run / "dpo" / "manifest.json").read_text())["outputs"]
+    assert result["init"] == str(run / "finetune") and result["data"]["mode"] == "dpo"
+    assert result["train"]["steps"] == 2 and result["compare"]["preference"]["pairs"] > 0
+    chat_val = json.loads((run / "finetune" / "manifest.json").read_text())["outputs"]["compare"]["pretrain_val"]
+    assert result["compare"]["pretrain_val"]["base"]["bpb"] == chat_val["finetuned"]["bpb"]  # its base: the chat model
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["dpo"]) >= {"pref_acc_base", "pref_acc", "reward_acc", "val_bpb_base", "val_bpb"}
+    assert "## Preference tuning (dpo stage)" in (run / "report" / "card.md").read_text()
+    from lmforge.report.compare_runs import load_run, results
+
+    shown = results(load_run(run))  # the figures `lmforge compare` puts side by side
+    assert shown["dpo.reward_acc"] == summary["dpo"]["reward_acc"] and "finetune.task_acc" in shown
