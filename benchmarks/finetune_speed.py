@@ -1,0 +1,174 @@
+"""Fine-tuning speed: lmforge against TRL's SFTTrainer and DPOTrainer on the same tiny Llama, data, batch and CPU.
+
+One process, side by side, each side on the same number of threads:
+
+1. A tiny Llama-family model is written as a Hugging Face folder (``LlamaForCausalLM``, random weights;
+   width 128, 4 layers, 4 heads, context 128, tied embeddings, a 2,048-token BPE trained by lmforge on
+   the embedded corpus, with ChatML's special tokens and lmforge's chat template). lmforge loads the
+   folder into its native Transformer exactly (:mod:`lmforge.trained.hf`); TRL loads it with
+   ``AutoModelForCausalLM``.
+2. Chat fine-tuning on the first ``--conversations`` conversations of the embedded chat set, batch
+   ``--batch``, ``--steps`` AdamW steps at lr 3e-4: lmforge (``lmforge finetune``) unpacked
+   (``finetune.pack=false``) and packed (``finetune.pack=true``), and TRL's ``SFTTrainer`` (padding to
+   the longest of each batch, its default). Useful tokens are the conversations' real tokens (no
+   padding); tokens/s is useful tokens over the training time (lmforge: the loop's own step time;
+   TRL: ``train_runtime``).
+3. DPO on the embedded preference set, batch ``--dpo-batch`` pairs, ``--dpo-steps`` steps at beta 0.1:
+   lmforge (``finetune.mode=dpo``, a frozen copy as reference) and TRL's ``DPOTrainer`` (its reference
+   a copy too): steps/s.
+
+Loss masks differ in one respect: TRL's conversational SFT trains on every token unless the template
+marks assistant turns (lmforge's has no ``{% generation %}`` marks), while lmforge trains on assistant
+tokens only; the compute per token is the same. Run::
+
+    .venv/bin/python benchmarks/finetune_speed.py                       # a few minutes on 2 cores
+    .venv/bin/python benchmarks/finetune_speed.py --steps 3 --dpo-steps 2   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import TokenizerConfig
+from lmforge.data.chat import CHAT_TEMPLATE, IM_END
+from lmforge.data.sources import embedded_corpus
+from lmforge.data.tokenizer import EOT, PAD, train_tokenizer
+from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TRAIN, PAIRS_TRAIN
+
+CONTEXT = 128
+
+
+def build_folder(folder: Path) -> None:
+    """The tiny Llama as a Hugging Face folder, tokenizer and chat template included."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [d.text[:400_000] for d in embedded_corpus()][:12]
+    tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=2048), texts)
+    tok_dir = tok.save(folder / "lmforge-tokenizer")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir), bos_token=EOT,
+                                     eos_token=IM_END, pad_token=PAD)
+    hf_tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
+                      tie_word_embeddings=True, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                      pad_token_id=hf_tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+
+
+def write_data(folder: Path, n_conv: int, n_pairs: int) -> tuple[Path, Path]:
+    chat = (EMBEDDED_DIR / EMBEDDED_TRAIN).read_text(encoding="utf-8").splitlines()[:n_conv]
+    pairs = [json.loads(s) for s in (EMBEDDED_DIR / PAIRS_TRAIN).read_text(encoding="utf-8").splitlines()]
+    pairs = [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) < 220][:n_pairs]
+    (folder / "chat.jsonl").write_text("\n".join(chat) + "\n", encoding="utf-8")
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return folder / "chat.jsonl", folder / "pairs.jsonl"
+
+
+def lmforge_run(model: Path, runs: Path, name: str, data: Path, steps: int, batch: int, threads: int,
+                *extra: str) -> dict:
+    from lmforge.cli import main
+
+    main(["finetune", "--init", str(model), f"--runs_dir={runs}", f"--name={name}", f"--finetune.data={data}",
+          f"--finetune.steps={steps}", f"--finetune.batch_size={batch}", "--finetune.lr=3e-4",
+          "--finetune.warmup_steps=0", "--finetune.eval_every=0", "--finetune.eval_batches=1",
+          "--finetune.ckpt_every=0", f"--finetune.max_length={CONTEXT}", "--train.progress=false",
+          "--train.tensorboard=false", f"--train.threads={threads}", "--finetune.on_bad_line=skip", *extra])
+    return json.loads((runs / name / "finetune" / "results.json").read_text())
+
+
+def useful_tokens(run: Path, steps: int, batch: int, pack: bool) -> int:
+    """The real (non-padding) tokens of the batches the run trained on, replayed from its loader."""
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.finetune.data import ChatLoader
+
+    pad = Tokenizer.load(run / "finetune" / "tokenizer").pad_id
+    loader = ChatLoader(run / "finetune" / "data", "train", batch, CONTEXT, seed=1337, pad_id=pad, pack=pack)
+    return sum(int((loader.next_batch()[0] != pad).sum()) for _ in range(steps))
+
+
+def trl_sft(model: Path, data: Path, steps: int, batch: int, out: Path) -> tuple[float, int]:
+    """(seconds, tokens) of TRL's SFTTrainer on the same conversations."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-4,
+                     warmup_steps=0, lr_scheduler_type="cosine", max_length=CONTEXT, packing=False,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                     seed=1337, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args, processing_class=tok,
+                         train_dataset=load_dataset("json", data_files=str(data), split="train"))
+    metrics = trainer.train().metrics
+    tokens = next((h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), 0)
+    return metrics["train_runtime"], int(tokens)
+
+
+def trl_dpo(model: Path, data: Path, steps: int, batch: int, out: Path) -> float:
+    """Seconds of TRL's DPOTrainer on the same pairs (prompt as a user turn, answers as assistant turns)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(s) for s in data.read_text(encoding="utf-8").splitlines()]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    args = DPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                     warmup_steps=0, beta=0.1, max_length=CONTEXT, logging_steps=1, save_strategy="no",
+                     report_to=[], use_cpu=True, dataloader_num_workers=0, seed=1337)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args, processing_class=AutoTokenizer
+                         .from_pretrained(model), train_dataset=ds)
+    return trainer.train().metrics["train_runtime"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="chat fine-tuning steps per side")
+    p.add_argument("--batch", type=int, default=16, help="conversations per step")
+    p.add_argument("--conversations", type=int, default=600, help="conversations of the embedded chat set used")
+    p.add_argument("--dpo-steps", type=int, default=10, help="DPO steps per side")
+    p.add_argument("--dpo-batch", type=int, default=8, help="preference pairs per step")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_folder(root / "llama")
+        chat, pairs = write_data(root, args.conversations, 4 * args.dpo_batch * args.dpo_steps)
+        rows = []
+        for name, pack in (("lmforge, unpacked", False), ("lmforge, packed", True)):
+            res = lmforge_run(root / "llama", root / "runs", name.split(", ")[1], chat, args.steps, args.batch,
+                              args.threads, f"--finetune.pack={str(pack).lower()}")
+            tokens = useful_tokens(root / "runs" / name.split(", ")[1], args.steps, args.batch, pack)
+            rows.append((name, res["train"]["train_seconds"], tokens))
+        torch.set_num_threads(args.threads)
+        seconds, tokens = trl_sft(root / "llama", chat, args.steps, args.batch, root / "trl-sft")
+        rows.append(("TRL SFTTrainer", seconds, tokens))
+        base = rows[2][2] / rows[2][1]
+        print(f"\nchat fine-tuning, {args.steps} steps x {args.batch} conversations, {args.threads} threads")
+        print(f"{'':22s} {'seconds':>8s} {'useful tokens':>14s} {'tokens/s':>9s} {'vs TRL':>7s}")
+        for name, s, t in rows:
+            print(f"{name:22s} {s:8.2f} {t:14,d} {t / s:9,.0f} {t / s / base:6.2f}x")
+        dpo = lmforge_run(root / "llama", root / "runs", "dpo", pairs, args.dpo_steps, args.dpo_batch, args.threads,
+                          "--finetune.mode=dpo", "--finetune.lr=1e-4")["train"]["train_seconds"]
+        torch.set_num_threads(args.threads)
+        trl = trl_dpo(root / "llama", pairs, args.dpo_steps, args.dpo_batch, root / "trl-dpo")
+        print(f"\nDPO, {args.dpo_steps} steps x {args.dpo_batch} pairs: lmforge {args.dpo_steps / dpo:.2f} steps/s, "
+              f"TRL DPOTrainer {args.dpo_steps / trl:.2f} steps/s: {trl / dpo:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
