@@ -60,7 +60,8 @@ class FinetuneConfig(Section):
     pack: bool | Literal["auto"] = Field("auto", description=(
         "chat: lay a step's conversations end to end in rows of model.context tokens, each attending only "
         "to itself with positions from 0 (the same loss, no padding); 'auto' = when it saves at least a "
-        "fifth of the positions and the model can keep examples apart (Transformer; LSTM/GRU/CNN cannot)"))
+        "fifth of the positions and the model can keep examples apart (Transformer; LSTM/GRU/CNN cannot). "
+        "text: true keeps the documents of a window apart the same way (auto and false: plain windows)"))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description=(
         "preference tuning (finetune.mode=dpo or simpo)"))
     data: list[str] = Field(default_factory=list, description=(

@@ -68,8 +68,8 @@ def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: P
         loader = functools.partial(ChatLoader, pad_id=tokenizer.pad_id, pack=packing(cfg))
     elif ft.mode in PREFERENCE:
         loader = functools.partial(PairLoader, pad_id=tokenizer.pad_id)
-    else:
-        loader = TokenLoader
+    else:  # text: documents kept apart only when asked (no padding to save; auto keeps the plain windows)
+        loader = functools.partial(TokenLoader, doc_ids=True) if packing(cfg) is True else TokenLoader
     return build_train_job(cfg, tokenizer=tokenizer, tokenizer_path=tokenizer_path, data_dir=out / "data",
                            out_dir=out, fingerprint=fingerprint, context=context, make_loader=loader,
                            prepare=prepare, bytes_per_token=bytes_per_token, objective=objective(ft))

@@ -230,7 +230,8 @@ def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, dat
     context = context or cfg.model.context
     loader = make_loader(data_dir, "train", par.micro_batch, context, seed=cfg.seed, rank=rt.rank,
                          world_size=rt.world_size)
-    val_context = min(context, _val_tokens(data_dir) - 1) if make_loader is TokenLoader else context
+    token_windows = getattr(make_loader, "func", make_loader) is TokenLoader  # a partial keeps its class in .func
+    val_context = min(context, _val_tokens(data_dir) - 1) if token_windows else context
     val_args = dict(shards=data_dir, split="val", batch_size=tc.batch_size, context=val_context,  # every rank
                     seed=0, rank=0, world_size=1)  # scores the same batches: the figure one process gets
     ckpt_dir = out_dir / "ckpt"

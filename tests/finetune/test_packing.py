@@ -159,3 +159,32 @@ def test_recurrent_models_refuse_packing(tmp_path, capsys):
     assert _finetune(lstm, tmp_path, "lstm", "--finetune.pack=true", "--finetune.steps=1") == 2  # a config error
     err = capsys.readouterr().err
     assert err.startswith("error: finetune.pack=true: a lstm model") and "Traceback" not in err
+
+
+def test_text_windows_carry_document_numbers(small_corpus, tmp_path):
+    from lmforge.config import TokenizerConfig
+    from lmforge.data.loader import TokenLoader
+    from lmforge.data.pack import list_shards, read_index, read_shard, write_shards
+    from lmforge.data.tokenizer import train_tokenizer
+
+    texts = [p.read_text(encoding="utf-8")[:3000] for p in sorted(small_corpus.iterdir())]
+    tok = train_tokenizer(TokenizerConfig(kind="char"), texts)
+    write_shards(iter(texts), tok, tmp_path, "train", 1_000_000)  # one shard, five documents
+    plain = TokenLoader(tmp_path, "train", batch_size=4, context=64, seed=0)
+    loader = TokenLoader(tmp_path, "train", batch_size=4, context=64, seed=0, doc_ids=True)
+    (x0, y0), (x, y, doc) = plain.next_batch(), loader.next_batch()
+    assert x.equal(x0) and y.equal(y0) and loader.state_dict() == plain.state_dict()
+    shard = list_shards(tmp_path, "train")[0]
+    starts, tokens = read_index(shard), np.asarray(read_shard(shard))
+    for b in range(4):  # each window's tokens are found in the shard at the document its number names
+        start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens, 64).__eq__(x[b].numpy())
+                                   .all(axis=1))[0])
+        for t in (0, 31, 63):
+            assert starts[doc[b, t]] > start + t >= starts[doc[b, t] - 1]
+    assert (doc.diff(dim=1) >= 0).all() and len(texts) > 1
+
+
+def test_text_fine_tuning_keeps_documents_apart(base, small_corpus, tmp_path):
+    assert _finetune(base, tmp_path, "text", "--finetune.mode=text", f"--finetune.data={small_corpus}",
+                     "--finetune.pack=true", "--finetune.max_length=64", "--finetune.steps=2") == 0
+    assert len(_losses(tmp_path / "text")) == 2
