@@ -62,6 +62,7 @@ class TokenLoader:
                 raise DataError(f"no {split} token shards given")
         self.paths = paths
         self._data = [read_shard(p) for p in paths]  # memmaps: the OS pages tokens in on demand
+        self.doc_ids = doc_ids
         self._starts = [read_index(p) for p in paths] if doc_ids else None  # document start offsets per shard
         lengths = np.array([len(d) for d in self._data], dtype=np.int64)
 

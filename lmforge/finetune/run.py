@@ -135,7 +135,9 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None, stage: str
     job = build_job(run_cfg, out, tok, tok_path, base.model.state_dict(), max_length,
                     lambda resolved: loop.train_fingerprint(resolved, data_fp), bpt)
     stats = loop.train(job)
-    result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
+    # Whether the conversations were packed (finetune.pack; "auto" decides from the data, in the loader).
+    result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats,
+              "packed": bool(getattr(job.loader, "pack", False) or getattr(job.loader, "doc_ids", False))}
     if not stats["complete"]:
         return result
     tuned = load_model(out)  # the newest checkpoint, adapters merged

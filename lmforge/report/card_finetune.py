@@ -58,7 +58,8 @@ def _stage(result: dict, title: str) -> list:
     blocks: list = [Heading(2, title),
                     Para(f"Started from {result['init']} (step {result['base_step']}); "
                          f"{result['data']['mode']} fine-tuning for {result['train']['steps']} steps "
-                         f"({fmt(result['train']['train_seconds'], 'train_seconds')}).")]
+                         f"({fmt(result['train']['train_seconds'], 'train_seconds')})"
+                         f"{', examples packed' if result.get('packed') else ''}.")]
     rows = comparison_rows(result.get("compare", {}))
     if rows:
         blocks.append(Table(["measure", "base model", "fine-tuned", "change"], rows))

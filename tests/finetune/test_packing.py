@@ -188,3 +188,4 @@ def test_text_fine_tuning_keeps_documents_apart(base, small_corpus, tmp_path):
     assert _finetune(base, tmp_path, "text", "--finetune.mode=text", f"--finetune.data={small_corpus}",
                      "--finetune.pack=true", "--finetune.max_length=64", "--finetune.steps=2") == 0
     assert len(_losses(tmp_path / "text")) == 2
+    assert json.loads((tmp_path / "text" / "finetune" / "results.json").read_text())["packed"] is True
