@@ -107,7 +107,8 @@ class FinetuneConfig(Section):
         "its file and line ('stop'), or is skipped and counted in the stage's report ('skip')"))
     heldout_task: str | None = Field(None, description=(
         "chat multiple-choice task (JSONL of {messages, choices, label}) scored before and after "
-        "fine-tuning; None = the embedded set's held-out task when finetune.data is empty"),
+        "fine-tuning; for dpo/simpo, held-out preference pairs; None = the embedded set's held-out task "
+        "(or pairs) when finetune.data is empty, else (dpo/simpo) the validation pairs"),
         json_schema_extra=reuse(finetune=RESUMABLE))
     lora: LoraConfig = Field(default_factory=LoraConfig, description="low-rank adapters (LoRA)")
 
