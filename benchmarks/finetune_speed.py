@@ -11,18 +11,20 @@ One process, side by side, each side on the same number of threads:
    ``--batch``, ``--steps`` AdamW steps at lr 3e-4: lmforge (``lmforge finetune``) unpacked
    (``finetune.pack=false``) and packed (``finetune.pack=true``), and TRL's ``SFTTrainer`` (padding to
    the longest of each batch, its default). Useful tokens are the conversations' real tokens (no
-   padding); tokens/s is useful tokens over the training time (lmforge: the loop's own step time;
-   TRL: ``train_runtime``).
+   padding; TRL counts its own, having shuffled with its own sampler); tokens/s is useful tokens over
+   the training time (lmforge: the loop's own step time; TRL: ``train_runtime``).
 3. DPO on the embedded preference set, batch ``--dpo-batch`` pairs, ``--dpo-steps`` steps at beta 0.1:
    lmforge (``finetune.mode=dpo``, a frozen copy as reference) and TRL's ``DPOTrainer`` (its reference
    a copy too): steps/s.
 
-Loss masks differ in one respect: TRL's conversational SFT trains on every token unless the template
+The sides run in ``--rounds`` rounds, the order turning each round, and the fastest round of each
+side is kept: on a machine shared with other jobs the load drifts over minutes, and the fastest round
+is the one least disturbed. Loss masks differ in one respect: TRL's conversational SFT trains on every token unless the template
 marks assistant turns (lmforge's has no ``{% generation %}`` marks), while lmforge trains on assistant
 tokens only; the compute per token is the same. Run::
 
     .venv/bin/python benchmarks/finetune_speed.py                       # a few minutes on 2 cores
-    .venv/bin/python benchmarks/finetune_speed.py --steps 3 --dpo-steps 2   # quick check
+    .venv/bin/python benchmarks/finetune_speed.py --steps 2 --dpo-steps 2 --rounds 1   # quick check
 """
 
 from __future__ import annotations
@@ -130,40 +132,68 @@ def trl_dpo(model: Path, data: Path, steps: int, batch: int, out: Path) -> float
     return trainer.train().metrics["train_runtime"]
 
 
+def chat_round(root: Path, chat: Path, args: argparse.Namespace, r: int) -> dict[str, float]:
+    """Seconds of each side in round ``r`` (the order turns each round: load on a shared machine drifts)."""
+    sides = ["unpacked", "packed", "trl"]
+    sides = sides[r % 3:] + sides[: r % 3]
+    out = {}
+    for side in sides:
+        torch.set_num_threads(args.threads)
+        if side == "trl":  # TRL shuffles with its own sampler: its real tokens are counted by TRL itself
+            out[side], out["trl_tokens"] = trl_sft(root / "llama", chat, args.steps, args.batch, root / f"trl-sft-{r}")
+        else:
+            res = lmforge_run(root / "llama", root / "runs", f"{side}-{r}", chat, args.steps, args.batch, args.threads,
+                              f"--finetune.pack={str(side == 'packed').lower()}")
+            out[side] = res["train"]["train_seconds"]
+    return out
+
+
+def dpo_round(root: Path, pairs: Path, args: argparse.Namespace, r: int) -> dict[str, float]:
+    out = {}
+    for side in (["lmforge", "trl"] if r % 2 == 0 else ["trl", "lmforge"]):
+        torch.set_num_threads(args.threads)
+        if side == "trl":
+            out[side] = trl_dpo(root / "llama", pairs, args.dpo_steps, args.dpo_batch, root / f"trl-dpo-{r}")
+        else:
+            out[side] = lmforge_run(root / "llama", root / "runs", f"dpo-{r}", pairs, args.dpo_steps, args.dpo_batch,
+                                    args.threads, "--finetune.mode=dpo", "--finetune.lr=1e-4")["train"]["train_seconds"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30, help="chat fine-tuning steps per side")
+    p.add_argument("--steps", type=int, default=10, help="chat fine-tuning steps per side and round")
     p.add_argument("--batch", type=int, default=16, help="conversations per step")
-    p.add_argument("--conversations", type=int, default=600, help="conversations of the embedded chat set used")
-    p.add_argument("--dpo-steps", type=int, default=10, help="DPO steps per side")
+    p.add_argument("--conversations", type=int, default=400, help="conversations of the embedded chat set used")
+    p.add_argument("--dpo-steps", type=int, default=6, help="DPO steps per side and round")
     p.add_argument("--dpo-batch", type=int, default=8, help="preference pairs per step")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every side; the fastest of each side is kept")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_folder(root / "llama")
         chat, pairs = write_data(root, args.conversations, 4 * args.dpo_batch * args.dpo_steps)
-        rows = []
-        for name, pack in (("lmforge, unpacked", False), ("lmforge, packed", True)):
-            res = lmforge_run(root / "llama", root / "runs", name.split(", ")[1], chat, args.steps, args.batch,
-                              args.threads, f"--finetune.pack={str(pack).lower()}")
-            tokens = useful_tokens(root / "runs" / name.split(", ")[1], args.steps, args.batch, pack)
-            rows.append((name, res["train"]["train_seconds"], tokens))
-        torch.set_num_threads(args.threads)
-        seconds, tokens = trl_sft(root / "llama", chat, args.steps, args.batch, root / "trl-sft")
-        rows.append(("TRL SFTTrainer", seconds, tokens))
-        base = rows[2][2] / rows[2][1]
-        print(f"\nchat fine-tuning, {args.steps} steps x {args.batch} conversations, {args.threads} threads")
+        rounds = [chat_round(root, chat, args, r) for r in range(args.rounds)]
+        best = {side: min(r[side] for r in rounds) for side in ("unpacked", "packed", "trl")}
+        tokens = {side: useful_tokens(root / "runs" / f"{side}-0", args.steps, args.batch, side == "packed")
+                  for side in ("unpacked", "packed")}
+        tokens["trl"] = int(rounds[0]["trl_tokens"])
+        base = tokens["trl"] / best["trl"]
+        print(f"\nchat fine-tuning, {args.steps} steps x {args.batch} conversations, {args.threads} threads, "
+              f"fastest of {args.rounds} rounds")
+        print("seconds per round: " + "; ".join(", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "trl_tokens")
+                                                for r in rounds))
         print(f"{'':22s} {'seconds':>8s} {'useful tokens':>14s} {'tokens/s':>9s} {'vs TRL':>7s}")
-        for name, s, t in rows:
+        for side, name in (("unpacked", "lmforge, unpacked"), ("packed", "lmforge, packed"), ("trl", "TRL SFTTrainer")):
+            t, s = tokens[side], best[side]
             print(f"{name:22s} {s:8.2f} {t:14,d} {t / s:9,.0f} {t / s / base:6.2f}x")
-        dpo = lmforge_run(root / "llama", root / "runs", "dpo", pairs, args.dpo_steps, args.dpo_batch, args.threads,
-                          "--finetune.mode=dpo", "--finetune.lr=1e-4")["train"]["train_seconds"]
-        torch.set_num_threads(args.threads)
-        trl = trl_dpo(root / "llama", pairs, args.dpo_steps, args.dpo_batch, root / "trl-dpo")
-        print(f"\nDPO, {args.dpo_steps} steps x {args.dpo_batch} pairs: lmforge {args.dpo_steps / dpo:.2f} steps/s, "
-              f"TRL DPOTrainer {args.dpo_steps / trl:.2f} steps/s: {trl / dpo:.2f}x")
+        dpo = [dpo_round(root, pairs, args, r) for r in range(args.rounds)]
+        ours, trl = min(r["lmforge"] for r in dpo), min(r["trl"] for r in dpo)
+        per_round = "; ".join(f"lmforge {r['lmforge']:.1f} s, TRL {r['trl']:.1f} s" for r in dpo)
+        print(f"\nDPO, {args.dpo_steps} steps x {args.dpo_batch} pairs, fastest of {args.rounds} rounds ({per_round}): "
+              f"lmforge {args.dpo_steps / ours:.2f} steps/s, TRL DPOTrainer {args.dpo_steps / trl:.2f} steps/s: "
+              f"{trl / ours:.2f}x")
     return 0
 
 
