@@ -10,7 +10,8 @@ One process, side by side, each side on the same number of threads:
 2. Chat fine-tuning on the first ``--conversations`` conversations of the embedded chat set, batch
    ``--batch``, ``--steps`` AdamW steps at lr 3e-4: lmforge (``lmforge finetune``) unpacked
    (``finetune.pack=false``) and packed (``finetune.pack=true``), and TRL's ``SFTTrainer`` (padding to
-   the longest of each batch, its default). Useful tokens are the conversations' real tokens (no
+   the longest of each batch, its default). Then the two layouts alone: forward and backward of the
+   same batches, padded and packed, alternating batch by batch. Useful tokens are the conversations' real tokens (no
    padding; TRL counts its own, having shuffled with its own sampler); tokens/s is useful tokens over
    the training time (lmforge: the loop's own step time; TRL: ``train_runtime``).
 3. DPO on the embedded preference set, batch ``--dpo-batch`` pairs, ``--dpo-steps`` steps at beta 0.1:
@@ -132,6 +133,33 @@ def trl_dpo(model: Path, data: Path, steps: int, batch: int, out: Path) -> float
     return trainer.train().metrics["train_runtime"]
 
 
+def packing_steps(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+    """Seconds of forward + backward over the same ``--steps`` batches, padded and packed, alternating batch
+    by batch (so both layouts see the same load), the fastest of ``--rounds`` passes; and their real tokens."""
+    import time
+
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.finetune.data import ChatLoader
+    from lmforge.trained import load_model
+
+    model = load_model(root / "llama").model.train()
+    data = root / "runs" / "unpacked-0" / "finetune"
+    pad = Tokenizer.load(data / "tokenizer").pad_id
+    loaders = [ChatLoader(data / "data", "train", args.batch, CONTEXT, seed=1337, pad_id=pad, pack=p) for p in (0, 1)]
+    batches = [[ld.next_batch() for _ in range(args.steps)] for ld in loaders]
+    best = [float("inf"), float("inf")]
+    for _ in range(args.rounds):
+        spent = [0.0, 0.0]
+        for k in range(args.steps):
+            for layout in (0, 1):
+                t0 = time.perf_counter()
+                model(*batches[layout][k])[1].backward()
+                spent[layout] += time.perf_counter() - t0
+                model.zero_grad(set_to_none=True)
+        best = [min(b, s) for b, s in zip(best, spent, strict=True)]
+    return best[0], best[1], sum(int((b[0] != pad).sum()) for b in batches[0])
+
+
 def chat_round(root: Path, chat: Path, args: argparse.Namespace, r: int) -> dict[str, float]:
     """Seconds of each side in round ``r`` (the order turns each round: load on a shared machine drifts)."""
     sides = ["unpacked", "packed", "trl"]
@@ -188,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         for side, name in (("unpacked", "lmforge, unpacked"), ("packed", "lmforge, packed"), ("trl", "TRL SFTTrainer")):
             t, s = tokens[side], best[side]
             print(f"{name:22s} {s:8.2f} {t:14,d} {t / s:9,.0f} {t / s / base:6.2f}x")
+        padded, packed, real = packing_steps(root, args)
+        print(f"\npacking, forward + backward over the same {args.steps} batches, alternating: padded "
+              f"{real / padded:,.0f} useful tokens/s, packed {real / packed:,.0f}: {padded / packed:.2f}x")
         dpo = [dpo_round(root, pairs, args, r) for r in range(args.rounds)]
         ours, trl = min(r["lmforge"] for r in dpo), min(r["trl"] for r in dpo)
         per_round = "; ".join(f"lmforge {r['lmforge']:.1f} s, TRL {r['trl']:.1f} s" for r in dpo)
