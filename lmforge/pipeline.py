@@ -1,6 +1,6 @@
 """``lmforge run``: the whole way from text to a reported model, stage by stage.
 
-    collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> finetune -> sample -> report
+    collect -> clean -> docs -> tokenizer -> pack -> train -> eval -> finetune -> dpo -> sample -> report
 
 Each stage reads folders and writes its own folder under ``runs/<name>/`` with a
 ``manifest.json`` (:mod:`lmforge.artifacts`): the config that shaped it, the
@@ -128,6 +128,21 @@ def _finetune(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
     return finetune.main(cfg, run_dir, base_val=None if cfg.finetune.init else up["eval"]["val"])
 
 
+def _dpo(cfg: RunConfig, run_dir: Path, up: dict) -> dict:
+    if cfg.finetune.preference.stage == "off":
+        return {"skipped": "finetune.preference.stage is off"}
+    from lmforge.finetune import run as finetune
+
+    return finetune.preference_stage(cfg, run_dir)
+
+
+def _dpo_data(cfg: RunConfig) -> dict:
+    from lmforge.finetune.setup import EMBEDDED_DIR, PAIRS_TRAIN, PAIRS_VAL
+
+    files = cfg.finetune.preference.data or [str(EMBEDDED_DIR / PAIRS_TRAIN), str(EMBEDDED_DIR / PAIRS_VAL)]
+    return {"data": artifacts.content_digest(files)}
+
+
 def _finetune_data(cfg: RunConfig) -> dict:
     """The fine-tuning sets, by content: the embedded ones may be reinstalled with a new mtime."""
     from lmforge.finetune.setup import data_files
@@ -159,8 +174,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     # clean=False: an interrupted fine-tuning run resumes from its checkpoints, like train.
     Stage("finetune", ("pack", "train", "eval"), _finetune, clean=False, inputs=_finetune_data,
           enabled=lambda c: c.finetune.enabled),
+    Stage("dpo", ("pack", "train", "eval", "finetune"), _dpo, clean=False, inputs=_dpo_data,
+          enabled=lambda c: c.finetune.preference.stage != "off"),
     Stage("sample", ("train",), _sample),
-    Stage("report", ("docs", "tokenizer", "pack", "train", "eval", "finetune", "sample"), _report,
+    Stage("report", ("docs", "tokenizer", "pack", "train", "eval", "finetune", "dpo", "sample"), _report,
           inputs=lambda c: {"always": time.time()}),
 ]}
 ORDER = list(STAGES)

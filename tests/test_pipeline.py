@@ -54,7 +54,7 @@ def test_rerun_skips_finished_stages(tiny_run: Path, small_corpus: Path, capsys)
     cli_main(["run", "--config", str(TINY), f"--runs_dir={tiny_run.parent}", f"--data.train=[{small_corpus}]"])
     after = {s: json.loads((tiny_run / s / "manifest.json").read_text())["finished_at"] for s in before}
     assert before == after
-    assert capsys.readouterr().out.count("up to date, skipped") == 9  # the 8 above and finetune (disabled)
+    assert capsys.readouterr().out.count("up to date, skipped") == 10  # the 8 above, finetune and dpo (disabled)
 
 
 def test_exact_resume_in_a_new_process(tmp_path: Path, small_corpus: Path):

@@ -39,7 +39,7 @@ from lmforge.config.cleaning import (
     SourceConfig,
     WebConfig,
 )
-from lmforge.config.finetune import FinetuneConfig, LoraConfig
+from lmforge.config.finetune import FinetuneConfig, LoraConfig, PreferenceConfig
 from lmforge.config.run import (
     RunConfig,
     field_help,
@@ -85,6 +85,7 @@ __all__ = [
     "LanguageConfig",
     "LinesConfig",
     "LoraConfig",
+    "PreferenceConfig",
     "ModelConfig",
     "PlanConfig",
     "NormalizeConfig",

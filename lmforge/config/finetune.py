@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmforge.config.base import RESUMABLE, Section, reuse
+from lmforge.config.base import INVALIDATES, IRRELEVANT, RESUMABLE, Section, reuse
 
 
 class LoraConfig(Section):
@@ -36,6 +36,26 @@ class LoraConfig(Section):
         return self
 
 
+class PreferenceConfig(Section):
+    beta: float | None = Field(None, gt=0, description=(
+        "preference modes: how strongly the loss pushes the reward margin; DPO: scale of the log-probability "
+        "ratios to the reference (None = 0.1); SimPO: scale of the length-normalised log-probabilities "
+        "(None = 2.0)"))
+    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers")
+    # The dpo stage of `lmforge run`: the finetune stage's own result does not depend on these.
+    stage: Literal["off", "dpo", "simpo"] = Field("off", description=(
+        "lmforge run: after the finetune stage, tune its chat model (or the pre-trained one when "
+        "finetune.enabled is false) on preference pairs with this loss (the dpo stage, runs/<name>/dpo)"),
+        json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
+    data: list[str] = Field(default_factory=list, description=(
+        "the dpo stage's pairs (JSONL); empty = the embedded Shakespeare preference set"),
+        json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
+    steps: int = Field(100, ge=1, description="the dpo stage's optimizer steps",
+                       json_schema_extra=reuse(finetune=IRRELEVANT, dpo=RESUMABLE))
+    lr: float = Field(1e-4, gt=0, description="the dpo stage's peak learning rate",
+                      json_schema_extra=reuse(finetune=IRRELEVANT, dpo=INVALIDATES))
+
+
 class FinetuneConfig(Section):
     enabled: bool = Field(False, description=(
         "lmforge run: fine-tune after pre-training and evaluation (the finetune stage); `lmforge finetune` "
@@ -43,9 +63,18 @@ class FinetuneConfig(Section):
     init: str | None = Field(None, description=(
         "pretrained model to start from (--init PATH): a lmforge run folder, checkpoint or export, or a local "
         "Hugging Face folder; None = this run's own pre-trained model"))
-    mode: Literal["text", "chat"] = Field("chat", description=(
+    mode: Literal["text", "chat", "dpo", "simpo"] = Field("chat", description=(
         "'text' = domain adaptation on plain text (next-token loss on every token); 'chat' = conversations "
-        "in OpenAI messages JSONL, loss on assistant turns only"))
+        "in OpenAI messages JSONL, loss on assistant turns only; 'dpo' / 'simpo' = preference tuning on "
+        "JSONL pairs {\"prompt\" or \"messages\", \"chosen\", \"rejected\"}: DPO against the starting model "
+        "(the base with adapters off for LoRA), or reference-free SimPO; the loss covers the answers only"))
+    pack: bool | Literal["auto"] = Field("auto", description=(
+        "chat: lay a step's conversations end to end in rows of model.context tokens, each attending only "
+        "to itself with positions from 0 (the same loss, no padding); 'auto' = when it saves at least a "
+        "fifth of the positions and the model can keep examples apart (Transformer; LSTM/GRU/CNN cannot). "
+        "text: true keeps the documents of a window apart the same way (auto and false: plain windows)"))
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description=(
+        "preference tuning (finetune.mode=dpo or simpo)"))
     data: list[str] = Field(default_factory=list, description=(
         "training data: for chat, JSONL files of {\"messages\": [{\"role\", \"content\"}, ...]}; for text, files, "
         "folders or globs in any format the data stage reads; empty (chat) = the embedded Shakespeare "
@@ -89,7 +118,8 @@ class FinetuneConfig(Section):
         "its file and line ('stop'), or is skipped and counted in the stage's report ('skip')"))
     heldout_task: str | None = Field(None, description=(
         "chat multiple-choice task (JSONL of {messages, choices, label}) scored before and after "
-        "fine-tuning; None = the embedded set's held-out task when finetune.data is empty"),
+        "fine-tuning; for dpo/simpo, held-out preference pairs; None = the embedded set's held-out task "
+        "(or pairs) when finetune.data is empty, else (dpo/simpo) the validation pairs"),
         json_schema_extra=reuse(finetune=RESUMABLE))
     lora: LoraConfig = Field(default_factory=LoraConfig, description="low-rank adapters (LoRA)")
 
@@ -97,5 +127,5 @@ class FinetuneConfig(Section):
     def _check(self) -> FinetuneConfig:
         if self.mode == "text" and not self.data:
             raise ValueError("finetune.data: text fine-tuning needs files (finetune.mode=text); "
-                             "the embedded set is for finetune.mode=chat")
+                             "the embedded sets are for finetune.mode=chat, dpo and simpo")
         return self

@@ -51,7 +51,8 @@ class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.\-]+$", description="run name: outputs go to runs_dir/name")
     runs_dir: str = Field("runs", description="folder holding all runs")
     seed: int = Field(1337, description="global seed: data split, init, batch order, dropout",
-                      json_schema_extra=reuse(docs=INVALIDATES, train=INVALIDATES, finetune=INVALIDATES, bakeoff=INVALIDATES))
+                      json_schema_extra=reuse(docs=INVALIDATES, train=INVALIDATES, finetune=INVALIDATES, dpo=INVALIDATES,
+                                              bakeoff=INVALIDATES))
     data: DataConfig = Field(default_factory=DataConfig, description="where the text comes from",
                               json_schema_extra=reuse(docs=INVALIDATES, bakeoff=INVALIDATES))
     collect: CollectConfig = Field(default_factory=CollectConfig, description=(
@@ -70,7 +71,7 @@ class RunConfig(Section):
                               json_schema_extra=reuse(eval=INVALIDATES))
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(
         "fine-tuning a pretrained model on text or conversations (lmforge finetune; the finetune stage)"),
-        json_schema_extra=reuse(finetune=INVALIDATES))
+        json_schema_extra=reuse(finetune=INVALIDATES, dpo=INVALIDATES))
     sample: SampleConfig = Field(default_factory=SampleConfig, description="text generation",
                                   json_schema_extra=reuse(sample=INVALIDATES))
     compare: CompareConfig = Field(default_factory=CompareConfig, description="architecture bake-off (compare-archs)")

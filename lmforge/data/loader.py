@@ -21,6 +21,10 @@ state saved by rank 0 resumes any number of ranks. Usage::
     x, y = loader.next_batch()          # (B, T) int64 each; y[:, t] == x[:, t + 1]
     state = loader.state_dict()         # JSON-serializable; goes into the checkpoint
     loader.load_state_dict(state)       # later batches are exactly those that would have come
+
+``doc_ids=True`` (packed text fine-tuning, ``finetune.pack``) adds a third tensor to each batch: the
+document each input token belongs to (from the shards' document index), so a model that honours it
+(the Transformer) attends within each document only and restarts positions at each one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.pack import list_shards, read_shard
+from lmforge.data.pack import list_shards, read_index, read_shard
 from lmforge.data.sources import DataError
 
 STATE_VERSION = 1
@@ -40,7 +44,7 @@ class TokenLoader:
     """Random windows of packed tokens as ``(x, y)`` batches; see the module docstring."""
 
     def __init__(self, shards: list[Path] | Path, split: str, batch_size: int, context: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, doc_ids: bool = False) -> None:
         if batch_size < 1 or context < 1:
             raise ValueError(f"batch_size and context must be positive, got {batch_size} and {context}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -58,6 +62,8 @@ class TokenLoader:
                 raise DataError(f"no {split} token shards given")
         self.paths = paths
         self._data = [read_shard(p) for p in paths]  # memmaps: the OS pages tokens in on demand
+        self.doc_ids = doc_ids
+        self._starts = [read_index(p) for p in paths] if doc_ids else None  # document start offsets per shard
         lengths = np.array([len(d) for d in self._data], dtype=np.int64)
 
         # Windows per shard at offset 0; the slack is the room left to slide them by the epoch's offset
@@ -112,19 +118,23 @@ class TokenLoader:
         first = (self.rank - epoch * self.n_windows) % self.world_size  # this rank's first index in the epoch
         return [self._locate(int(w)) for w in self._order[first:: self.world_size]]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets, each (B, T) int64, targets shifted one token left of the inputs."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """Inputs and targets, each (B, T) int64, targets shifted one token left of the inputs (and, with
+        ``doc_ids``, each input token's document number, (B, T))."""
         span = self.context + 1
         buf = np.empty((self.batch_size, span), dtype=np.int64)  # (B, T + 1)
+        docs = np.empty((self.batch_size, self.context), dtype=np.int64)  # (B, T)
         for b in range(self.batch_size):
             epoch, index = divmod(self._pos, self.n_windows)
             self._plan(epoch)
             shard, start = self._locate(int(self._order[index]))
             buf[b] = self._data[shard][start: start + span]
+            if self._starts is not None:
+                docs[b] = np.searchsorted(self._starts[shard], np.arange(start, start + self.context), side="right")
             self._pos += self.world_size
         x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
-        return x, y
+        return (x, y) if self._starts is None else (x, y, torch.from_numpy(docs))
 
     def windows_from(self, epoch: int, cursor: int, n: int) -> list[list]:
         """``[shard file, start token]`` of the ``n`` windows served from position (epoch, cursor).

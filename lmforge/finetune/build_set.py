@@ -1,4 +1,4 @@
-"""Build the embedded chat fine-tuning set from the embedded Shakespeare corpus.
+"""Build the embedded chat fine-tuning set and the preference set from the embedded Shakespeare corpus.
 
 Questions about the plays, answered from the text itself, as conversations in OpenAI ``messages``
 format: which play has a line, who speaks it, and how it continues. A quarter of the conversations
@@ -10,12 +10,22 @@ fixed seed into three files beside this one, in ``sets/``::
     shakespeare_qa_heldout.jsonl   the held-out task: multiple choice {messages, choices, label}, lines
                                    never seen in fine-tuning; 4 choices (chance 25%)
 
+The preference set (``finetune.mode=dpo|simpo``) asks to continue a line, as the chat set does, and
+pairs the true next line of the speech (chosen) with a wrong one (rejected): half the time the true
+line with its words shuffled, half the time another line of the same play. Its lines are none of those
+the chat set uses, so a model fine-tuned on the chat set has not seen them::
+
+    shakespeare_pairs_train.jsonl    {prompt, chosen, rejected} to tune on
+    shakespeare_pairs_val.jsonl      pairs for the validation loss and reward accuracy
+    shakespeare_pairs_heldout.jsonl  pairs scored before and after tuning
+
 Rebuild or check the committed files (byte for byte)::
 
     python -m lmforge.finetune.build_set           # rewrite the three files
     python -m lmforge.finetune.build_set --check   # exit 1 if a committed file differs
 
-Expected output: ``heldout: 200 items``, ``val: 100 conversations``, ``train: 1200 conversations``.
+Expected output: ``heldout: 200 items``, ``val: 100 conversations``, ``train: 1200 conversations``,
+``pairs_train: 1200 pairs``, ``pairs_val: 100 pairs``, ``pairs_heldout: 200 pairs``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from lmforge.data.sources import embedded_corpus
 HERE = Path(__file__).parent / "sets"
 SEED = 2026
 N_TRAIN, N_VAL, N_HELDOUT = 1200, 100, 200
+PAIRS_SEED = 2027  # its own stream: the chat files do not change when the preference set does
 SYSTEM = "You know the plays of Shakespeare well. Answer briefly."
 MIN_SPEECHES = 200  # works with at least this many speeches are plays (the poems and sonnets have none)
 
@@ -141,7 +152,34 @@ def build() -> dict[str, list[dict]]:
             convs.append(_conversation(rng, rest[pos:pos + size]))
             pos += size
         out[split] = convs
+    used = held_lines | {t for it in rest[:pos] for t in (it["line"], it["answer"])}
+    out.update(_pairs([it for it in rest[pos:] if it["line"] not in used and it["answer"] not in used]))
     return out
+
+
+def _pairs(items: list[dict]) -> dict[str, list[dict]]:
+    """Preference pairs from unused "continue" items: the true next line against a wrong one."""
+    rng = random.Random(PAIRS_SEED)
+    by_play: dict[str, list[str]] = {}
+    for it in items:
+        by_play.setdefault(it["play"], []).append(it["line"])
+    pairs, seen = [], set()
+    for it in (it for it in items if it["kind"] == "continue"):
+        if it["line"] in seen or len(pairs) == N_TRAIN + N_VAL + N_HELDOUT:
+            continue
+        seen.add(it["line"])
+        words = it["answer"].split()
+        if rng.random() < 0.5:
+            for _ in range(10):  # a shuffle that changes the order (lines of 5+ words)
+                rng.shuffle(words)
+                if " ".join(words) != it["answer"]:
+                    break
+            rejected = " ".join(words)
+        else:
+            rejected = rng.choice([ln for ln in by_play[it["play"]] if ln not in (it["line"], it["answer"])])
+        pairs.append({"prompt": _question(it), "chosen": it["answer"], "rejected": rejected})
+    return {"pairs_heldout": pairs[:N_HELDOUT], "pairs_val": pairs[N_HELDOUT: N_HELDOUT + N_VAL],
+            "pairs_train": pairs[N_HELDOUT + N_VAL:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     HERE.mkdir(exist_ok=True)
     status = 0
     for split, records in build().items():
-        path = HERE / f"shakespeare_qa_{split}.jsonl"
+        path = HERE / (f"shakespeare_{split}.jsonl" if split.startswith("pairs") else f"shakespeare_qa_{split}.jsonl")
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if args.check:
             same = path.is_file() and path.read_text(encoding="utf-8") == text
@@ -159,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {'ok' if same else 'DIFFERS'} ({path})")
         else:
             path.write_text(text, encoding="utf-8")
-            print(f"{split}: {len(records)} {'items' if split == 'heldout' else 'conversations'}")
+            unit = "items" if split == "heldout" else "pairs" if split.startswith("pairs") else "conversations"
+            print(f"{split}: {len(records)} {unit}")
     return status
 
 

@@ -11,6 +11,15 @@
 
     items = load_chat_task(path)
     result = score_chat_task(model, tokenizer, context, items)    # {"acc": ..., "acc_norm": ..., "items": n}
+
+- Held-out preference pairs (``finetune.mode=dpo|simpo``): :func:`pair_logprobs` gives each answer's
+  summed log-probability (the tokens the preference loss covers); :func:`preference_report` turns the
+  base's and the tuned model's into the model's own preference accuracy and margin (chosen against
+  rejected), DPO's implicit reward accuracy and margin (``beta`` times the change of the log-ratio
+  from the base), and the drift of the chosen answers' log-probability per token::
+
+    before, after = pair_logprobs(base, pairs), pair_logprobs(tuned, pairs)
+    report = preference_report(before, after, beta=0.1)
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from lmforge.data.chat import IM_END, chat_spans, render_chat
@@ -27,6 +37,9 @@ from lmforge.data.sources import DataError
 from lmforge.eval.perplexity import bits_per_byte, evaluate_tokens
 from lmforge.eval.scoring import Scorer
 from lmforge.finetune.chat import check_messages
+from lmforge.finetune.data import IGNORE, shifted
+from lmforge.finetune.pairs import Pair
+from lmforge.train.preference import sequence_logprobs
 
 
 def load_chat_task(path: Path) -> list[dict]:
@@ -101,3 +114,44 @@ def shard_bpb(model: nn.Module, data_dir: Path, n_bytes: float, eot_id: int, con
                         max_tokens=max_tokens)
     scored_bytes = n_bytes * r["tokens"] / max(1, len(tokens))  # max_tokens may score only the start
     return {"loss": r["loss"], "bpb": bits_per_byte(r["nats"], scored_bytes), "tokens": r["tokens"]}
+
+
+@torch.no_grad()
+def pair_logprobs(model: nn.Module, pairs: list[Pair], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Summed log-probabilities and token counts of every pair's chosen and rejected answers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list] = {"chosen": [], "rejected": [], "n_chosen": [], "n_rejected": []}
+    for side in ("chosen", "rejected"):
+        for s in range(0, len(pairs), batch_size):
+            rows = [shifted(np.array(getattr(p, side).ids), np.array(getattr(p, side).mask))
+                    for p in pairs[s: s + batch_size]]
+            width = max(len(xs) for xs, _ in rows)
+            x = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T); pads are never targets
+            y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+            for r, (xs, ys) in enumerate(rows):
+                x[r, : len(xs)], y[r, : len(ys)] = torch.from_numpy(xs), torch.from_numpy(ys)
+            logp, n = sequence_logprobs(model(x.to(device))[0], y.to(device))
+            out[side] += logp.tolist()
+            out["n_" + side] += n.tolist()
+    model.train(was_training)
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+
+
+def preference_report(before: dict[str, np.ndarray], after: dict[str, np.ndarray], beta: float) -> dict:
+    """Preference accuracy and margins of the base and the tuned model on the same pairs (see above)."""
+    def own(lp: dict[str, np.ndarray]) -> dict:
+        gap = lp["chosen"] - lp["rejected"]  # nats: how much more likely the chosen answer is
+        return {"accuracy": float(np.mean(gap > 0)), "margin": float(np.mean(gap)),
+                "chosen_logp_per_token": float(np.mean(lp["chosen"] / np.maximum(lp["n_chosen"], 1)))}
+
+    # DPO's implicit rewards of the tuned model, with the base as reference (both 0 for the base itself).
+    chosen = beta * (after["chosen"] - before["chosen"])
+    rejected = beta * (after["rejected"] - before["rejected"])
+    base, tuned = own(before), own(after)
+    return {"pairs": len(before["chosen"]), "base": base, "finetuned": tuned,
+            "reward": {"beta": beta, "accuracy": float(np.mean(chosen > rejected)),
+                       "margin": float(np.mean(chosen - rejected)), "chosen": float(np.mean(chosen)),
+                       "rejected": float(np.mean(rejected))},
+            "chosen_logp_drift": tuned["chosen_logp_per_token"] - base["chosen_logp_per_token"]}

@@ -37,10 +37,14 @@ import torch
 from lmforge import artifacts
 from lmforge.config import ConfigError, FinetuneConfig, RunConfig, TrainConfig, save_config
 from lmforge.data.tokenizer import tokenizer_digest
-from lmforge.finetune.evaluate import load_chat_task, score_chat_task, shard_bpb
+from lmforge.finetune.evaluate import load_chat_task, pair_logprobs, preference_report, score_chat_task, shard_bpb
+from lmforge.finetune.pairs import load_pairs, read_pairs
 from lmforge.finetune.setup import (
+    DEFAULT_BETA,
     EMBEDDED_DIR,
     EMBEDDED_TASK,
+    PAIRS_HELDOUT,
+    PREFERENCE,
     build_job,
     check_chat_tokenizer,
     data_files,
@@ -85,6 +89,22 @@ def require_quantization(cfg: RunConfig) -> None:
                       f"version of lmforge yet; use finetune.lora.quantize=none (LoRA on the full-precision base)")
 
 
+def heldout_preferences(cfg: RunConfig, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
+                        data_dir: Path) -> dict:
+    """Preference figures of both models on held-out pairs: finetune.heldout_task, else the embedded set's
+    held-out pairs (no finetune.data), else the validation pairs."""
+    ft = cfg.finetune
+    source = ft.heldout_task or (None if ft.data else str(EMBEDDED_DIR / PAIRS_HELDOUT))
+    if source:
+        pairs, _ = read_pairs([source], base.tokenizer, ft.max_length or base.cfg.model.context, ft.on_bad_line)
+    else:
+        pairs = load_pairs(data_dir / "pairs_val.npz")
+    bs = cfg.eval.batch_size
+    report = preference_report(pair_logprobs(base.model, pairs, bs), pair_logprobs(tuned.model, pairs, bs),
+                               ft.preference.beta or DEFAULT_BETA[ft.mode])
+    return {"source": source or "validation pairs", **report}
+
+
 def heldout_task(cfg: RunConfig) -> Path | None:
     ft = cfg.finetune
     if ft.heldout_task:
@@ -92,8 +112,8 @@ def heldout_task(cfg: RunConfig) -> Path | None:
     return EMBEDDED_DIR / EMBEDDED_TASK if not ft.data and ft.mode == "chat" else None
 
 
-def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
-    """Fine-tune into ``run_dir/finetune``; returns the training summary and the before/after comparison.
+def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None, stage: str = "finetune") -> dict:
+    """Fine-tune into ``run_dir/<stage>``; returns the training summary and the before/after comparison.
 
     ``base_val``: the base model's validation figures when the caller has them already (the eval stage).
     """
@@ -112,7 +132,7 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     tok = base.tokenizer
     if ft.mode != "text":
         check_chat_tokenizer(tok)
-    out = run_dir / "finetune"
+    out = run_dir / stage
     out.mkdir(parents=True, exist_ok=True)
     if tok.vocab_size > base.cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer of {init} has {tok.vocab_size} tokens but the model's embedding only "
@@ -142,15 +162,27 @@ def main(cfg: RunConfig, run_dir: Path, base_val: dict | None = None) -> dict:
     job = build_job(run_cfg, out, tok, tok_path, base.model.state_dict(), max_length,
                     lambda resolved: loop.train_fingerprint(resolved, data_fp), bpt)
     stats = loop.train(job)
-    result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats}
+    # Whether the conversations were packed (finetune.pack; "auto" decides from the data, in the loader).
+    result = {"init": str(init), "base_step": base.step, "data": data_stats, "train": stats,
+              "packed": bool(getattr(job.loader, "pack", False) or getattr(job.loader, "doc_ids", False))}
     if not stats["complete"]:
         return result
     tuned = load_model(out)  # the newest checkpoint, adapters merged
     if ft.lora.rank:
         result["adapter"] = [str(p) for p in _save_adapter(out, base, run_cfg)]
-    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val)
+    result["compare"] = compare(cfg, run_dir, base, tuned, data_stats, base_val, out / "data")
     artifacts.write_json(out / "results.json", result)
     return result
+
+
+def preference_stage(cfg: RunConfig, run_dir: Path) -> dict:
+    """The ``dpo`` stage of ``lmforge run`` (``finetune.preference.stage``): preference tuning of the chat
+    model the finetune stage made (or of the pre-trained one) into ``run_dir/dpo``."""
+    p = cfg.finetune.preference
+    start = run_dir / ("finetune" if cfg.finetune.enabled else "train")
+    ft = cfg.finetune.model_copy(update={"mode": p.stage, "init": str(start), "data": list(p.data), "val": [],
+                                         "steps": p.steps, "lr": p.lr, "heldout_task": None})
+    return main(cfg.model_copy(update={"finetune": ft}), run_dir, stage="dpo")
 
 
 def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Path]:
@@ -180,12 +212,14 @@ def _save_adapter(out: Path, base: TrainedModel, run_cfg: RunConfig) -> list[Pat
 
 
 def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedModel, data_stats: dict,
-            base_val: dict | None) -> dict:
+            base_val: dict | None, data_dir: Path) -> dict:
     """Held-out task accuracy and validation bits per byte of the base and the fine-tuned model."""
     context, bs = base.cfg.model.context, cfg.eval.batch_size
     out: dict = {}
     kw = dict(eot_id=base.tokenizer.eot_id, context=context, batch_size=bs, max_tokens=cfg.eval.max_tokens,
               stride=cfg.eval.stride)
+    if cfg.finetune.mode in PREFERENCE:
+        out["preference"] = heldout_preferences(cfg, base, tuned, data_stats, data_dir)
     task = heldout_task(cfg)
     if task is not None:
         items = load_chat_task(task)
@@ -202,7 +236,6 @@ def compare(cfg: RunConfig, run_dir: Path, base: TrainedModel, tuned: TrainedMod
             break
     if data_stats["mode"] == "text":  # the domain's own held-out text
         n_bytes = data_stats["val"]["bytes"]
-        data_dir = run_dir / "finetune" / "data"
         out["finetune_val"] = {"base": shard_bpb(base.model, data_dir, n_bytes, **kw),
                                "finetuned": shard_bpb(tuned.model, data_dir, n_bytes, **kw)}
     return out

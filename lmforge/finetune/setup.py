@@ -28,14 +28,21 @@ from lmforge.data.readers.files import stage_texts
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.finetune.chat import encode_all, read_conversations
-from lmforge.finetune.data import ChatLoader, save_examples
+from lmforge.finetune.data import ChatLoader, PairLoader, save_examples
+from lmforge.finetune.pairs import pair_stats, read_pairs, save_pairs
 from lmforge.train import lora
 from lmforge.train.job import Record, TrainJob
 from lmforge.train.job import build_job as build_train_job
+from lmforge.train.preference import PreferenceObjective, frozen_copy
 
 EMBEDDED_DIR = Path(__file__).parent / "sets"  # the embedded fine-tuning set (build_set.py writes it)
 EMBEDDED_TRAIN, EMBEDDED_VAL, EMBEDDED_TASK = "shakespeare_qa_train.jsonl", "shakespeare_qa_val.jsonl", \
     "shakespeare_qa_heldout.jsonl"
+# The embedded preference set (finetune.mode=dpo|simpo): the true next line of a speech against a wrong one.
+PAIRS_TRAIN, PAIRS_VAL, PAIRS_HELDOUT = "shakespeare_pairs_train.jsonl", "shakespeare_pairs_val.jsonl", \
+    "shakespeare_pairs_heldout.jsonl"
+PREFERENCE = ("dpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
 
 
 def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: Path,
@@ -57,10 +64,41 @@ def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: P
         targets = lora.attach_lora(model, ft.lora, ft.train_layers)
         return {"lora": Record({"config": ft.lora.model_dump(), "targets": targets})}  # to rebuild the adapters
 
-    loader = functools.partial(ChatLoader, pad_id=tokenizer.pad_id) if ft.mode == "chat" else TokenLoader
+    if ft.mode == "chat":
+        loader = functools.partial(ChatLoader, pad_id=tokenizer.pad_id, pack=packing(cfg))
+    elif ft.mode in PREFERENCE:
+        loader = functools.partial(PairLoader, pad_id=tokenizer.pad_id)
+    else:  # text: documents kept apart only when asked (no padding to save; auto keeps the plain windows)
+        loader = functools.partial(TokenLoader, doc_ids=True) if packing(cfg) is True else TokenLoader
     return build_train_job(cfg, tokenizer=tokenizer, tokenizer_path=tokenizer_path, data_dir=out / "data",
-                     out_dir=out, fingerprint=fingerprint, context=context, make_loader=loader,
-                     prepare=prepare, bytes_per_token=bytes_per_token)
+                           out_dir=out, fingerprint=fingerprint, context=context, make_loader=loader,
+                           prepare=prepare, bytes_per_token=bytes_per_token, objective=objective(ft))
+
+
+def packing(cfg: RunConfig) -> bool | str:
+    """``finetune.pack`` for this model: only the Transformer keeps packed examples apart."""
+    pack = cfg.finetune.pack
+    if cfg.model.arch != "transformer":
+        if pack is True:
+            raise ConfigError(f"finetune.pack=true: a {cfg.model.arch} model carries its state across the "
+                              f"examples of a packed row; use finetune.pack=false (or auto)")
+        return False
+    return pack
+
+
+def objective(ft: FinetuneConfig) -> Callable[[nn.Module, nn.Module], nn.Module] | None:
+    """The preference loss around the model (None for chat and text: the model's own loss)."""
+    if ft.mode not in PREFERENCE:
+        return None
+    beta = ft.preference.beta or DEFAULT_BETA[ft.mode]
+
+    def build(model: nn.Module, fwd: nn.Module) -> nn.Module:
+        if ft.mode == "simpo":
+            return PreferenceObjective(fwd, "simpo", beta, ft.preference.gamma)
+        if ft.lora.rank:  # the reference is the base itself, adapters off: one copy of the weights
+            return PreferenceObjective(fwd, "dpo", beta, adapters_off=lambda: lora.adapters_disabled(model))
+        return PreferenceObjective(fwd, "dpo", beta, reference=frozen_copy(model))
+    return build
 
 
 def freeze(model: nn.Module, train_layers: int | None, freeze_embeddings: bool) -> None:
@@ -79,10 +117,11 @@ def freeze(model: nn.Module, train_layers: int | None, freeze_embeddings: bool) 
 
 # ------------------------------------------------------------------ data
 def data_files(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
-    """The training and validation files; an empty finetune.data means the embedded set (chat)."""
+    """The training and validation files; an empty finetune.data means the embedded set (chat or pairs)."""
     if cfg.data:
         return list(cfg.data), list(cfg.val)
-    return [str(EMBEDDED_DIR / EMBEDDED_TRAIN)], list(cfg.val) or [str(EMBEDDED_DIR / EMBEDDED_VAL)]
+    train, val = (PAIRS_TRAIN, PAIRS_VAL) if cfg.mode in PREFERENCE else (EMBEDDED_TRAIN, EMBEDDED_VAL)
+    return [str(EMBEDDED_DIR / train)], list(cfg.val) or [str(EMBEDDED_DIR / val)]
 
 
 def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path) -> dict:
@@ -92,6 +131,8 @@ def prepare_data(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path
     data_dir.mkdir(parents=True, exist_ok=True)
     if ft.mode == "text":
         return _prepare_text(cfg, tok, max_length, data_dir, train_files, val_files)
+    if ft.mode in PREFERENCE:
+        return _prepare_pairs(cfg, tok, max_length, data_dir, train_files, val_files)
     convs, report = read_conversations(train_files, ft.on_bad_line)
     if val_files:
         val_convs, _ = read_conversations(val_files, ft.on_bad_line, report)
@@ -125,6 +166,26 @@ def check_chat_tokenizer(tok: Tokenizer) -> None:
         raise ConfigError(f"the pretrained model's tokenizer has no {IM_START} / {IM_END} tokens and no chat "
                           f"template, so it cannot be chat fine-tuned; use finetune.mode=text or a tokenizer "
                           f"trained by lmforge")
+
+
+def _prepare_pairs(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path,
+                   train_files: list[str], val_files: list[str]) -> dict:
+    ft = cfg.finetune
+    pairs, report = read_pairs(train_files, tok, max_length, ft.on_bad_line)
+    if val_files:
+        val_pairs, _ = read_pairs(val_files, tok, max_length, ft.on_bad_line, report)
+    else:  # hold out whole pairs, chosen with the seed
+        held = set(np.random.default_rng(cfg.seed).permutation(len(pairs))[: max(1, round(ft.val_fraction * len(pairs)))])
+        val_pairs = [p for i, p in enumerate(pairs) if i in held]
+        pairs = [p for i, p in enumerate(pairs) if i not in held]
+    stats = {"mode": ft.mode, "files": {"train": train_files, "val": val_files}, "read": report.as_dict()}
+    for split, items in (("train", pairs), ("val", val_pairs)):
+        if not items:
+            raise DataError(f"no usable {split} preference pair in "
+                            f"{', '.join(val_files if split == 'val' else train_files)} ({report.as_dict()['skipped']})")
+        save_pairs(items, data_dir / f"pairs_{split}.npz")
+        stats[split] = pair_stats(items)
+    return stats
 
 
 def _prepare_text(cfg: RunConfig, tok: Tokenizer, max_length: int, data_dir: Path,

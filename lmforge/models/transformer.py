@@ -68,6 +68,27 @@ class Ragged:
         return Ragged(positions, span, mask[:, None])
 
 
+@dataclass
+class Packed:
+    """Several examples packed into each row: per-token positions restarting at 0 in every example, and a
+    block-diagonal causal mask so that no token attends across an example boundary."""
+
+    positions: Tensor  # (B, T) int64: the token's position inside its own example
+    mask: Tensor  # (B, 1, T, T) bool, True = attend: same example and not in the future
+
+    @staticmethod
+    def of(doc_ids: Tensor) -> Packed:
+        """From ``doc_ids`` (B, T): equal ids = one example; an example's tokens are contiguous."""
+        b, t = doc_ids.shape
+        ar = torch.arange(t, device=doc_ids.device)  # (T,)
+        first = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): True where an example starts
+        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        start = torch.where(first, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T)
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        causal = ar[None, :] <= ar[:, None]  # (T, T): key column <= query row
+        return Packed(ar - start, (same & causal)[:, None])
+
+
 def kv_buffers(state: DecodeState) -> tuple[list[Tensor], list[Tensor]]:
     """The per-layer key and value buffers ``(B, n_kv_heads, context, head_dim)`` of a Transformer state."""
     n = len(state.tensors) // 2
@@ -103,7 +124,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, t.norm_eps) if t.qk_norm else None
 
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
-                pos: int | Ragged = 0) -> Tensor:
+                pos: int | Ragged | Packed = 0) -> Tensor:
         b, t, _ = x.shape
         # Queries and keys are rotated in the projection's own (B, T, heads, hd) layout, where the
         # elementwise work runs on contiguous memory rather than on the transposed view.
@@ -127,6 +148,9 @@ class Attention(nn.Module):
             k = k_buf[:, :, : pos.span].to(q.dtype)  # (B, nkv, span, hd)
             v = v_buf[:, :, : pos.span].to(q.dtype)
             mask, causal = pos.mask, False
+        elif isinstance(pos, Packed):
+            q, k = rotary(q, pos.positions).transpose(1, 2), rotary(k, pos.positions).transpose(1, 2)
+            v, mask, causal = v.transpose(1, 2), pos.mask, False  # (B, h, T, hd); block-diagonal causal
         else:
             q, k, v = rotary(q, pos).transpose(1, 2), rotary(k, pos).transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
             if cache is not None:
@@ -198,7 +222,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rotary: Rotary, cache: tuple[Tensor, Tensor] | None = None,
-                pos: int | Ragged = 0) -> Tensor:
+                pos: int | Ragged | Packed = 0) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rotary, cache, pos))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -226,22 +250,26 @@ class Transformer(LanguageModel):
         super().init_weights()
         self.rotary.reset()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``doc_ids`` (B, T), optional: packed rows (fine-tuning), one id per example; each example is
+        then attended to and positioned as if it were alone in its row."""
         self._check_idx(idx)
         if idx.shape[1] > self.cfg.context:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than model.context ({self.cfg.context})")
-        x = self._embed(idx)  # (B, T, C)
+        pos: int | Packed = 0 if doc_ids is None else Packed.of(doc_ids)
+        x = self._embed(idx, pos)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, self.rotary)
+            x = layer(x, self.rotary, None, pos)
         return self.head_loss(self.norm(x), targets)
 
-    def _embed(self, idx: Tensor, pos: int | Ragged = 0) -> Tensor:
+    def _embed(self, idx: Tensor, pos: int | Ragged | Packed = 0) -> Tensor:
         """Token embeddings of ``idx`` (B, T), plus the learned position embeddings when ``pos=learned``."""
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is None:
             return x
-        if isinstance(pos, Ragged):
-            return x + self.pos_emb(pos.positions)  # (B, T): decode rows continue from their own lengths
+        if isinstance(pos, Ragged | Packed):
+            return x + self.pos_emb(pos.positions)  # (B, T): decode rows or packed examples, each its own
         return x + self.pos_emb(torch.arange(pos, pos + idx.shape[1], device=idx.device))  # (T,) for every row
 
     def flops_per_token(self) -> float:

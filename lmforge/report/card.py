@@ -86,6 +86,18 @@ SUMMARY_LABELS = {
     "finetune.task_acc": "fine-tuning task accuracy: fine-tuned model",
     "finetune.val_bpb_base": "pre-training validation bits per byte: base model",
     "finetune.val_bpb": "pre-training validation bits per byte: fine-tuned model",
+    "finetune.pref_acc_base": "held-out preference accuracy (chosen more likely): base model",
+    "finetune.pref_acc": "held-out preference accuracy (chosen more likely): fine-tuned model",
+    "finetune.pref_margin_base": "held-out log-probability margin, chosen - rejected (nats): base model",
+    "finetune.pref_margin": "held-out log-probability margin, chosen - rejected (nats): fine-tuned model",
+    "finetune.reward_acc": "held-out DPO reward accuracy (against the base)",
+    "finetune.reward_margin": "held-out DPO reward margin (against the base)",
+    "finetune.chosen_logp_drift": "log-probability drift of chosen answers, per token",
+    "dpo.pref_acc_base": "dpo stage: held-out preference accuracy, chat model",
+    "dpo.pref_acc": "dpo stage: held-out preference accuracy, tuned model",
+    "dpo.reward_acc": "dpo stage: held-out DPO reward accuracy (against the chat model)",
+    "dpo.val_bpb_base": "dpo stage: pre-training validation bits per byte, chat model",
+    "dpo.val_bpb": "dpo stage: pre-training validation bits per byte, tuned model",
 }
 _DATA_ROWS = {"docs": "documents", "bytes": "bytes", "chars": "characters", "tokens": "tokens"}
 _TOKENIZER_LABELS = {"vocab_size": "vocabulary size", "bytes_per_token": "bytes per token"}

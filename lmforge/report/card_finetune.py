@@ -26,6 +26,17 @@ def comparison_rows(compare: dict) -> list[list[str]]:
             b, f = task["base"][key], task["finetuned"][key]
             rows.append([f"held-out task {task['name']}: {label} ({task['base']['items']} items, chance "
                          f"{task['base']['chance']:.2f})", f"{b:.3f}", f"{f:.3f}", f"{f - b:+.3f}"])
+    pref = compare.get("preference")
+    if pref:
+        n = pref["pairs"]
+        for key, label, f in (("accuracy", "preference accuracy (chosen more likely)", ".3f"),
+                              ("margin", "log-probability margin chosen - rejected (nats)", ".3f"),
+                              ("chosen_logp_per_token", "chosen answers: log-probability per token", ".4f")):
+            b, t = pref["base"][key], pref["finetuned"][key]
+            rows.append([f"held-out pairs ({n}): {label}", format(b, f), format(t, f), format(t - b, "+" + f)])
+        r = pref["reward"]
+        rows.append([f"held-out pairs ({n}): DPO reward accuracy / margin (beta {r['beta']}, against the base)",
+                     "0 / 0", f"{r['accuracy']:.3f} / {r['margin']:+.3f}", "-"])
     for key, label in _VAL_LABELS.items():
         pair = compare.get(key)
         if pair and pair.get("base") and pair.get("finetuned"):
@@ -35,18 +46,31 @@ def comparison_rows(compare: dict) -> list[list[str]]:
 
 
 def finetuning(c) -> list:
-    """Card section (see :mod:`lmforge.report.card`); empty when the run did not fine-tune."""
-    result = c.extra.get("finetune") or {}
+    """Card sections (see :mod:`lmforge.report.card`): the finetune stage, then the dpo stage; empty when
+    the run did neither."""
+    return [*_stage(c.extra.get("finetune") or {}, "Fine-tuning"),
+            *_stage(c.extra.get("dpo") or {}, "Preference tuning (dpo stage)")]
+
+
+def _stage(result: dict, title: str) -> list:
     if not result or "skipped" in result:
         return []
-    blocks: list = [Heading(2, "Fine-tuning"),
+    blocks: list = [Heading(2, title),
                     Para(f"Started from {result['init']} (step {result['base_step']}); "
                          f"{result['data']['mode']} fine-tuning for {result['train']['steps']} steps "
-                         f"({fmt(result['train']['train_seconds'], 'train_seconds')}).")]
+                         f"({fmt(result['train']['train_seconds'], 'train_seconds')})"
+                         f"{', examples packed' if result.get('packed') else ''}.")]
     rows = comparison_rows(result.get("compare", {}))
     if rows:
         blocks.append(Table(["measure", "base model", "fine-tuned", "change"], rows))
     data = result["data"]
+    if data["mode"] in ("dpo", "simpo"):
+        counts = [[split, str(data[split]["kept"]), str(data[split]["truncated"]), f"{data[split]['tokens']:,}"]
+                  for split in ("train", "val")]
+        blocks.append(Table(["split", "preference pairs", "answers cut to fit", "tokens"], counts))
+        skipped = data["read"]["skipped"]
+        if skipped:
+            blocks.append(Para("Skipped input lines: " + ", ".join(f"{k}: {v}" for k, v in skipped.items())))
     if data["mode"] == "chat":
         counts = []
         for split in ("train", "val"):
@@ -85,4 +109,9 @@ def summary_keys(result: dict | None) -> dict:
     pair = compare.get("pretrain_val") or {}
     if pair.get("base") and pair.get("finetuned"):
         out["val_bpb_base"], out["val_bpb"] = pair["base"]["bpb"], pair["finetuned"]["bpb"]
+    if pref := compare.get("preference"):
+        out["pref_acc_base"], out["pref_acc"] = pref["base"]["accuracy"], pref["finetuned"]["accuracy"]
+        out["pref_margin_base"], out["pref_margin"] = pref["base"]["margin"], pref["finetuned"]["margin"]
+        out["reward_acc"], out["reward_margin"] = pref["reward"]["accuracy"], pref["reward"]["margin"]
+        out["chosen_logp_drift"] = pref["chosen_logp_drift"]
     return out

@@ -137,6 +137,9 @@ def results(r: RunRecord) -> dict[str, Any]:
         "steps": pick("steps", last_train.get("step")),
         "stopped_by": pick("stopped_by"),
     }
+    for stage in ("finetune", "dpo"):  # fine-tuning's before/after figures, preferences included
+        for key, value in (s.get(stage) or {}).items():
+            out[f"{stage}.{key}"] = value
     if out["tokens_per_s"] is None and out["tokens_seen"] and out["train_seconds"]:
         out["tokens_per_s"] = out["tokens_seen"] / out["train_seconds"]
     for task in r.tasks:

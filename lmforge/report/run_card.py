@@ -69,6 +69,8 @@ def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
     summary = build_summary(cfg, outputs)
     if finetuned := summary_keys(outputs.get("finetune")):
         summary["finetune"] = finetuned
+    if preferred := summary_keys(outputs.get("dpo")):  # the dpo stage: its base is the finetune stage's model
+        summary["dpo"] = preferred
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     paths = write_card(
         run_dir,
@@ -83,6 +85,7 @@ def main(cfg: RunConfig, run_dir: Path, outputs: dict) -> dict:
         training={**outputs["train"], "planned_steps": _planned_steps(outputs["train"], cfg.train.steps),
                   "early_stop_patience": cfg.train.early_stop_patience,
                   "early_stop_min_delta": cfg.train.early_stop_min_delta},
-        extra={"finetune": outputs.get("finetune") or {}},  # base vs fine-tuned, when the run fine-tuned
+        extra={"finetune": outputs.get("finetune") or {},  # base vs fine-tuned, when the run fine-tuned
+               "dpo": outputs.get("dpo") or {}},
     )
     return {"summary": summary, "files": {k: str(v) for k, v in paths.items()}}

@@ -181,14 +181,16 @@ class TrainJob:
         was_training = model.training
         model.eval()
         losses, correct, count = [], 0, 0
+        # A preference objective scores pairs itself (its accuracy: chosen answers that win); a model, tokens.
+        scorer = self.fwd if hasattr(self.fwd, "hits") else model
+        hits = getattr(scorer, "hits", _next_token_hits)
         for _ in range(self.cfg.train.eval_batches):
-            x, y = (t.to(rt.device) for t in loader.next_batch())
+            batch = [t.to(rt.device) for t in loader.next_batch()]
             with rt.autocast():
-                logits, loss = model(x, y)
+                out, loss = scorer(*batch)
             losses.append(loss.item())
-            scored = y != -100  # fine-tuning masks targets (prompts, padding); pre-training scores all
-            correct += ((logits.argmax(-1) == y) & scored).sum().item()
-            count += scored.sum().item()
+            c, n = hits(out, batch[1])
+            correct, count = correct + c, count + n
         model.train(was_training)
         mean = sum(losses) / len(losses)
         out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "acc": correct / count}
@@ -197,11 +199,17 @@ class TrainJob:
         return out
 
 
+def _next_token_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    scored = y != -100  # fine-tuning masks targets (prompts, padding); pre-training scores all
+    return int(((logits.argmax(-1) == y) & scored).sum()), int(scored.sum())
+
+
 def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, data_dir: Path, out_dir: Path,
               fingerprint: Callable[[RunConfig], str], context: int | None = None, make_loader: Callable = TokenLoader,
               prepare: Callable[[nn.Module], dict[str, Stateful]] | None = None,
               bytes_per_token: float | None = None, on_eval: OnEval | None = None,
-              probe: Probe | None = None) -> TrainJob:
+              probe: Probe | None = None,
+              objective: Callable[[nn.Module, nn.Module], nn.Module] | None = None) -> TrainJob:
     """Assemble a job: runtime, model (``prepare`` loads pretrained weights or adds adapters, returning the
     extra state to checkpoint), parallelism, optimizer, loaders, guards and checkpointer, in the order
     that fixes the random streams (the same weights and batches as every earlier lmforge for a seed).
@@ -221,11 +229,14 @@ def build_job(cfg: RunConfig, *, tokenizer: Tokenizer, tokenizer_path: Path, dat
     extras = prepare(model) if prepare else {}
     par = Parallel(tc, rt)  # the global batch split over ranks; prints the plan under torchrun
     fwd = par.wrap(model)  # DDP / FSDP2 / torch.compile, applied from outside; before the optimizer (FSDP)
+    if objective is not None:  # preference tuning: a loss over pairs around the (wrapped) model
+        fwd = objective(model, fwd)
     optimizer = build_optimizer(model, tc, rt.device.type)
     context = context or cfg.model.context
     loader = make_loader(data_dir, "train", par.micro_batch, context, seed=cfg.seed, rank=rt.rank,
                          world_size=rt.world_size)
-    val_context = min(context, _val_tokens(data_dir) - 1) if make_loader is TokenLoader else context
+    token_windows = getattr(make_loader, "func", make_loader) is TokenLoader  # a partial keeps its class in .func
+    val_context = min(context, _val_tokens(data_dir) - 1) if token_windows else context
     val_args = dict(shards=data_dir, split="val", batch_size=tc.batch_size, context=val_context,  # every rank
                     seed=0, rank=0, world_size=1)  # scores the same batches: the figure one process gets
     ckpt_dir = out_dir / "ckpt"

@@ -77,10 +77,11 @@ def _steps(job: TrainJob, logger: MetricsLogger, meter: Throughput, preempt: Pre
         set_lr(optimizer, lr)
         at, step_loss = loader.state_dict(), torch.zeros((), device=rt.device)  # at: names the batch
         for micro in range(par.accum):
-            x, y = (t.to(rt.device, non_blocking=True) for t in loader.next_batch())
+            # (inputs, targets) or, packed fine-tuning, (inputs, targets, doc_ids): the model takes them as they come
+            batch = [t.to(rt.device, non_blocking=True) for t in loader.next_batch()]
             with par.no_sync(job.fwd, micro):  # gradients are reduced across ranks on the last micro-batch only
                 with rt.autocast():
-                    _, loss = job.fwd(x, y)
+                    _, loss = job.fwd(*batch)
                 (loss / par.accum).backward()
             step_loss += loss.detach() / par.accum
         step_loss = par.average(step_loss)  # the global batch's loss, the same on every rank

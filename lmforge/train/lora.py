@@ -34,6 +34,8 @@ import fnmatch
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -197,6 +199,21 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, last_layers: int | None = Non
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, _LoRA) for m in model.modules()) or (is_wrapped(model) and _is_peft(model.hf))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, inside the block: every adapter's scale is 0, so ``base(x) + 0`` is exactly
+    ``base(x)`` (the DPO reference of a LoRA run, without a second copy of the weights)."""
+    adapters = [m for m in model.modules() if isinstance(m, _LoRA)]
+    scales = [m.scale for m in adapters]
+    for m in adapters:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(adapters, scales, strict=True):
+            m.scale = scale
 
 
 @torch.no_grad()
