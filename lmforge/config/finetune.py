@@ -40,8 +40,9 @@ class PreferenceConfig(Section):
     beta: float | None = Field(None, gt=0, description=(
         "preference modes: how strongly the loss pushes the reward margin; DPO: scale of the log-probability "
         "ratios to the reference (None = 0.1); SimPO: scale of the length-normalised log-probabilities "
-        "(None = 2.0)"))
-    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers")
+        "(None = 2.0)"), json_schema_extra=reuse(added=True))
+    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers",
+                         json_schema_extra=reuse(added=True))
     # The dpo stage of `lmforge run`: the finetune stage's own result does not depend on these.
     stage: Literal["off", "dpo", "simpo"] = Field("off", description=(
         "lmforge run: after the finetune stage, tune its chat model (or the pre-trained one when "
@@ -72,7 +73,8 @@ class FinetuneConfig(Section):
         "chat: lay a step's conversations end to end in rows of model.context tokens, each attending only "
         "to itself with positions from 0 (the same loss, no padding); 'auto' = when it saves at least a "
         "fifth of the positions and the model can keep examples apart (Transformer; LSTM/GRU/CNN cannot). "
-        "text: true keeps the documents of a window apart the same way (auto and false: plain windows)"))
+        "text: true keeps the documents of a window apart the same way (auto and false: plain windows)"),
+        json_schema_extra=reuse(added=True))
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description=(
         "preference tuning (finetune.mode=dpo or simpo)"))
     data: list[str] = Field(default_factory=list, description=(

@@ -267,3 +267,19 @@ def test_a_held_out_reply_is_scored_as_the_template_writes_it(tmp_path):
     prompt, reply = reply_request(tok, [SYSTEM, TWO_TURNS[0]], "Paris")
     assert prompt == render_chat(tok, [SYSTEM, TWO_TURNS[0]], add_generation_prompt=True)
     assert tok.decode(reply) == "Paris<|eot_id|>"
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "gemma3", "qwen2_5"])
+def test_a_preference_pair_shares_the_templates_prompt_and_trains_each_answer_with_its_end_of_turn(family, tmp_path):
+    from lmforge.finetune.pairs import encode_pair
+
+    tok = load(family, tmp_path)
+    prompt = [TWO_TURNS[0]]
+    pair, truncated = encode_pair(tok, prompt, "Paris", "Lyon", max_length=512)
+    head = render_chat(tok, prompt, add_generation_prompt=True)
+    end = template_end_token(tok)
+    for example, answer in ((pair.chosen, "Paris"), (pair.rejected, "Lyon")):
+        assert example.ids[: len(head)] == head and example.mask[: len(head)] == [0] * len(head)
+        assert tok.decode(example.ids[len(head):]) == answer + end
+        assert example.mask[len(head):] == [1] * (len(example.ids) - len(head))
+    assert not truncated
