@@ -36,7 +36,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.export.hf_gpt2 import gpt2_mismatch, hf_gpt2_config, to_hf_gpt2_state_dict
 from lmforge.export.hf_llama import hf_llama_config, to_hf_llama_state_dict
 from lmforge.models.transformer import Transformer
-from lmforge.train.checkpoint import CheckpointError, write_safetensors
+from lmforge.train.weights import CheckpointError, write_safetensors
 from lmforge.trained import TrainedModel
 
 LOGITS_TOLERANCE = 1e-4

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.train.checkpoint import save_weights
+from lmforge.train.weights import save_weights
 from lmforge.trained import TrainedModel
 from lmforge.trained.native import FORMAT, MARKER, VERSION
 

@@ -31,8 +31,8 @@ from lmforge.artifacts import write_text
 from lmforge.config import LoraConfig
 from lmforge.export.hf_gpt2 import gpt2_mismatch
 from lmforge.export.hf_llama import hf_llama_module
-from lmforge.train.checkpoint import write_safetensors
 from lmforge.train.lora import adapter_state
+from lmforge.train.weights import write_safetensors
 
 _GPT2_MODULES = {"attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +89,29 @@ def check_messages(record: object) -> tuple[list[dict] | None, str, str]:
     return [{"role": m["role"], "content": m["content"]} for m in messages], "", ""
 
 
+def jsonl_lines(path: Path, what: str, report: ReadReport) -> Iterator[tuple[str, object, str]]:
+    """``(file:line, record, "")`` for each non-blank line of a JSONL file (counted in ``report.lines``), or
+    ``(file:line, None, why)`` for a line that is not JSON; a missing file is a :class:`DataError` naming it."""
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            report.lines += 1
+            try:
+                yield f"{path}:{n}", json.loads(line), ""
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", None, f"not valid JSON ({e.msg})"
+
+
+def bad_line(report: ReadReport, on_bad_line: str, where: str, reason: str, detail: str) -> None:
+    """A line that cannot be used: stop naming it (``on_bad_line="stop"``) or count it and go on (``"skip"``)."""
+    if on_bad_line == "stop":
+        raise DataError(f"{where}: {detail} (finetune.on_bad_line=skip skips such lines)")
+    report.skip(reason, where)
+
+
 def read_conversations(paths: Sequence[str | Path], on_bad_line: str = "stop",
                        report: ReadReport | None = None) -> tuple[list[Conversation], ReadReport]:
     """Every conversation of the JSONL files; a bad line raises :class:`DataError` naming file and line
@@ -96,28 +119,13 @@ def read_conversations(paths: Sequence[str | Path], on_bad_line: str = "stop",
     report = report or ReadReport()
     out: list[Conversation] = []
     for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise DataError(f"chat data file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                report.lines += 1
-                where = f"{path}:{n}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    messages, reason, detail = None, "malformed JSON", f"not valid JSON ({e.msg})"
-                else:
-                    messages, reason, detail = check_messages(record)
-                if messages is None:
-                    if on_bad_line == "stop":
-                        raise DataError(f"{where}: {detail} (finetune.on_bad_line=skip skips such lines)")
-                    report.skip(reason, where)
-                    continue
-                report.kept += 1
-                out.append(Conversation(messages, where))
+        for where, record, not_json in jsonl_lines(Path(raw), "chat data", report):
+            messages, reason, detail = (None, "malformed JSON", not_json) if not_json else check_messages(record)
+            if messages is None:
+                bad_line(report, on_bad_line, where, reason, detail)
+                continue
+            report.kept += 1
+            out.append(Conversation(messages, where))
     return out, report
 
 

@@ -21,7 +21,6 @@ prompt that leaves no room for an answer) stops with its file and line, or is sk
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from lmforge.artifacts import AtomicFile
 from lmforge.data.chat import chat_spans
 from lmforge.data.sources import DataError
-from lmforge.finetune.chat import Example, ReadReport, check_messages, encode_turn
+from lmforge.finetune.chat import Example, ReadReport, bad_line, check_messages, encode_turn, jsonl_lines
 from lmforge.finetune.data import load_examples
 
 
@@ -106,32 +105,20 @@ def read_pairs(paths: Sequence[str | Path], tokenizer, max_length: int, on_bad_l
     out: list[Pair] = []
     for raw in paths:
         path = Path(raw)
-        if not path.is_file():
-            raise DataError(f"preference data file not found: {path}")
         start = report.lines
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                report.lines += 1
-                where = f"{path}:{n}"
-                try:
-                    parsed, reason, detail = check_pair(json.loads(line))
-                except json.JSONDecodeError as e:
-                    parsed, reason, detail = None, "malformed JSON", f"not valid JSON ({e.msg})"
-                if parsed is not None:
-                    encoded = encode_pair(tokenizer, *parsed, max_length)
-                    if isinstance(encoded, str):
-                        parsed, reason, detail = None, "prompt too long", encoded
-                if parsed is None:
-                    if on_bad_line == "stop":
-                        raise DataError(f"{where}: {detail} (finetune.on_bad_line=skip skips such lines)")
-                    report.skip(reason, where)
-                    continue
-                pair, _ = encoded
-                pair.where = where
-                report.kept += 1
-                out.append(pair)
+        for where, record, not_json in jsonl_lines(path, "preference data", report):
+            parsed, reason, detail = (None, "malformed JSON", not_json) if not_json else check_pair(record)
+            if parsed is not None:
+                encoded = encode_pair(tokenizer, *parsed, max_length)
+                if isinstance(encoded, str):
+                    parsed, reason, detail = None, "prompt too long", encoded
+            if parsed is None:
+                bad_line(report, on_bad_line, where, reason, detail)
+                continue
+            pair, _ = encoded
+            pair.where = where
+            report.kept += 1
+            out.append(pair)
         if report.lines == start:
             raise DataError(f"{path}: no preference pairs (the file is empty)")
     return out, report

@@ -35,8 +35,8 @@ from lmforge.train.checkpoint import (
     SingleFile,
     load_weights,
     read_optimizer,
-    save_weights,
 )
+from lmforge.train.weights import save_weights
 
 
 class Sharded:

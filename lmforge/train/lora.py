@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lmforge.config import ConfigError, LoraConfig
-from lmforge.train.checkpoint import CheckpointError, write_safetensors
+from lmforge.train.weights import CheckpointError, write_safetensors
 
 ADAPTER_FILE, ADAPTER_JSON, FORMAT = "adapter.safetensors", "adapter.json", "lmforge-lora"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)(?:\.|$)")

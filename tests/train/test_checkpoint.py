@@ -26,6 +26,7 @@ from lmforge.train.checkpoint import (
     resolve,
     verify,
 )
+from lmforge.train.weights import write_safetensors
 from tests.conftest import file_modes
 
 
@@ -359,12 +360,12 @@ def test_equal_weights_give_identical_weights_files(tmp_path):
     tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).half(), "i": torch.arange(4), "z": torch.tensor(2.0)}
     meta = {"format": "pt", "a": "1", "z": "2", "m": "3"}
     for i, (t, m) in enumerate(((tensors, meta), (dict(reversed(tensors.items())), dict(reversed(meta.items()))))):
-        ckpt_mod.write_safetensors(t, tmp_path / f"{i}.safetensors", m)
+        write_safetensors(t, tmp_path / f"{i}.safetensors", m)
     assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
     back = load_file(tmp_path / "0.safetensors")
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     # The same format as safetensors' own writer, byte for byte, where its metadata order cannot vary.
-    ckpt_mod.write_safetensors(tensors, tmp_path / "one.safetensors", {"format": "pt"})
+    write_safetensors(tensors, tmp_path / "one.safetensors", {"format": "pt"})
     assert (tmp_path / "one.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
 
 
