@@ -76,14 +76,22 @@ def build_job(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokenizer_path: P
 
 
 def packing(cfg: RunConfig) -> bool | str:
-    """``finetune.pack`` for this model: only the Transformer keeps packed examples apart."""
+    """``finetune.pack`` for this model: the Transformer and wrapped Hugging Face families made of attention
+    layers keep packed examples apart (block-diagonal mask, positions from 0); recurrent, convolution
+    and hybrid models would carry their state across them."""
     pack = cfg.finetune.pack
-    if cfg.model.arch != "transformer":
-        if pack is True:
-            raise ConfigError(f"finetune.pack=true: a {cfg.model.arch} model carries its state across the "
-                              f"examples of a packed row; use finetune.pack=false (or auto)")
-        return False
-    return pack
+    if cfg.model.arch == "transformer":
+        return pack
+    if cfg.model.arch == "hf":
+        from lmforge.models.hf_causal import packs_examples
+
+        if packs_examples(cfg.model.hf_config):
+            return pack
+    if pack is True:
+        what = f"{cfg.model.hf_config.get('model_type')} model" if cfg.model.arch == "hf" else f"{cfg.model.arch} model"
+        raise ConfigError(f"finetune.pack=true: a {what} carries its state across the examples of a packed "
+                          f"row; use finetune.pack=false (or auto)")
+    return False
 
 
 def objective(ft: FinetuneConfig) -> Callable[[nn.Module, nn.Module], nn.Module] | None:

@@ -9,6 +9,12 @@ head width, Gemma's sliding-window layers and soft-capping, Phi-3, Mistral, GPT-
 - ``forward(idx, targets)`` runs the transformers model and returns lmforge's loss
   (:func:`~lmforge.models.layers.causal_lm_loss`, mean over targets that are not -100), so the
   training loop, evaluation and fine-tuning run on it unchanged.
+- Packed fine-tuning (``forward(idx, targets, doc_ids)``, ``finetune.pack``): several examples share a
+  row; transformers gets per-token ``position_ids`` restarting at 0 in each example and an explicit
+  block-diagonal causal mask (:class:`~lmforge.models.layers.Packed`, cut to the family's sliding
+  window on its windowed layers), so each example's logits are those it gets alone. Only families
+  whose every layer is full or sliding-window attention take packed rows (:func:`packs_examples`):
+  a recurrent, convolution or chunked-attention layer would carry across the boundaries.
 - Decoding goes through the family's own attention and its key/value cache interface: the
   :class:`~lmforge.models.base.DecodeState` holds, per attention layer, a key and a value
   buffer ``(B, n_kv_heads, capacity, head_dim)`` (the batch on dimension 0), a row keeping
@@ -39,7 +45,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.base import DecodeState, LanguageModel
-from lmforge.models.layers import causal_lm_loss
+from lmforge.models.layers import Packed, causal_lm_loss
 
 
 def hf_config_object(hf_config: dict[str, Any], vocab_size: int | None = None, tie: bool | None = None) -> Any:
@@ -56,6 +62,19 @@ def hf_config_object(hf_config: dict[str, Any], vocab_size: int | None = None, t
     if tie is not None:
         config.tie_word_embeddings = tie
     return config
+
+
+# The layer kinds an explicit attention mask fully governs: nothing else flows between positions.
+MASKED_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+
+def packs_examples(hf_config: dict[str, Any]) -> bool:
+    """Whether packed rows keep their examples apart in this family (``model.hf_config``): every layer is
+    full or sliding-window attention, the attention the mask of :meth:`HFCausalLM.forward` governs.
+    A family with no attention heads at all (RWKV, xLSTM) lists no layer kinds, so it is asked for its heads."""
+    config = hf_config_object(hf_config).get_text_config()
+    kinds = getattr(config, "layer_types", None) or ["full_attention"]
+    return bool(getattr(config, "num_attention_heads", None)) and set(kinds) <= MASKED_KINDS
 
 
 @functools.cache
@@ -136,9 +155,19 @@ class HFCausalLM(LanguageModel):
     def text_config(self) -> Any:
         return self.hf.config.get_text_config()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``doc_ids`` (B, T), optional: packed rows (fine-tuning), one id per example; each example is then
+        attended to and positioned as if it were alone in its row (see the module docstring)."""
         self._check_idx(idx)
-        logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, V)
+        if doc_ids is None:
+            logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, V)
+        else:
+            packed = Packed.of(doc_ids)
+            columns = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)  # (B, T): each query's column
+            masks = self._masks(columns, packed.mask, self._param_like().dtype)
+            logits = self.hf(input_ids=idx, position_ids=packed.positions, attention_mask=masks,
+                             use_cache=False).logits
         return logits, None if targets is None else causal_lm_loss(logits, targets)
 
     @torch.no_grad()
@@ -196,25 +225,24 @@ class HFCausalLM(LanguageModel):
         bufs += [torch.zeros_like(b) for b in bufs]  # keys of every layer, then values
         return DecodeState(tuple(bufs), lens=torch.zeros(batch_size, dtype=torch.long), capacity=cap)
 
-    def _masks(self, positions: Tensor, span: int, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    def _masks(self, q: Tensor, allowed: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
         """The attention mask(s) transformers takes as given: ``(B, 1, T, span)``, one per kind of layer.
 
-        A key column is seen when it is at or before the query's position and, on a sliding-window
-        layer, less than ``sliding_window`` behind it (transformers' rule). Families with layers of
-        two kinds take a mapping from kind to mask; the others one mask (all layers sliding when
-        the config has a window but no ``layer_types``, as Mistral and Phi-3).
+        ``allowed`` (B, 1, T, span) bool: the key columns each query may see (causal: at or before the
+        query's column ``q`` (B, T); packed: also in the query's own example). On a sliding-window layer a
+        column must also be less than ``sliding_window`` behind the query (transformers' rule). Families
+        with layers of two kinds take a mapping from kind to mask; the others one mask (all layers sliding
+        when the config has a window but no ``layer_types``, as Mistral and Phi-3).
         """
         c = self.text_config
         window = getattr(c, "sliding_window", None)
         kinds = list(dict.fromkeys(getattr(c, "layer_types", None) or []))
-        columns = torch.arange(span, device=positions.device)[None, None, :]  # (1, 1, span)
-        q = positions[:, :, None]  # (B, T, 1)
+        columns = torch.arange(allowed.shape[-1], device=q.device)[None, None, :]  # (1, 1, span)
 
         def mask(windowed: bool) -> Tensor:
-            m = columns <= q
+            m = allowed
             if windowed and window:
-                m = m & (columns > q - window)
-            m = m[:, None]  # (B, 1, T, span)
+                m = m & (columns > q[:, :, None] - window)[:, None]  # (B, 1, T, span)
             if self.hf.config._attn_implementation == "sdpa":
                 return m
             zero = torch.zeros((), dtype=dtype, device=m.device)  # eager adds the mask to the scores
@@ -232,7 +260,9 @@ class HFCausalLM(LanguageModel):
         positions = (state.lens[:, None] + torch.arange(t)[None, :]).to(idx.device)  # (B, T)
         n = len(state.tensors) // 2
         cache = _row_cache(list(state.tensors[:n]), list(state.tensors[n:]), positions, span)
-        masks = self._masks(positions, span, self._param_like().dtype)
+        columns = torch.arange(span, device=idx.device)[None, None, :]  # (1, 1, span)
+        causal = (columns <= positions[:, :, None])[:, None]  # (B, 1, T, span): at or before the query
+        masks = self._masks(positions, causal, self._param_like().dtype)
         out = self.hf(input_ids=idx, position_ids=positions, attention_mask=masks, use_cache=True,
                       **{self._cache_arg: cache})
         return out.logits, state.advanced(state.tensors, t)

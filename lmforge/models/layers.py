@@ -7,6 +7,8 @@ inside its model's own file so that each model reads on its own.
 - :class:`Rotary`: rotary position embeddings in the Llama / Hugging Face convention
   (``rotate_half`` on the two halves of each head), for any attention-based model.
 - :func:`make_lm_head`: the output projection, optionally tied to the input embedding.
+- :class:`Packed`: positions and the block-diagonal causal mask of rows holding several examples
+  (packed fine-tuning), for the Transformer and the models wrapped from Hugging Face.
 
 Usage::
 
@@ -17,6 +19,8 @@ Usage::
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +148,24 @@ def causal_lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) ->
     total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
     count = (targets != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+@dataclass
+class Packed:
+    """Several examples packed into each row: per-token positions restarting at 0 in every example, and a
+    block-diagonal causal mask so that no token attends across an example boundary."""
+
+    positions: Tensor  # (B, T) int64: the token's position inside its own example
+    mask: Tensor  # (B, 1, T, T) bool, True = attend: same example and not in the future
+
+    @staticmethod
+    def of(doc_ids: Tensor) -> Packed:
+        """From ``doc_ids`` (B, T): equal ids = one example; an example's tokens are contiguous."""
+        b, t = doc_ids.shape
+        ar = torch.arange(t, device=doc_ids.device)  # (T,)
+        first = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): True where an example starts
+        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        start = torch.where(first, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T)
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        causal = ar[None, :] <= ar[:, None]  # (T, T): key column <= query row
+        return Packed(ar - start, (same & causal)[:, None])

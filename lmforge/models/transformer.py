@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import DecodeState, LanguageModel
-from lmforge.models.layers import RMSNorm, Rotary, make_lm_head
+from lmforge.models.layers import Packed, RMSNorm, Rotary, make_lm_head
 
 # scaled_dot_product_attention repeats K/V heads itself (no copy) from torch 2.5 on.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -66,27 +66,6 @@ class Ragged:
         columns = torch.arange(span, device=device)  # (span,)
         mask = columns[None, None, :] <= positions[:, :, None]  # (B, T, span)
         return Ragged(positions, span, mask[:, None])
-
-
-@dataclass
-class Packed:
-    """Several examples packed into each row: per-token positions restarting at 0 in every example, and a
-    block-diagonal causal mask so that no token attends across an example boundary."""
-
-    positions: Tensor  # (B, T) int64: the token's position inside its own example
-    mask: Tensor  # (B, 1, T, T) bool, True = attend: same example and not in the future
-
-    @staticmethod
-    def of(doc_ids: Tensor) -> Packed:
-        """From ``doc_ids`` (B, T): equal ids = one example; an example's tokens are contiguous."""
-        b, t = doc_ids.shape
-        ar = torch.arange(t, device=doc_ids.device)  # (T,)
-        first = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): True where an example starts
-        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        start = torch.where(first, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T)
-        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        causal = ar[None, :] <= ar[:, None]  # (T, T): key column <= query row
-        return Packed(ar - start, (same & causal)[:, None])
 
 
 def kv_buffers(state: DecodeState) -> tuple[list[Tensor], list[Tensor]]:

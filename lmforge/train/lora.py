@@ -204,7 +204,12 @@ def has_lora(model: nn.Module) -> bool:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """The base model, inside the block: every adapter's scale is 0, so ``base(x) + 0`` is exactly
-    ``base(x)`` (the DPO reference of a LoRA run, without a second copy of the weights)."""
+    ``base(x)`` (the DPO reference of a LoRA run, without a second copy of the weights). A wrapped model's
+    PEFT adapters are switched off by PEFT itself (``disable_adapter``)."""
+    if is_wrapped(model) and _is_peft(model.hf):
+        with model.hf.disable_adapter():
+            yield model
+        return
     adapters = [m for m in model.modules() if isinstance(m, _LoRA)]
     scales = [m.scale for m in adapters]
     for m in adapters:

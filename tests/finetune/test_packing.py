@@ -189,3 +189,119 @@ def test_text_fine_tuning_keeps_documents_apart(base, small_corpus, tmp_path):
                      "--finetune.pack=true", "--finetune.max_length=64", "--finetune.steps=2") == 0
     assert len(_losses(tmp_path / "text")) == 2
     assert json.loads((tmp_path / "text" / "finetune" / "results.json").read_text())["packed"] is True
+
+
+# ------------------------------------------------------------------ models wrapped from Hugging Face
+# Families lmforge wraps (model.arch=hf); Gemma 3 and a Mistral with a window of 4 check that a sliding
+# window is kept inside each example too (the examples are longer than the window).
+WRAPPED = ("llama3", "qwen2.5", "gemma3", "mistral")
+
+
+def _wrapped(name: str, attn: str = "sdpa"):
+    from lmforge.models import HFCausalLM
+    from tests.hf_families import FAMILIES, VOCAB
+
+    config = FAMILIES[name].config()
+    if name == "mistral":
+        config.sliding_window = 4
+    torch.manual_seed(0)
+    model = HFCausalLM(ModelConfig(arch="hf", vocab_size=VOCAB, context=32, hf_config=config.to_dict()))
+    model.hf.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _alone(model, examples):
+    """The examples each alone in its row, padded on the right: the unpacked batch."""
+    width = max(LENGTHS)
+    x = torch.stack([torch.cat([e[0], torch.zeros(width - len(e[0]), dtype=torch.long)]) for e in examples])
+    y = torch.stack([torch.cat([e[1], torch.full((width - len(e[1]),), IGNORE)]) for e in examples])
+    return model(x, y)
+
+
+@pytest.mark.parametrize(("name", "attn"), [(n, "sdpa") for n in WRAPPED] + [("gemma3", "eager")])
+def test_wrapped_packed_row_gives_each_example_its_own_logits_and_the_same_loss(name, attn):
+    model = _wrapped(name, attn)
+    examples = _examples()
+    x, y, doc = _packed(examples)
+    with torch.no_grad():
+        logits, loss = model(x, y, doc)
+        alone_logits, alone_loss = _alone(model, examples)
+        # transformers' own packed-sequence path (positions restarting, no mask given) agrees too
+        theirs = model.hf(input_ids=x, position_ids=Packed.of(doc).positions, use_cache=False).logits
+    assert abs(loss.item() - alone_loss.item()) < 1e-5 and loss.item() > 1
+    at = 0
+    for i, n in enumerate(LENGTHS):
+        torch.testing.assert_close(logits[0, at: at + n], alone_logits[i, :n], atol=1e-5, rtol=0)
+        at += n
+    torch.testing.assert_close(logits, theirs, atol=1e-5, rtol=0)
+    if name in ("gemma3", "mistral"):  # the window matters here: without it an example's logits differ
+        with torch.no_grad():
+            unwindowed = model.hf(input_ids=x[:, 7:19], attention_mask=torch.ones(1, 1, 12, 12, dtype=torch.bool)
+                                  .tril()).logits
+        assert (unwindowed[0] - logits[0, 7:19]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3"])
+def test_wrapped_model_attends_across_no_boundary(name):
+    model = _wrapped(name)
+    x, _, doc = _packed(_examples())
+    middle = slice(LENGTHS[0], LENGTHS[0] + LENGTHS[1])
+    changed = x.clone()
+    changed[0, middle] = (changed[0, middle] + 7) % 300
+    with torch.no_grad():
+        a, b = model(x, None, doc)[0], model(changed, None, doc)[0]
+    assert not torch.equal(a[0, middle], b[0, middle])
+    others = torch.ones(x.shape[1], dtype=torch.bool)
+    others[middle] = False
+    assert torch.equal(a[0, others], b[0, others])  # masked keys weigh exactly 0: bitwise the same
+
+
+def test_wrapped_model_gets_positions_restarting_per_example():
+    model = _wrapped("qwen2.5")
+    seen = {}
+    model.hf.register_forward_pre_hook(lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    x, _, doc = _packed(_examples())
+    with torch.no_grad():
+        model(x, None, doc)
+    starts = [0, 7, 19]
+    expected = [i - max(s for s in starts if s <= i) for i in range(24)]
+    assert seen["position_ids"].tolist() == [expected]
+    assert seen["attention_mask"].shape == (1, 1, 24, 24) and not seen["attention_mask"][0, 0, 7, :7].any()
+
+
+def test_wrapped_packed_and_padded_take_the_same_optimizer_step():
+    import copy
+
+    packed_model = _wrapped("llama3").train()
+    padded_model = copy.deepcopy(packed_model)
+    examples = _examples()
+    x, y, doc = _packed(examples)
+    steps = []
+    for model, forward in ((packed_model, lambda m: m(x, y, doc)), (padded_model, lambda m: _alone(m, examples))):
+        # SGD: the step is the gradient scaled (Adam's first step is about its sign, which rounding flips
+        # where a gradient is ~0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = forward(model)[1]
+        loss.backward()
+        steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        optimizer.step()
+    assert abs(steps[0][0] - steps[1][0]) < 1e-5
+    for n, grad in steps[0][1].items():
+        torch.testing.assert_close(grad, steps[1][1][n], atol=1e-5, rtol=1e-4)
+    for (n, p), q in zip(packed_model.named_parameters(), padded_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=n)
+
+
+def test_which_wrapped_families_pack():
+    import transformers
+
+    from lmforge.models.hf_causal import packs_examples
+
+    def config(name: str, **kw) -> dict:
+        return getattr(transformers, name)(**kw).to_dict()
+
+    assert packs_examples(config("LlamaConfig")) and packs_examples(config("Gemma3TextConfig"))
+    assert packs_examples(config("GPT2Config")) and packs_examples(config("MistralConfig"))
+    # state-space, hybrid, recurrent and chunked-attention layers would carry across the boundaries
+    for name in ("MambaConfig", "Qwen3NextConfig", "JambaConfig", "RwkvConfig", "Llama4TextConfig"):
+        assert not packs_examples(config(name)), name
