@@ -196,3 +196,36 @@ def test_a_template_without_roles_is_refused_in_one_line_naming_the_folder(data,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(folder) in err and "cannot mark the assistant's tokens" in err
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def _train_losses(out: Path) -> list[float]:
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if m.get("kind") == "train"]
+
+
+@pytest.mark.parametrize("model", ["llama3", "qwen2.5"])
+def test_packed_and_unpacked_chat_finetuning_of_a_wrapped_model_give_the_same_losses(model, data, tmp_path):
+    folder = hf_folder(model, tmp_path)
+    args = ("--finetune.batch_size=4", "--finetune.steps=3", "--train.log_every=1", "--finetune.ckpt_every=0")
+    runs = {pack: finetune(folder, tmp_path, f"pack-{pack}", data, f"--finetune.pack={pack}", *args)
+            for pack in ("false", "true")}
+    plain, packed = _train_losses(runs["false"]), _train_losses(runs["true"])
+    assert len(plain) == len(packed) == 3 and plain[0] > 1
+    assert max(abs(a - b) for a, b in zip(plain, packed, strict=True)) < 1e-5
+    assert plain[0] != plain[-1]  # the model trained: the runs agree step after step, not only at the start
+    assert json.loads((runs["true"] / "results.json").read_text())["packed"] is True
+    assert json.loads((runs["false"] / "results.json").read_text())["packed"] is False
+
+
+def test_auto_packs_a_wrapped_model_where_it_pays(data, tmp_path):
+    """finetune.pack=auto (the default) decides from the data, as for the Transformer."""
+    folder = hf_folder("qwen2.5", tmp_path)
+    long = [{"role": "user", "content": "Tell me of Hamlet. " * 6}, {"role": "assistant", "content": "A prince. " * 6}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps({"messages": m}) for m in [*CONVERSATIONS[1:], long] * 2) + "\n")
+    args = ("--finetune.batch_size=8", "--finetune.steps=1", "--finetune.ckpt_every=0")
+    pays = finetune(folder, tmp_path, "pays", {"train": mixed, "val": data["val"]}, *args)
+    # one batch of six short conversations and two long ones: padded to the longest, most positions are padding
+    assert json.loads((pays / "results.json").read_text())["packed"] is True
+    even = finetune(folder, tmp_path, "even", data, "--finetune.batch_size=1", "--finetune.steps=1")
+    assert json.loads((even / "results.json").read_text())["packed"] is False  # one per batch: nothing to save

@@ -305,3 +305,15 @@ def test_which_wrapped_families_pack():
     # state-space, hybrid, recurrent and chunked-attention layers would carry across the boundaries
     for name in ("MambaConfig", "Qwen3NextConfig", "JambaConfig", "RwkvConfig", "Llama4TextConfig"):
         assert not packs_examples(config(name)), name
+    # finetune.pack: true refused in one line for such a family (lmforge opens none of them today: they cannot
+    # decode through a key/value cache, but a family that could must not pack silently); auto stays off
+    from lmforge.config import ConfigError, FinetuneConfig, RunConfig
+    from lmforge.finetune.setup import packing
+
+    def run(name: str, pack: bool | str) -> RunConfig:
+        return RunConfig(model=ModelConfig(arch="hf", hf_config=config(name)), finetune=FinetuneConfig(pack=pack))
+
+    assert packing(run("LlamaConfig", "auto")) == "auto" and packing(run("LlamaConfig", True)) is True
+    assert packing(run("JambaConfig", "auto")) is False
+    with pytest.raises(ConfigError, match=r"^finetune.pack=true: a jamba model carries its state across the examples"):
+        packing(run("JambaConfig", True))
