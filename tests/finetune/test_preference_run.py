@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmforge.finetune.build_set import main as build_set
 from lmforge.finetune.setup import EMBEDDED_DIR, PAIRS_TRAIN
-from lmforge.report.card_finetune import summary_keys
+from lmforge.report.card_finetune import comparison_rows, summary_keys
 from tests.finetune.test_finetune_run import QUIET
 from tests.in_process import call_cli
 from tests.serving import make_run
@@ -128,3 +129,93 @@ def test_pipeline_dpo_stage_tunes_the_chat_model_and_reports(small_corpus, pairs
 
     shown = results(load_run(run))  # the figures `lmforge compare` puts side by side
     assert shown["dpo.reward_acc"] == summary["dpo"]["reward_acc"] and "finetune.task_acc" in shown
+
+
+# ------------------------------------------------------------------ models wrapped from Hugging Face
+WRAPPED_PAIRS = [
+    {"prompt": "Who wrote Hamlet?", "chosen": "Shakespeare.", "rejected": "Marlowe, I think."},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}],
+     "chosen": "Blue.", "rejected": "It is green, mostly, on Tuesdays."},
+]
+
+
+@pytest.fixture(scope="module")
+def wrapped_qwen(tmp_path_factory) -> Path:
+    """A random Qwen2.5 folder with the family's real chat template (tests/data/chat_templates/qwen2_5.jinja)."""
+    from tests.finetune.test_finetune_hf_chat import hf_folder
+
+    return hf_folder("qwen2.5", tmp_path_factory.mktemp("wrapped"))
+
+
+def _wrapped_batch(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs, encoded in the model's template as a preference run encodes them: chosen rows, then rejected."""
+    from lmforge.finetune.data import PairLoader
+    from lmforge.finetune.pairs import check_pair, encode_pair, save_pairs
+    from lmforge.trained import load_model
+
+    tok = load_model(folder).tokenizer
+    pairs = [encode_pair(tok, *check_pair(r)[0], 128)[0] for r in WRAPPED_PAIRS]
+    save_pairs(pairs, folder.parent / "pairs_train.npz")
+    return PairLoader(folder.parent, "train", batch_size=len(pairs), context=128, seed=0).next_batch()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_of_a_wrapped_model_is_the_starting_model(wrapped_qwen, lora):
+    """LoRA through PEFT: the base with PEFT's adapters disabled (one copy of the weights); full: a frozen copy."""
+    from lmforge.config import LoraConfig
+    from lmforge.train import lora as lora_lib
+    from lmforge.train.preference import PreferenceObjective, frozen_copy, sequence_logprobs
+    from lmforge.trained import load_model
+
+    x, y = _wrapped_batch(wrapped_qwen)
+    start = load_model(wrapped_qwen).model
+    with torch.no_grad():
+        expected = sequence_logprobs(start(x)[0], y)[0]
+    model = load_model(wrapped_qwen).model
+    if lora:
+        lora_lib.attach_lora(model, LoraConfig(rank=4, alpha=8))
+        objective = PreferenceObjective(model, "dpo", 0.1, adapters_off=lambda: lora_lib.adapters_disabled(model))
+    else:
+        objective = PreferenceObjective(model, "dpo", 0.1, reference=frozen_copy(model))
+    with torch.no_grad():  # move the policy away from where it started
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        moved = sequence_logprobs(model(x)[0], y)[0]
+        reference = objective._reference_logprobs(x, y)
+    assert (moved - expected).abs().max() > 1e-3  # the policy has moved ...
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)  # ... the reference has not
+    assert lora == lora_lib.has_lora(model) and all(p.requires_grad for p in model.parameters() if p.requires_grad)
+    margins, loss = objective(x, y)
+    assert margins.shape == (len(WRAPPED_PAIRS),) and margins.abs().max() > 0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("extra", [("--finetune.lora.rank=4",), ()], ids=["lora", "full"])
+def test_dpo_on_a_wrapped_model_in_its_own_template(wrapped_qwen, tmp_path, extra):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in WRAPPED_PAIRS * 3), encoding="utf-8")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in WRAPPED_PAIRS), encoding="utf-8")
+    assert call_cli("finetune", "--init", str(wrapped_qwen), f"--runs_dir={tmp_path}", "--name=dpo",
+                    "--finetune.mode=dpo", f"--finetune.data={data}", f"--finetune.val={val}", "--finetune.batch_size=4",
+                    "--finetune.steps=3", "--finetune.lr=1e-2", "--finetune.warmup_steps=0", "--train.log_every=1",
+                    "--finetune.eval_batches=1", "--finetune.ckpt_every=0", *QUIET, *extra) == 0
+    out = tmp_path / "dpo" / "finetune"
+    losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if m.get("kind") == "train"]
+    # Step 0: the policy is the reference, so every margin is 0 and the loss is -log sigmoid(0) = ln 2; a
+    # reference that followed the policy (adapters never switched off) would keep it there at every step.
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(losses[-1] - math.log(2)) > 1e-4
+    result = json.loads((out / "results.json").read_text())
+    assert result["data"]["mode"] == "dpo" and result["data"]["train"]["kept"] == 12
+    pref = result["compare"]["preference"]
+    assert pref["pairs"] == 4 and pref["reward"]["beta"] == 0.1
+    for model in ("base", "finetuned"):
+        assert 0 <= pref[model]["accuracy"] <= 1 and pref[model]["chosen_logp_per_token"] < 0
+    assert pref["reward"]["margin"] != 0 and bool(result.get("adapter")) == bool(extra)
+    assert set(summary_keys(result)) >= {"pref_acc_base", "pref_acc", "reward_acc", "chosen_logp_drift"}
+    rows = [r[0] for r in comparison_rows(result["compare"])]  # the run card's before/after table
+    assert "held-out pairs (4): preference accuracy (chosen more likely)" in rows
