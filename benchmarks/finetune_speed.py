@@ -47,9 +47,10 @@ from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TRAIN, PAIRS_TRAIN
 CONTEXT = 128
 
 
-def build_folder(folder: Path) -> None:
-    """The tiny Llama as a Hugging Face folder, tokenizer and chat template included."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_folder(folder: Path, family: str = "llama") -> None:
+    """The tiny Llama (or Qwen2) as a Hugging Face folder, tokenizer and chat template included."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
 
     texts = [d.text[:400_000] for d in embedded_corpus()][:12]
     tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=2048), texts)
@@ -58,11 +59,12 @@ def build_folder(folder: Path) -> None:
                                      eos_token=IM_END, pad_token=PAD)
     hf_tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+    config = transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig
+    cfg = config(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
                       tie_word_embeddings=True, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
                       pad_token_id=hf_tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
 
 
@@ -133,9 +135,11 @@ def trl_dpo(model: Path, data: Path, steps: int, batch: int, out: Path) -> float
     return trainer.train().metrics["train_runtime"]
 
 
-def packing_steps(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+def packing_steps(root: Path, args: argparse.Namespace) -> dict:
     """Seconds of forward + backward over the same ``--steps`` batches, padded and packed, alternating batch
-    by batch (so both layouts see the same load), the fastest of ``--rounds`` passes; and their real tokens."""
+    by batch (so both layouts see the same load), the fastest of ``--rounds`` passes, as wall and as CPU
+    seconds of this process (all its threads: less disturbed by other jobs than the wall clock); their
+    real tokens and the positions each layout computes, and what ``finetune.pack=auto`` decides."""
     import time
 
     from lmforge.data.tokenizer import Tokenizer
@@ -146,18 +150,33 @@ def packing_steps(root: Path, args: argparse.Namespace) -> tuple[float, float, i
     data = root / "runs" / "unpacked-0" / "finetune"
     pad = Tokenizer.load(data / "tokenizer").pad_id
     loaders = [ChatLoader(data / "data", "train", args.batch, CONTEXT, seed=1337, pad_id=pad, pack=p) for p in (0, 1)]
+    auto = ChatLoader(data / "data", "train", args.batch, CONTEXT, seed=1337, pad_id=pad, pack="auto").pack
     batches = [[ld.next_batch() for _ in range(args.steps)] for ld in loaders]
-    best = [float("inf"), float("inf")]
+    best = {"wall": [float("inf")] * 2, "cpu": [float("inf")] * 2}
     for _ in range(args.rounds):
-        spent = [0.0, 0.0]
+        spent = {"wall": [0.0, 0.0], "cpu": [0.0, 0.0]}
         for k in range(args.steps):
             for layout in (0, 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 model(*batches[layout][k])[1].backward()
-                spent[layout] += time.perf_counter() - t0
+                spent["wall"][layout] += time.perf_counter() - t0
+                spent["cpu"][layout] += time.process_time() - c0
                 model.zero_grad(set_to_none=True)
-        best = [min(b, s) for b, s in zip(best, spent, strict=True)]
-    return best[0], best[1], sum(int((b[0] != pad).sum()) for b in batches[0])
+        best = {k: [min(b, s) for b, s in zip(best[k], spent[k], strict=True)] for k in best}
+    return {**best, "real": sum(int((b[0] != pad).sum()) for b in batches[0]), "auto": auto,
+            "arch": load_model(root / "llama").cfg.model.arch,
+            "positions": [sum(b[0].numel() for b in batches[layout]) for layout in (0, 1)]}
+
+
+def report_packing(m: dict, args: argparse.Namespace) -> None:
+    real, (padded, packed) = m["real"], m["positions"]
+    print(f"\npacking ({args.family}, model.arch={m['arch']}), forward + backward over the same {args.steps} batches "
+          f"x {args.batch}, alternating, fastest of {args.rounds}: {real:,d} real tokens; positions computed padded "
+          f"{padded:,d}, packed {packed:,d}; finetune.pack=auto packs: {m['auto']}")
+    for clock in ("wall", "cpu"):
+        a, b = m[clock]
+        print(f"  {clock:4s}: padded {real / a:,.0f}, packed {real / b:,.0f} useful tokens per {clock} second: "
+              f"{a / b:.2f}x")
 
 
 def chat_round(root: Path, chat: Path, args: argparse.Namespace, r: int) -> dict[str, float]:
@@ -197,11 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-batch", type=int, default=8, help="preference pairs per step")
     p.add_argument("--rounds", type=int, default=3, help="rounds of every side; the fastest of each side is kept")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    p.add_argument("--family", choices=["llama", "qwen2"], default="llama",
+                   help="the tiny model's family: llama (lmforge loads it natively) or qwen2 (biases: wrapped, model.arch=hf)")
+    p.add_argument("--only-packing", action="store_true", help="only the packing comparison (no TRL, no DPO)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build_folder(root / "llama")
+        build_folder(root / "llama", args.family)
         chat, pairs = write_data(root, args.conversations, 4 * args.dpo_batch * args.dpo_steps)
+        if args.only_packing:  # the data prepared once by a one-step run, then the two layouts alone
+            lmforge_run(root / "llama", root / "runs", "unpacked-0", chat, 1, args.batch, args.threads,
+                        "--finetune.pack=false")
+            report_packing(packing_steps(root, args), args)
+            return 0
         rounds = [chat_round(root, chat, args, r) for r in range(args.rounds)]
         best = {side: min(r[side] for r in rounds) for side in ("unpacked", "packed", "trl")}
         tokens = {side: useful_tokens(root / "runs" / f"{side}-0", args.steps, args.batch, side == "packed")
@@ -216,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for side, name in (("unpacked", "lmforge, unpacked"), ("packed", "lmforge, packed"), ("trl", "TRL SFTTrainer")):
             t, s = tokens[side], best[side]
             print(f"{name:22s} {s:8.2f} {t:14,d} {t / s:9,.0f} {t / s / base:6.2f}x")
-        padded, packed, real = packing_steps(root, args)
-        print(f"\npacking, forward + backward over the same {args.steps} batches, alternating: padded "
-              f"{real / padded:,.0f} useful tokens/s, packed {real / packed:,.0f}: {padded / packed:.2f}x")
+        report_packing(packing_steps(root, args), args)
         dpo = [dpo_round(root, pairs, args, r) for r in range(args.rounds)]
         ours, trl = min(r["lmforge"] for r in dpo), min(r["trl"] for r in dpo)
         per_round = "; ".join(f"lmforge {r['lmforge']:.1f} s, TRL {r['trl']:.1f} s" for r in dpo)
