@@ -88,8 +88,8 @@ def packing(cfg: RunConfig) -> bool | str:
         if packs_examples(cfg.model.hf_config):
             return pack
     if pack is True:
-        what = f"{cfg.model.hf_config.get('model_type')} model" if cfg.model.arch == "hf" else f"{cfg.model.arch} model"
-        raise ConfigError(f"finetune.pack=true: a {what} carries its state across the examples of a packed "
+        what = cfg.model.hf_config.get("model_type") if cfg.model.arch == "hf" else cfg.model.arch
+        raise ConfigError(f"finetune.pack=true: a {what} model carries its state across the examples of a packed "
                           f"row; use finetune.pack=false (or auto)")
     return False
 
