@@ -3,6 +3,8 @@
 The model-level tests compare a packed row with the same examples run alone (padded): float32 sums
 in another order (the attention softmax runs over a longer, masked row), so logits and losses agree
 to 1e-5, not bitwise. Across the boundary no value leaks at all: a masked key gets weight exactly 0.
+The same holds for models wrapped from Hugging Face (Llama 3, Qwen2.5, Gemma 3 and a Mistral whose
+sliding window is shorter than the examples), where the mask goes to transformers' own attention.
 """
 
 from __future__ import annotations
