@@ -135,7 +135,7 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
                                          ensure_ascii=False) + "\n")
 
             stats = ReadStats(sink=reject)
-            meter = Meter(f"[collect] {label}")
+            meter, limited = Meter(f"[collect] {label}"), False
             try:
                 limited = _read_into(writer, read_source(src, cfg, stats), src, collected_at, meter)
             except DataError as e:

@@ -50,7 +50,7 @@ class Meter:
     def line(self) -> str:
         """The progress line: tqdm's meter (MB done / total, MB/s, ETA) and the document and task counts."""
         return tqdm.format_meter(self.bytes, self.total_bytes, time.monotonic() - self.start, prefix=self.label,
-                                 unit="B", unit_scale=True, unit_divisor=1000, postfix=self._postfix(), ncols=100)
+                                 unit="B", unit_scale=True, unit_divisor=1000, postfix=self._postfix())
 
     def update(self, docs: int, nbytes: int, tasks_done: int = 0) -> None:
         self.docs, self.tasks_done = docs, tasks_done

@@ -44,7 +44,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _files(url: str, storage_options: dict[str, Any]) -> list[tuple[str, Any]]:
-    """``(id base, UPath)`` of every file ``url`` names: itself, or the sorted matches of its glob."""
+    """``(path below the glob's folder, UPath)`` of every file ``url`` names: itself, or its glob's sorted matches."""
     try:
         from upath import UPath
     except ImportError:
@@ -57,21 +57,23 @@ def _files(url: str, storage_options: dict[str, Any]) -> list[tuple[str, Any]]:
     if not glob.has_magic(url):
         if not root.fs.exists(root.path):
             raise DataError(f"{url}: not found (or the server cannot be reached)")
-        return [(split_suffix(root.name)[0], root)]
+        return [(root.name, root)]
     found = root.fs.glob(root.path, detail=True)
     matches = sorted(m for m, info in found.items() if info.get("type") != "directory")
     if not matches:
         raise DataError(f"{url}: no file matches the pattern")
     prefix = root.path[: min(root.path.find(c) for c in "*?[" if c in root.path)].rsplit("/", 1)[0] + "/"
-    return [(split_suffix(m.removeprefix(prefix))[0], UPath(root.fs.unstrip_protocol(m), **storage_options))
-            for m in matches]
+    return [(m.removeprefix(prefix), UPath(root.fs.unstrip_protocol(m), **storage_options)) for m in matches]
 
 
 def read_url(url: str, storage_options: dict[str, Any], stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
     """The documents of the file(s) at ``url``, streamed through fsspec, in sorted path order."""
     try:
-        for base, path in _files(url, storage_options):
-            yield from read_file(path, base, explicit=True, stats=stats, opts=opts)
+        for rel, path in _files(url, storage_options):
+            if not opts.wanted(rel):
+                stats.skip("excluded", str(path))
+                continue
+            yield from read_file(path, split_suffix(rel)[0], explicit=True, stats=stats, opts=opts)
     except _network_errors() as e:
         raise DataError(f"{url}: read failed ({type(e).__name__}: {e})") from None
 
