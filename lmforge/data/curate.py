@@ -43,7 +43,7 @@ from lmforge.data.ledger import Ledger
 from lmforge.data.shards import shard_paths
 from lmforge.data.sources import DataError
 
-WORK_VERSION = 2
+WORK_VERSION = 3  # 3: the ledgers carry drops per step and reason
 
 
 def _dedup_on(cfg: CleanConfig) -> bool:

@@ -31,37 +31,63 @@ from lmforge import artifacts
 
 
 class Meter:
-    """One line of progress; :meth:`update` takes running totals (documents, bytes, tasks finished)."""
+    """One line of progress; :meth:`update` takes running totals (documents, bytes, tasks finished).
 
-    def __init__(self, label: str, total_bytes: int | None = None, total_docs: int | None = None,
-                 tasks: int | None = None, every: float = 30.0, file=None) -> None:
+    With neither a byte nor a document total but a task count (a stage that reads no documents), the
+    line counts tasks instead of bytes.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total_bytes: int | None = None,
+        total_docs: int | None = None,
+        tasks: int | None = None,
+        every: float = 30.0,
+        file=None,
+    ) -> None:
         self.label, self.total_bytes, self.total_docs, self.tasks = label, total_bytes, total_docs, tasks
         self.every, self.file = every, file or sys.stderr
         self.docs = self.bytes = self.tasks_done = 0
         self.start = self.shown = time.monotonic()
+        self.by_tasks = total_bytes is None and total_docs is None and tasks is not None
         tty = hasattr(self.file, "isatty") and self.file.isatty()
-        self.bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
-                        file=self.file, mininterval=0.5, leave=True) if tty else None
+        self.bar = tqdm(desc=label, file=self.file, mininterval=0.5, leave=True, **self._units()) if tty else None
+
+    def _units(self) -> dict:
+        if self.by_tasks:
+            return {"total": self.tasks, "unit": " tasks"}
+        return {"total": self.total_bytes, "unit": "B", "unit_scale": True, "unit_divisor": 1000}
+
+    def _n(self) -> int:
+        return self.tasks_done if self.by_tasks else self.bytes
 
     def _postfix(self) -> str:
+        if self.by_tasks:
+            return ""
         docs = f"{self.docs:,}" + (f"/{self.total_docs:,}" if self.total_docs else "") + " docs"
         return docs + (f", {self.tasks_done}/{self.tasks} tasks" if self.tasks else "")
 
     def line(self) -> str:
-        """The progress line: tqdm's meter (MB done / total, MB/s, ETA) and the document and task counts."""
-        return tqdm.format_meter(self.bytes, self.total_bytes, time.monotonic() - self.start, prefix=self.label,
-                                 unit="B", unit_scale=True, unit_divisor=1000, postfix=self._postfix())
+        """The progress line: tqdm's meter (MB done / total, MB/s, ETA; or tasks) and the document and task counts."""
+        return tqdm.format_meter(
+            self._n(),
+            self._units()["total"],
+            time.monotonic() - self.start,
+            prefix=self.label,
+            postfix=self._postfix() or None,
+            **{k: v for k, v in self._units().items() if k != "total"},
+        )
 
     def update(self, docs: int, nbytes: int, tasks_done: int = 0) -> None:
-        self.docs, self.tasks_done = docs, tasks_done
+        before = self._n()
+        self.docs, self.bytes, self.tasks_done = docs, nbytes, tasks_done
         if self.bar is not None:
-            self.bar.update(nbytes - self.bytes)
+            self.bar.update(self._n() - before)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
         elif time.monotonic() - self.shown >= self.every:
             self.shown = time.monotonic()
-            self.bytes = nbytes
             print(self.line(), file=self.file, flush=True)
-        self.bytes = nbytes
 
     def close(self) -> None:
         if self.bar is not None:

@@ -63,8 +63,9 @@ def server(corpus: Path) -> Iterator[str]:
 
 
 def _cfg(tmp_path: Path, sources: list, **collect_opts: object) -> RunConfig:
-    return RunConfig.model_validate({"name": "s", "runs_dir": str(tmp_path / "runs"),
-                                     "collect": {"sources": sources, **collect_opts}})
+    return RunConfig.model_validate(
+        {"name": "s", "runs_dir": str(tmp_path / "runs"), "collect": {"sources": sources, **collect_opts}}
+    )
 
 
 def _docs(out: Path) -> list[tuple[str, str]]:
@@ -74,11 +75,15 @@ def _docs(out: Path) -> list[tuple[str, str]]:
 def test_http_glob_is_streamed_with_stable_ids_and_counts(tmp_path: Path, server: str) -> None:
     cfg = _cfg(tmp_path, [{"url": f"{server}/corpus/*.jsonl*"}, {"url": f"{server}/corpus/b.txt"}])
     first = collect.main(cfg, tmp_path / "one")
-    assert _docs(tmp_path / "one") == [(f"a:{i + 1}", TEXTS[i]) for i in range(4)] + [("c:1", TEXTS[5]),
-                                                                                      ("b", TEXTS[4])]
+    assert _docs(tmp_path / "one") == [(f"a:{i + 1}", TEXTS[i]) for i in range(4)] + [
+        ("c:1", TEXTS[5]),
+        ("b", TEXTS[4]),
+    ]
     assert first["documents"] == 6 and first["bytes"] == sum(len(t.encode()) for t in TEXTS)
     assert [(s["source"].rsplit("/", 1)[-1], s["kind"], s["documents"], s["files"]) for s in first["sources"]] == [
-        ("*.jsonl*", "url", 5, 2), ("b.txt", "url", 1, 1)]
+        ("*.jsonl*", "url", 5, 2),
+        ("b.txt", "url", 1, 1),
+    ]
     assert first["accounting"] == {"in": 6, "kept": 6, "dropped": {}}
     collect.main(cfg, tmp_path / "two")
     assert _docs(tmp_path / "two") == _docs(tmp_path / "one")  # the same ids, in the same order
@@ -88,35 +93,49 @@ def test_file_and_memory_urls_and_the_limits(tmp_path: Path, corpus: Path) -> No
     from upath import UPath
 
     UPath("memory://lmforge-test/deep/x.jsonl").write_bytes(_jsonl(TEXTS))
-    sources = [{"url": f"file://{corpus}/*", "include": ["*.txt"]},
-               {"url": "memory://lmforge-test/**/*.jsonl", "max_documents": 2},
-               {"url": "memory://lmforge-test/deep/x.jsonl", "max_bytes": len(TEXTS[0]) + 1}]
+    sources = [
+        {"url": f"file://{corpus}/*", "include": ["*.txt"]},
+        {"url": "memory://lmforge-test/**/*.jsonl", "max_documents": 2},
+        {"url": "memory://lmforge-test/deep/x.jsonl", "max_bytes": len(TEXTS[0]) + 1},
+    ]
     result = collect.main(_cfg(tmp_path, sources), tmp_path / "out")
-    assert _docs(tmp_path / "out") == [("b", TEXTS[4]), ("deep/x:1", TEXTS[0]), ("deep/x:2", TEXTS[1]),
-                                       ("x:1", TEXTS[0]), ("x:2", TEXTS[1])]
+    assert _docs(tmp_path / "out") == [
+        ("b", TEXTS[4]),
+        ("deep/x:1", TEXTS[0]),
+        ("deep/x:2", TEXTS[1]),
+        ("x:1", TEXTS[0]),
+        ("x:2", TEXTS[1]),
+    ]
     assert [(s["documents"], s["limited"]) for s in result["sources"]] == [(1, False), (2, True), (2, True)]
 
 
 def test_a_dataset_builder_is_streamed_with_its_own_ids(tmp_path: Path, corpus: Path) -> None:
-    sources = [{"dataset": "json", "data_files": [str(corpus / "c.jsonl"), str(corpus / "a.jsonl.gz")],
-                "max_documents": 3}]
+    sources = [
+        {"dataset": "json", "data_files": [str(corpus / "c.jsonl"), str(corpus / "a.jsonl.gz")], "max_documents": 3}
+    ]
     result = collect.main(_cfg(tmp_path, sources), tmp_path / "out")
     assert _docs(tmp_path / "out") == [("c:train:1", TEXTS[5]), ("c:train:2", TEXTS[0]), ("c:train:3", TEXTS[1])]
     assert result["sources"][0]["source"] == "dataset json [train]" and result["sources"][0]["limited"]
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ({"url": "memory://lmforge-test/nowhere.jsonl"}, "memory://lmforge-test/nowhere.jsonl: not found"),
-    ({"url": "http://127.0.0.1:9/corpus.jsonl"}, "http://127.0.0.1:9/corpus.jsonl: not found"),
-    ({"url": "gopherx://host/a.jsonl"}, "gopherx://host/a.jsonl: cannot open this URL"),
-    ({"dataset": "nobody/no-such-dataset"}, "dataset nobody/no-such-dataset [train]: cannot stream it"),
-    ({"dataset": "json", "data_files": ["CORPUS/c.jsonl"], "text_field": "body"}, "no column 'body'"),
-])
-def test_bad_streamed_sources_are_one_line_errors(tmp_path: Path, corpus: Path, source: dict, expected: str,
-                                                  monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"url": "memory://lmforge-test/nowhere.jsonl"}, "memory://lmforge-test/nowhere.jsonl: not found"),
+        ({"url": "http://127.0.0.1:9/corpus.jsonl"}, "http://127.0.0.1:9/corpus.jsonl: not found"),
+        ({"url": "gopherx://host/a.jsonl"}, "gopherx://host/a.jsonl: cannot open this URL"),
+        ({"dataset": "nobody/no-such-dataset"}, "dataset nobody/no-such-dataset [train]: cannot stream it"),
+        ({"dataset": "json", "data_files": ["CORPUS/c.jsonl"], "text_field": "body"}, "no column 'body'"),
+    ],
+)
+def test_bad_streamed_sources_are_one_line_errors(
+    tmp_path: Path, corpus: Path, source: dict, expected: str, monkeypatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub name fails at once here, as it does without a network
-    source = {k: [str(corpus / v.removeprefix("CORPUS/")) for v in val] if k == "data_files" else val
-              for k, val in source.items()}
+    source = {
+        k: [str(corpus / v.removeprefix("CORPUS/")) for v in val] if k == "data_files" else val
+        for k, val in source.items()
+    }
     with pytest.raises(DataError) as err:
         collect.main(_cfg(tmp_path, [source], strict=True), tmp_path / "out")
     assert expected in str(err.value) and "\n" not in str(err.value)
@@ -137,8 +156,11 @@ def test_cli_reports_a_missing_url_on_one_line(tmp_path: Path, capsys) -> None:
     from lmforge.cli import main as cli_main
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: s\nruns_dir: {tmp_path / 'runs'}\n"
-                      "collect:\n  sources:\n    - url: memory://lmforge-test/absent/*.jsonl\n", encoding="utf-8")
+    recipe.write_text(
+        f"name: s\nruns_dir: {tmp_path / 'runs'}\n"
+        "collect:\n  sources:\n    - url: memory://lmforge-test/absent/*.jsonl\n",
+        encoding="utf-8",
+    )
     with pytest.raises(SystemExit) as stop:
         cli_main(["collect", "--config", str(recipe)])
     assert stop.value.code != 0

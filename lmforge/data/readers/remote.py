@@ -48,8 +48,7 @@ def _files(url: str, storage_options: dict[str, Any]) -> list[tuple[str, Any]]:
     try:
         from upath import UPath
     except ImportError:
-        raise DataError(f"{url}: url sources need universal_pathlib and fsspec "
-                        "(pip install 'lmforge[data]')") from None
+        raise DataError(f"{url}: url sources need universal_pathlib and fsspec (pip install 'lmforge[data]')") from None
     try:
         root = UPath(url, **storage_options)
     except (ImportError, ValueError) as e:  # an unknown scheme, or its filesystem package is missing
@@ -78,8 +77,16 @@ def read_url(url: str, storage_options: dict[str, Any], stats: ReadStats, opts: 
         raise DataError(f"{url}: read failed ({type(e).__name__}: {e})") from None
 
 
-def read_hub(name: str, subset: str | None, data_files: list[str], split: str, text_field: str,
-             id_field: str | None, stats: ReadStats, strict: bool) -> Iterator[Document]:
+def read_hub(
+    name: str,
+    subset: str | None,
+    data_files: list[str],
+    split: str,
+    text_field: str,
+    id_field: str | None,
+    stats: ReadStats,
+    strict: bool,
+) -> Iterator[Document]:
     """A Hugging Face dataset streamed by name (``load_dataset(..., streaming=True)``), one document per row."""
     try:
         import datasets
@@ -97,8 +104,16 @@ def read_hub(name: str, subset: str | None, data_files: list[str], split: str, t
         for row, record in enumerate(rows, start=1):
             if row == 1:
                 _check_columns(label, record, (text_field, id_field))
-            doc = row_document(record.get(text_field), record.get(id_field) if id_field else None,
-                               f"{base}:{split}", name, row, stats, opts, f"{label}: row {row}")
+            doc = row_document(
+                record.get(text_field),
+                record.get(id_field) if id_field else None,
+                f"{base}:{split}",
+                name,
+                row,
+                stats,
+                opts,
+                f"{label}: row {row}",
+            )
             if doc is not None:
                 doc.meta["split"] = split
                 yield doc
