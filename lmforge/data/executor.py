@@ -34,13 +34,16 @@ def run_tasks(cfg: DataConfig, stage: str, pipeline: list, tasks: int, logs: Pat
     folder = logs / stage
     if total is not None:  # count what the reader hands on, in each task
         pipeline = [pipeline[0], CountStep(str(folder / "progress")), *pipeline[1:]]
+    from loguru import logger
+
+    # lmforge prints its own lines and progress per stage; a task's error still comes back raised, and on
+    # Slurm each task's log is in data.slurm.logs_dir.
+    logger.disable("datatrove")
     if cfg.executor == "slurm":
         executor = _slurm(cfg, stage, pipeline, tasks, folder)
     else:
         from datatrove.executor import LocalPipelineExecutor
-        from loguru import logger
 
-        logger.disable("datatrove")  # lmforge prints one line per stage; a task's error still comes back raised
         workers = min(cfg.workers or os.cpu_count() or 1, tasks)
         # fork: workers start at once and re-import nothing (forkserver would re-run the calling script).
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
