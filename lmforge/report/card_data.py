@@ -14,6 +14,7 @@ import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from lmforge.report.render import Image, Para, Table
 
@@ -36,6 +37,8 @@ def drop_chart(rows: list[dict]) -> bytes:
     mb_ax.barh(labels, [(r["bytes"] or 0) / 1e6 for r in rows][::-1], color=colors)
     docs_ax.set(xlabel="documents", title="documents dropped, per reason")
     mb_ax.set(xlabel="MB (collect skips: not read)", title="MB dropped, per reason")
+    stages = dict.fromkeys(r["stage"] for r in rows)
+    docs_ax.legend(handles=[Patch(color=STAGE_COLORS.get(s, "tab:blue"), label=s) for s in stages], fontsize=8)
     for ax in (docs_ax, mb_ax):
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
