@@ -131,7 +131,12 @@ def test_a_dataset_builder_is_streamed_with_its_own_ids(tmp_path: Path, corpus: 
 def test_bad_streamed_sources_are_one_line_errors(
     tmp_path: Path, corpus: Path, source: dict, expected: str, monkeypatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub name fails at once here, as it does without a network
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Offline, a Hub name fails at once, as it does without a network (rather than after retries).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     source = {
         k: [str(corpus / v.removeprefix("CORPUS/")) for v in val] if k == "data_files" else val
         for k, val in source.items()
@@ -174,3 +179,16 @@ def test_a_bare_url_string_is_a_url_source() -> None:
     assert [s.kind for s in cfg.collect.sources] == ["url", "web", "path"]
     with pytest.raises(ValueError, match="has no scheme"):
         _cfg(Path("/tmp"), [{"url": "bucket/crawl.jsonl"}])
+
+
+def test_a_url_source_goes_through_the_pipeline_and_is_reused(tmp_path: Path, corpus: Path) -> None:
+    from lmforge.pipeline import run
+
+    cfg = _cfg(tmp_path, [{"url": f"file://{corpus}/*.jsonl*", "storage_options": {"auto_mkdir": False}}])
+    first = run(cfg, until="collect")["collect"]
+    assert first["documents"] == 5
+    assert "url: 'file://" in (cfg.run_dir / "config.yaml").read_text()  # the resolved config keeps it
+    manifest = cfg.run_dir / "collect" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert run(cfg, until="collect")["collect"]["documents"] == 5
+    assert manifest.stat().st_mtime_ns == stamp  # reused, not read again
