@@ -23,7 +23,9 @@ that does not exist, a missing text field or a network failure raises one
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,14 +34,12 @@ from lmforge.data.sources import DataError, Document, FileOptions, ReadStats, sp
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """What a remote read raises when the network or the server fails (aiohttp's errors are not all OSError)."""
+    """What a remote read raises when the network or the server fails: aiohttp's errors (fsspec's http) and
+    httpx's (the Hub client's) are not all OSError."""
     errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
-    try:
-        import aiohttp
-
-        errors += (aiohttp.ClientError,)
-    except ImportError:
-        pass
+    for module, name in (("aiohttp", "ClientError"), ("httpx", "HTTPError")):
+        with contextlib.suppress(ImportError):
+            errors += (getattr(importlib.import_module(module), name),)
     return errors
 
 
