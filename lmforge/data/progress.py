@@ -140,8 +140,14 @@ def watch(logs: Path, meter: Meter, every: float = 0.5) -> Iterator[Meter]:
     stop = threading.Event()
 
     def poll() -> None:
-        while not stop.wait(every):
+        # The first look waits for the local executor to fork its workers: a child forked while this thread
+        # held stderr's lock would inherit it locked.
+        if stop.wait(max(every, 2.0)):
+            return
+        while True:
             meter.update(*read_counts(logs))
+            if stop.wait(every):
+                return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
