@@ -77,3 +77,25 @@ def test_the_line_has_throughput_and_eta_and_logs_at_most_every_interval() -> No
     assert "500kB/s" in lines[0] and "10/40 docs, 2/8 tasks" in lines[0]
     meter.close()
     assert "2.00M/4.00M" in out.getvalue().splitlines()[-1] and len(out.getvalue().splitlines()) == 2
+
+
+def test_the_clean_stage_shows_each_stage_across_its_tasks(tmp_path: Path, capsys) -> None:
+    from lmforge.config import RunConfig
+    from lmforge.data import collect, curate
+    from lmforge.data.sources import embedded_corpus
+
+    corpus = tmp_path / "c.jsonl"
+    works = list(embedded_corpus())[:6]
+    corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text[:3000]}) + "\n" for d in works))
+    cfg = RunConfig.model_validate(
+        {"name": "p", "runs_dir": str(tmp_path), "data": {"train": [str(corpus)], "tasks": 3, "workers": 2}}
+    )
+    collected = collect.main(cfg, tmp_path / "collect")
+    result = curate.main(cfg, tmp_path / "collect", tmp_path / "clean", collected, "fp")
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().err.splitlines() if line.startswith("[clean]")}
+    size = collected["bytes"]
+    assert f"{size / 1000:.1f}k/{size / 1000:.1f}k" in lines["[clean] stage a"]
+    assert "6/6 docs, 3/3 tasks" in lines["[clean] stage a"]
+    assert "| 25/25 [" in lines["[clean] stage b"]  # no documents read: the 25 MinHash band tasks are counted
+    kept = result["documents"]["kept"]
+    assert f"{kept}/{kept} docs, 3/3 tasks" in lines["[clean] stage d"]
