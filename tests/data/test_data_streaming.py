@@ -90,13 +90,18 @@ def test_http_glob_is_streamed_with_stable_ids_and_counts(tmp_path: Path, server
 
 
 def test_file_and_memory_urls_and_the_limits(tmp_path: Path, corpus: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from upath import UPath
 
     UPath("memory://lmforge-test/deep/x.jsonl").write_bytes(_jsonl(TEXTS))
+    with UPath("memory://lmforge-test/p/rows.parquet").open("wb") as f:
+        pq.write_table(pa.table({"body": TEXTS[2:4]}), f)
     sources = [
         {"url": f"file://{corpus}/*", "include": ["*.txt"]},
         {"url": "memory://lmforge-test/**/*.jsonl", "max_documents": 2},
         {"url": "memory://lmforge-test/deep/x.jsonl", "max_bytes": len(TEXTS[0]) + 1},
+        {"url": "memory://lmforge-test/p/*.parquet", "text_field": "body"},
     ]
     result = collect.main(_cfg(tmp_path, sources), tmp_path / "out")
     assert _docs(tmp_path / "out") == [
@@ -105,8 +110,10 @@ def test_file_and_memory_urls_and_the_limits(tmp_path: Path, corpus: Path) -> No
         ("deep/x:2", TEXTS[1]),
         ("x:1", TEXTS[0]),
         ("x:2", TEXTS[1]),
+        ("rows:1", TEXTS[2]),
+        ("rows:2", TEXTS[3]),
     ]
-    assert [(s["documents"], s["limited"]) for s in result["sources"]] == [(1, False), (2, True), (2, True)]
+    assert [(s["documents"], s["limited"]) for s in result["sources"]] == [(1, False), (2, True), (2, True), (2, False)]
 
 
 def test_a_dataset_builder_is_streamed_with_its_own_ids(tmp_path: Path, corpus: Path) -> None:

@@ -173,7 +173,8 @@ def read_parquet_file(path: Path, base: str, compression: str, explicit: bool, s
                 "pass the .parquet file uncompressed")
         return
     try:
-        pf = pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))  # a URL: read through fsspec
+        # A URL (a UPath) is read through its fsspec filesystem; either way the file is closed with ``pf``.
+        pf = pq.ParquetFile(path) if isinstance(path, Path) else pq.ParquetFile(path.path, filesystem=path.fs)
     except (pa.ArrowException, OSError) as e:
         if explicit:
             problem(stats, opts, "unreadable", f"{path}: not a readable Parquet file ({e})")
@@ -188,14 +189,15 @@ def read_parquet_file(path: Path, base: str, compression: str, explicit: bool, s
             return
     stats.files += 1
     row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-        texts = batch.column(opts.text_field).to_pylist()
-        ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [None] * len(texts)
-        for text, row_id in zip(texts, ids, strict=True):
-            row += 1
-            doc = row_document(text, row_id, base, path, row, stats, opts, f"{path}: row {row}")
-            if doc is not None:
-                yield doc
+    with pf:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            texts = batch.column(opts.text_field).to_pylist()
+            ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [None] * len(texts)
+            for text, row_id in zip(texts, ids, strict=True):
+                row += 1
+                doc = row_document(text, row_id, base, path, row, stats, opts, f"{path}: row {row}")
+                if doc is not None:
+                    yield doc
 
 
 def _is_saved_dataset(folder: Path) -> bool:
