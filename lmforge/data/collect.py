@@ -1,8 +1,10 @@
 """The collect stage (``lmforge collect``): every source into JSONL document shards, with provenance.
 
-Sources come from ``collect.sources`` (files and folders, Hugging Face datasets,
-SQL queries, web pages) and the paths of ``data.train``; when both are empty,
-from the embedded corpus. Output, under ``runs/<name>/collect/``::
+Sources come from ``collect.sources`` (files and folders, fsspec URLs, Hugging Face
+datasets on disk or streamed by name, SQL queries, web pages) and the paths of
+``data.train``; when both are empty, from the embedded corpus. A source's
+``max_documents`` / ``max_bytes`` stop its reading early; each source shows its
+progress (documents, MB, MB/s) on stderr. Output, under ``runs/<name>/collect/``::
 
     shards/00000.jsonl ...   documents {id, text, source, meta}, about collect.shard_mb each
     rejects.jsonl            one line per skipped entry: {source, reason, where}
