@@ -152,8 +152,9 @@ def _finetune_data(cfg: RunConfig) -> dict:
 
 
 def _collect_inputs(cfg: RunConfig) -> dict:
-    """The files the collect stage reads: data.train and the local collect.sources (a change re-runs all)."""
-    local = (p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file) if p)
+    """The files the collect stage reads: data.train and the local collect.sources (a change re-runs all);
+    remote ones (url sources, datasets on the Hub) are not checked again."""
+    local = (p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file, *s.data_files) if p)
     return {"inputs": artifacts.file_signature([*cfg.data.train, *local])}
 
 

@@ -24,9 +24,22 @@ class SourceConfig(Section):
         "file format; auto = from the file name"))
     text_field: str = Field("text", description="JSONL / CSV / Parquet / dataset / SQL column holding the text")
     id_field: str | None = Field(None, description="column holding a document id (None = file:line or row number)")
+    url: str | None = Field(None, description=(
+        "fsspec URL of a file or glob, streamed (never copied whole): s3://, gs://, hf://, https://, file://, "
+        "memory:// (s3 and gs need s3fs / gcsfs); formats as for path"))
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "fsspec options for url, e.g. {anon: true} for a public S3 bucket"))
     dataset: str | None = Field(None, description=(
-        "Hugging Face dataset on disk: a folder written by save_to_disk, or a folder of data files"))
+        "Hugging Face dataset: a folder on disk (save_to_disk output or data files), else a name streamed "
+        "from the Hub (load_dataset(..., streaming=True), never downloaded whole), or a builder such as "
+        "json / parquet with data_files"))
+    subset: str | None = Field(None, description="dataset configuration (subset) name, e.g. 'en' for allenai/c4")
+    data_files: list[str] = Field(default_factory=list, description=(
+        "data files for a builder dataset (json, parquet, csv, text): local paths or fsspec URLs"))
     split: str = Field("train", description="dataset split to read")
+    max_documents: int = Field(0, ge=0, description=(
+        "stop reading this source after this many documents (0 = no limit); for sampling a large stream"))
+    max_bytes: int = Field(0, ge=0, description="stop reading this source after this many bytes of text (0 = no limit)")
     sql: str | None = Field(None, description=(
         "SQLAlchemy database URL, e.g. sqlite:///notes.db or postgresql+psycopg://user@host/db"))
     query: str | None = Field(None, description="SQL query whose rows are documents (with sql)")
@@ -37,25 +50,30 @@ class SourceConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
-        """A bare string is a path, or a web page when it starts with http:// or https://."""
+        """A bare string is a path, a web page when it starts with http:// or https://, else with a scheme a URL."""
         if isinstance(data, str):
-            return {"urls": [data]} if data.startswith(("http://", "https://")) else {"path": data}
+            if data.startswith(("http://", "https://")):
+                return {"urls": [data]}
+            return {"url": data} if "://" in data else {"path": data}
         return data
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceConfig:
-        kinds = [k for k, on in (("path", self.path), ("dataset", self.dataset), ("sql", self.sql),
+        kinds = [k for k, on in (("path", self.path), ("url", self.url), ("dataset", self.dataset), ("sql", self.sql),
                                  ("web", self.urls or self.urls_file or self.sitemap)) if on]
         if len(kinds) != 1:
-            raise ValueError("each collect.sources entry needs exactly one of path, dataset, sql, "
+            raise ValueError("each collect.sources entry needs exactly one of path, url, dataset, sql, "
                              f"urls/urls_file/sitemap (got {', '.join(kinds) or 'none'})")
+        if self.url is not None and "://" not in self.url:
+            raise ValueError(f"collect.sources: url {self.url!r} has no scheme (s3://, https://, file://, ...)")
         if (self.sql is None) != (self.query is None):
             raise ValueError("collect.sources: sql and query go together")
         return self
 
     @property
     def kind(self) -> str:
-        return "path" if self.path else "dataset" if self.dataset else "sql" if self.sql else "web"
+        return ("path" if self.path else "url" if self.url else "dataset" if self.dataset
+                else "sql" if self.sql else "web")
 
 
 class WebConfig(Section):

@@ -1,8 +1,10 @@
 """The collect stage (``lmforge collect``): every source into JSONL document shards, with provenance.
 
-Sources come from ``collect.sources`` (files and folders, Hugging Face datasets,
-SQL queries, web pages) and the paths of ``data.train``; when both are empty,
-from the embedded corpus. Output, under ``runs/<name>/collect/``::
+Sources come from ``collect.sources`` (files and folders, fsspec URLs, Hugging Face
+datasets on disk or streamed by name, SQL queries, web pages) and the paths of
+``data.train``; when both are empty, from the embedded corpus. A source's
+``max_documents`` / ``max_bytes`` stop its reading early; each source shows its
+progress (documents, MB, MB/s) on stderr. Output, under ``runs/<name>/collect/``::
 
     shards/00000.jsonl ...   documents {id, text, source, meta}, about collect.shard_mb each
     rejects.jsonl            one line per skipped entry: {source, reason, where}
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.config import RunConfig, SourceConfig
+from lmforge.data.progress import Meter
 from lmforge.data.readers.files import read_documents
 from lmforge.data.shards import ShardWriter
 from lmforge.data.sources import DataError, Document, FileOptions, ReadStats, embedded_corpus
@@ -47,8 +50,10 @@ def describe(src: SourceConfig | None) -> str:
         return "embedded corpus"
     if src.kind == "path":
         return str(src.path)
+    if src.kind == "url":
+        return str(src.url)
     if src.kind == "dataset":
-        return f"dataset {src.dataset} [{src.split}]"
+        return f"dataset {src.dataset}" + (f" ({src.subset})" if src.subset else "") + f" [{src.split}]"
     if src.kind == "sql":
         from lmforge.data.readers.sql import safe_url
 
@@ -69,10 +74,21 @@ def read_source(src: SourceConfig | None, cfg: RunConfig, stats: ReadStats) -> I
         opts = FileOptions(include=src.include, exclude=src.exclude, format=src.format, text_field=src.text_field,
                            id_field=src.id_field, strict=strict)
         yield from read_documents([str(src.path)], stats, opts)
-    elif src.kind == "dataset":
+    elif src.kind == "url":
+        from lmforge.data.readers.remote import read_url
+
+        opts = FileOptions(include=src.include, exclude=src.exclude, format=src.format, text_field=src.text_field,
+                           id_field=src.id_field, strict=strict)
+        yield from read_url(str(src.url), src.storage_options, stats, opts)
+    elif src.kind == "dataset" and not src.data_files and Path(str(src.dataset)).expanduser().is_dir():
         from lmforge.data.readers.records import read_dataset
 
         yield from read_dataset(str(src.dataset), src.split, src.text_field, src.id_field, stats, strict)
+    elif src.kind == "dataset":  # not a folder here: a name on the Hub, or a builder reading data_files
+        from lmforge.data.readers.remote import read_hub
+
+        yield from read_hub(str(src.dataset), src.subset, src.data_files, src.split, src.text_field, src.id_field,
+                            stats, strict)
     elif src.kind == "sql":
         from lmforge.data.readers.sql import read_sql
 
@@ -81,6 +97,23 @@ def read_source(src: SourceConfig | None, cfg: RunConfig, stats: ReadStats) -> I
         from lmforge.data.readers.web import read_web
 
         yield from read_web(src, cfg.collect.web, stats, strict)
+
+
+def _read_into(writer: ShardWriter, docs: Iterator[Document], src: SourceConfig | None, collected_at: str,
+               meter: Meter) -> bool:
+    """Write a source's documents; True when its max_documents / max_bytes stopped the reading early."""
+    max_docs, max_bytes = (src.max_documents, src.max_bytes) if src else (0, 0)
+    n = size = 0
+    for doc in docs:
+        data = doc.text.encode("utf-8", errors="surrogatepass")
+        doc.meta.setdefault("sha1", hashlib.sha1(data).hexdigest())
+        doc.meta.setdefault("collected_at", collected_at)
+        writer.write(doc)
+        n, size = n + 1, size + len(data)
+        meter.update(n, size)
+        if (max_docs and n >= max_docs) or (max_bytes and size >= max_bytes):
+            return True  # leaving the loop closes the reader, and with it the file or stream
+    return False
 
 
 def _warn(message: str) -> None:
@@ -104,12 +137,9 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
                                          ensure_ascii=False) + "\n")
 
             stats = ReadStats(sink=reject)
+            meter, limited = Meter(f"[collect] {label}"), False
             try:
-                for doc in read_source(src, cfg, stats):
-                    digest = hashlib.sha1(doc.text.encode("utf-8", errors="surrogatepass")).hexdigest()
-                    doc.meta.setdefault("sha1", digest)
-                    doc.meta.setdefault("collected_at", collected_at)
-                    writer.write(doc)
+                limited = _read_into(writer, read_source(src, cfg, stats), src, collected_at, meter)
             except DataError as e:
                 if cfg.collect.strict:
                     writer.abort()
@@ -119,6 +149,8 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
             except BaseException:
                 writer.abort()
                 raise
+            finally:
+                meter.close()
             if stats.documents == 0 and "source_failed" not in stats.skipped:
                 stats.skip("empty_source", f"{label}: no documents")
                 _warn(f"{label}: no documents")
@@ -129,7 +161,7 @@ def main(cfg: RunConfig, out_dir: Path) -> dict:
                 _warn(f"{label}: {stats.repaired_bytes:,} byte(s) were not UTF-8 and were read as cp1252 "
                       "(meta.repaired_bytes says which documents)")
             per_source.append({"source": label, "kind": src.kind if src else "embedded",
-                               "documents": stats.documents, "files": stats.files,
+                               "documents": stats.documents, "files": stats.files, "limited": limited,
                                "repaired_bytes": stats.repaired_bytes,
                                "skipped": dict(stats.skipped), "examples": dict(stats.examples)})
             totals.merge(stats)

@@ -43,7 +43,7 @@ from lmforge.data.ledger import Ledger
 from lmforge.data.shards import shard_paths
 from lmforge.data.sources import DataError
 
-WORK_VERSION = 2
+WORK_VERSION = 3  # 3: the ledgers carry drops per step and reason
 
 
 def _dedup_on(cfg: CleanConfig) -> bool:
@@ -115,6 +115,17 @@ def _prepare(cfg: RunConfig, out: Path, key: str) -> None:
         print(f"[clean] removed {len(partial)} half-written file(s) of an interrupted run")
 
 
+def _reads(stage: str, collect: dict, work: Path, tasks: int) -> tuple[int, int] | None:
+    """What a stage's reader hands on, (documents, bytes), for its progress: stage A reads what was
+    collected, stage D what stage A kept; stages B and C read no documents."""
+    if stage == "a":
+        return (collect["documents"], collect["bytes"]) if "documents" in collect and "bytes" in collect else None
+    if stage != "d":
+        return None
+    kept = [json.loads((work / "ledger" / "a" / f"{t:05d}.json").read_text(encoding="utf-8")) for t in range(tasks)]
+    return sum(k["documents"]["kept"] for k in kept), sum(k["bytes"]["kept"] for k in kept)
+
+
 def _merge_ledgers(work: Path, tasks: int) -> Ledger:
     ledger = Ledger()
     for part in ("a", "d"):
@@ -169,7 +180,7 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
     seconds, resumed = {}, 0
     for name, pipeline, n in _stages(cfg, shards, ngrams, out):
         t0 = time.perf_counter()
-        done = run_tasks(cfg.data, name, pipeline, n, work / "logs")
+        done = run_tasks(cfg.data, name, pipeline, n, work / "logs", total=_reads(name, collect, work, tasks))
         resumed += done if name == "a" else 0
         seconds[name] = round(time.perf_counter() - t0, 2)
         print(f"[clean] stage {name}: {n} task(s) finished" + (f" ({done} already done)" if done else "")

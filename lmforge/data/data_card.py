@@ -3,7 +3,8 @@
 :func:`write_data_card` writes, next to the cleaned shards (``runs/<name>/clean/``):
 
 - ``data_card.json``: documents and bytes in / kept / dropped, dropped per reason
-  (documents and bytes), per step (in, dropped, changed, characters removed), a few
+  (documents and bytes), the drop table (``drops``: documents and bytes per stage, step and
+  reason; the run card draws it as a bar chart), per step (in, dropped, changed, characters removed), a few
   examples of every reason, the language mix, length histograms, the collect
   stage's per-source counts (with ``repaired_bytes``: bytes that were not UTF-8 and
   were read as cp1252) and the cleaning config;
@@ -62,6 +63,7 @@ def write_data_card(folder: Path, collect: dict, ledger: dict, steps: list[str],
            "sources": [{k: s.get(k, 0) for k in ("source", "kind", "documents", "repaired_bytes", "skipped")}
                        for s in collect.get("sources", [])]},
         "clean": ledger,
+        "drops": drop_table(collect, ledger),
         "steps": steps,
         "config": cfg.model_dump(),
         "files": {"docs": "docs/", "rejects": "rejects/", "lengths_plot": "lengths.png"},
@@ -69,6 +71,17 @@ def write_data_card(folder: Path, collect: dict, ledger: dict, steps: list[str],
     artifacts.write_text(folder / "data_card.json", json.dumps(card, indent=2, ensure_ascii=False, default=str))
     plot_lengths(ledger["length_histogram"], folder / "lengths.png")
     return card
+
+
+def drop_table(collect: dict, ledger: dict) -> list[dict]:
+    """Every reason a document was left out, by stage and step: ``{stage, step, reason, documents, bytes}``.
+
+    The collect stage's skips are entries (files, lines, rows, pages) whose bytes were never read as text,
+    so their bytes are None; the clean stage's rows come from the ledger, duplicates included.
+    """
+    rows = [{"stage": "collect", "step": "read", "reason": reason, "documents": n, "bytes": None}
+            for reason, n in sorted((collect.get("skipped") or {}).items(), key=lambda kv: (-kv[1], kv[0]))]
+    return rows + [{"stage": "clean", **row} for row in ledger.get("drops", [])]
 
 
 def card_summary(card: dict, top: int = 8) -> dict:

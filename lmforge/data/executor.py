@@ -20,32 +20,46 @@ import time
 from pathlib import Path
 
 from lmforge.config import DataConfig
+from lmforge.data.progress import CountStep, Meter, watch
 from lmforge.data.sources import DataError
 
 
-def run_tasks(cfg: DataConfig, stage: str, pipeline: list, tasks: int, logs: Path) -> int:
-    """Run ``pipeline`` as ``tasks`` tasks logging under ``logs/<stage>``; returns how many were already done."""
+def run_tasks(cfg: DataConfig, stage: str, pipeline: list, tasks: int, logs: Path,
+              total: tuple[int, int] | None = None, label: str = "clean") -> int:
+    """Run ``pipeline`` as ``tasks`` tasks logging under ``logs/<stage>``; returns how many were already done.
+
+    Progress (tasks finished, and with ``total`` = (documents, bytes) the documents and MB its first
+    step reads, MB/s and ETA) is shown while it runs (:mod:`lmforge.data.progress`).
+    """
     folder = logs / stage
+    if total is not None:  # count what the reader hands on, in each task
+        pipeline = [pipeline[0], CountStep(str(folder / "progress")), *pipeline[1:]]
+    from loguru import logger
+
+    # lmforge prints its own lines and progress per stage; a task's error still comes back raised, and on
+    # Slurm each task's log is in data.slurm.logs_dir.
+    logger.disable("datatrove")
     if cfg.executor == "slurm":
         executor = _slurm(cfg, stage, pipeline, tasks, folder)
     else:
         from datatrove.executor import LocalPipelineExecutor
-        from loguru import logger
 
-        logger.disable("datatrove")  # lmforge prints one line per stage; a task's error still comes back raised
         workers = min(cfg.workers or os.cpu_count() or 1, tasks)
         # fork: workers start at once and re-import nothing (forkserver would re-run the calling script).
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         executor = LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(folder),
                                          start_method=method)
     done = tasks - len(executor.get_incomplete_ranks(range(tasks)))
-    if cfg.executor == "slurm":
-        _run_slurm(executor, cfg, stage, tasks, folder)
-    else:
-        executor.run()
+    docs, nbytes = total or (None, None)
+    meter = Meter(f"[{label}] stage {stage}", total_bytes=nbytes, total_docs=docs, tasks=tasks)
+    with watch(folder, meter):
+        if cfg.executor == "slurm":
+            _run_slurm(executor, cfg, stage, tasks, folder)
+        else:
+            executor.run()
     left = executor.get_incomplete_ranks(range(tasks))
     if left:
-        raise DataError(f"clean stage {stage}: {len(left)} of {tasks} tasks did not finish (task {left[0]} first); "
+        raise DataError(f"{label} stage {stage}: {len(left)} of {tasks} tasks did not finish (task {left[0]} first); "
                         f"see {folder / 'logs'}")
     return done
 

@@ -58,6 +58,8 @@ class Ledger:
     lengths_in: list[int] = field(default_factory=lambda: [0] * len(LENGTH_EDGES))
     lengths_kept: list[int] = field(default_factory=lambda: [0] * len(LENGTH_EDGES))
     seconds: dict[str, float] = field(default_factory=dict)  # CPU time spent per step (summed over processes)
+    # (step, reason) -> [documents, bytes]: the drop table of the data card, reason by reason within each step.
+    drops: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     def timed(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -88,6 +90,8 @@ class Ledger:
         s["dropped"] += 1
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + size
+        row = self.drops.setdefault((step, reason), [0, 0])
+        row[0], row[1] = row[0] + 1, row[1] + size
         shown = self.examples.setdefault(reason, [])
         if len(shown) < EXAMPLES_PER_REASON:
             shown.append({"id": doc.id, "source": doc.source, "step": step, "detail": detail,
@@ -122,6 +126,9 @@ class Ledger:
                              (self.languages, other.languages), (self.seconds, other.seconds)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
+        for key, (docs, size) in other.drops.items():
+            row = self.drops.setdefault(key, [0, 0])
+            row[0], row[1] = row[0] + docs, row[1] + size
         for name, s in other.steps.items():
             mine = self._step(name)
             for k, v in s.items():
@@ -139,6 +146,8 @@ class Ledger:
             raise RuntimeError(f"accounting: {self.docs_in} documents in != {self.docs_kept} kept + {dropped} dropped")
         if self.bytes_in != self.bytes_kept + sum(self.dropped_bytes.values()) + self.bytes_edited:
             raise RuntimeError("accounting: bytes in != bytes kept + bytes dropped + bytes edited")
+        if [sum(r[i] for r in self.drops.values()) for i in (0, 1)] != [dropped, sum(self.dropped_bytes.values())]:
+            raise RuntimeError("accounting: the drops per step and reason do not add up to the drops per reason")
         previous = self.docs_in
         for name in (n for n in order if n in self.steps):
             s = self.steps[name]
@@ -159,6 +168,8 @@ class Ledger:
             "steps": self.steps, "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])),
             "length_histogram": {"edges_chars": LENGTH_EDGES, "in": self.lengths_in, "kept": self.lengths_kept},
             "examples": self.examples, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "drops": [{"step": step, "reason": reason, "documents": docs, "bytes": size}
+                      for (step, reason), (docs, size) in sorted(self.drops.items(), key=lambda kv: (-kv[1][0], kv[0]))],
         }
 
     @classmethod
@@ -168,7 +179,8 @@ class Ledger:
                    dropped_bytes=dict(d["dropped_bytes"]), steps={k: dict(v) for k, v in d["steps"].items()},
                    examples=d["examples"], languages=dict(d["languages"]),
                    lengths_in=list(d["length_histogram"]["in"]), lengths_kept=list(d["length_histogram"]["kept"]),
-                   seconds=dict(d.get("seconds", {})))
+                   seconds=dict(d.get("seconds", {})),
+                   drops={(r["step"], r["reason"]): [r["documents"], r["bytes"]] for r in d.get("drops", [])})
 
 
 class RejectWriter:

@@ -284,7 +284,7 @@ def _pack_in_tasks(cfg: RunConfig, docs: Path, tok: Tokenizer, tokenizer_dir: Pa
     shutil.rmtree(work, ignore_errors=True)  # the pack stage always starts over
     dtype = np.dtype(DTYPES[dtype_code(tok.vocab_size)]).name
     step = PackTask(str(docs), count_lines(docs), str(tokenizer_dir), str(work), dtype, ENCODE_BATCH)
-    run_tasks(cfg.data, "encode", [step], cfg.data.tasks, work / "logs")
+    run_tasks(cfg.data, "encode", [step], cfg.data.tasks, work / "logs", label="pack")
     parts = [work / f"{task:05d}.bin" for task in range(cfg.data.tasks)]
     paths = merge_ranges(parts, tok.vocab_size, out_dir, split, shard_tokens)
     total = {"tokens": 0, "docs": 0, "bytes": 0}

@@ -17,6 +17,7 @@ repaired bytes are counted in ``ReadStats.repaired_bytes`` (and ``meta.repaired_
 from __future__ import annotations
 
 import bz2
+import contextlib
 import fnmatch
 import gzip
 import io
@@ -161,25 +162,33 @@ def split_suffix(name: str) -> tuple[str, str, str]:
     return name, "", compression
 
 
-def open_binary(path: Path, compression: str) -> IO[bytes]:
-    """``path`` opened for reading bytes, decompressing on the fly; the caller closes it."""
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".xz":
-        return lzma.open(path, "rb")
-    if compression == ".bz2":
-        return bz2.open(path, "rb")
-    if compression == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"{path}: reading .zst needs the zstandard package "
-                            "(pip install 'lmforge[data]')") from None
-        # The buffered wrapper gives line iteration, which the bare zstd stream lacks.
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,  # noqa: SIM115
-                                                         read_across_frames=True)
-        return io.BufferedReader(raw)
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+@contextlib.contextmanager
+def open_binary(path: Path, compression: str) -> Iterator[IO[bytes]]:
+    """``with open_binary(path, ".gz") as f``: ``path`` read as bytes, decompressed on the fly.
+
+    ``path`` is a local :class:`~pathlib.Path` or a ``UPath`` (an fsspec URL such as ``s3://``,
+    ``https://`` or ``memory://``); both are opened with ``.open``, so a remote file is streamed,
+    never copied whole, and both the file and its decompressor are closed on leaving.
+    """
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(path.open("rb"))
+        if compression == ".gz":
+            yield stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif compression == ".xz":
+            yield stack.enter_context(lzma.LZMAFile(raw, "rb"))
+        elif compression == ".bz2":
+            yield stack.enter_context(bz2.BZ2File(raw, "rb"))
+        elif compression == ".zst":
+            try:
+                import zstandard
+            except ImportError:
+                raise DataError(f"{path}: reading .zst needs the zstandard package "
+                                "(pip install 'lmforge[data]')") from None
+            # The buffered wrapper gives line iteration, which the bare zstd stream lacks.
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            yield stack.enter_context(io.BufferedReader(reader))
+        else:
+            yield raw
 
 
 # The bytes of C0 control characters other than tab, newline, vertical tab, form feed and carriage return,

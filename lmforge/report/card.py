@@ -26,7 +26,8 @@ returning blocks (:mod:`lmforge.report.render`); to add one, insert it into
 Inputs are the dicts the stages return; unknown keys are shown as they come. Known
 keys: summary ``HEADLINE`` keys and ``model`` (a dict); metrics rows ``{"step",
 "kind": "train"|"val"|"tasks", "loss", "bpb", "lr", "grad_norm", "tokens_per_s", ...}``; data
-``train_X``/``val_X`` pairs and ``val_ids``; tokenizer ``kind vocab_size bytes_per_token``; eval
+``train_X``/``val_X`` pairs, ``val_ids`` and ``drops`` (the data card's drop table, drawn as
+``drops.png``); tokenizer ``kind vocab_size bytes_per_token``; eval
 ``val``/``train`` (held-out scores) and ``tasks`` (one record per task); training ``stopped_by
 steps planned_steps best_val_loss best_step early_stop_patience early_stop_min_delta``; samples
 ``{"prompt", "completion", ...}``.
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmforge.report.card_data import drop_blocks
 from lmforge.report.card_eval import evaluation, overfitting
 from lmforge.report.card_finetune import finetuning
 from lmforge.report.card_inputs import CardInputs
@@ -178,7 +180,7 @@ def data(c: CardInputs) -> list:
         prefix, _, suffix = key.partition("_")
         if prefix in ("train", "val") and suffix and suffix != "ids" and isinstance(value, (int, float)):
             splits.setdefault(suffix, {})[prefix] = value
-        elif key != "val_ids":
+        elif key not in ("val_ids", "drops"):
             rest[key] = value
     blocks: list = []
     if splits:
@@ -189,6 +191,7 @@ def data(c: CardInputs) -> list:
         shown = ", ".join(str(i) for i in list(ids)[:50]) + (f", ... ({len(ids):,} in all)" if len(ids) > 50 else "")
         blocks.append(Para(f"Held-out document ids: {shown}"))
     blocks += kv_table(rest, "")
+    blocks += drop_blocks(c.data_stats.get("drops") or [])
     return [Heading(2, "Data"), *(blocks or [Para("No data statistics.")])]
 
 

@@ -61,7 +61,9 @@ def _data_stats(outputs: dict) -> dict:
     if card.is_file():
         from lmforge.data.data_card import card_summary
 
-        stats["cleaning"] = card_summary(json.loads(card.read_text(encoding="utf-8")))
+        data_card = json.loads(card.read_text(encoding="utf-8"))
+        stats["cleaning"] = card_summary(data_card)
+        stats["drops"] = data_card.get("drops", [])  # the card's drop table and chart (report/card.py)
     return stats
 
 

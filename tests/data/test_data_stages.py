@@ -88,6 +88,13 @@ def test_mixed_corpus_is_fully_accounted_for(tmp_path: Path, mixed) -> None:
     assert card["clean"]["languages"] == {"en": 4}
     assert card["clean"]["examples"]["wrong_language"][0]["id"] == "german"
     assert (cfg.run_dir / "clean" / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+    # The drop table: every reason once, under its stage and step, documents and bytes adding up.
+    drops = {(r["stage"], r["step"], r["reason"]): r["documents"] for r in card["drops"]}
+    assert drops == {("collect", "read", "binary"): 1, ("collect", "read", "malformed_line"): 1,
+                     ("clean", "language", "wrong_language"): 1, ("clean", "gopher_quality", "too_few_words"): 1,
+                     ("clean", "decontaminate", "contaminated"): 1, ("clean", "dedup", "exact_duplicate"): 1,
+                     ("clean", "dedup", "near_duplicate"): 1}
+    assert {r["reason"]: r["bytes"] for r in card["drops"] if r["stage"] == "clean"} == card["clean"]["dropped_bytes"]
 
     kept = {d.id: d for s in shard_paths(cfg.run_dir / "clean" / "docs") for d in read_shard(s)}
     assert sorted(kept) == ["mojibake", "page", "sonnets", "tempest"]

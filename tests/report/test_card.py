@@ -6,6 +6,7 @@ Run: ``.venv/bin/pytest tests/report/test_card.py``.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -259,3 +260,43 @@ def test_code_fence_outgrows_backticks(tmp_path):
 ])
 def test_fmt(value, key, text):
     assert fmt(value, key) == text
+
+
+def test_the_data_cards_drop_table_and_chart(tmp_path):
+    drops = [{"stage": "collect", "step": "read", "reason": "binary", "documents": 2, "bytes": None},
+             {"stage": "clean", "step": "language", "reason": "wrong_language", "documents": 7, "bytes": 1_234_567},
+             {"stage": "clean", "step": "dedup", "reason": "exact_duplicate", "documents": 3, "bytes": 45_000}]
+    paths = _card(tmp_path, data_stats={"train_docs": 38, "val_docs": 4, "drops": drops})
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "| stage | step | reason | documents | MB |" in md
+    assert "| collect | read | binary | 2 | - |" in md
+    assert "| clean | language | wrong_language | 7 | 1.235 |" in md
+    assert "| clean | dedup | exact_duplicate | 3 | 0.045 |" in md
+    assert "Documents left out: 12" in md and "![documents and MB dropped per reason](drops.png)" in md
+    png = paths["drops.png"].read_bytes()
+    assert paths["drops.png"] == tmp_path / "run" / "report" / "drops.png" and png.startswith(PNG_MAGIC)
+
+
+def test_no_drops_no_chart(tmp_path):
+    paths = _card(tmp_path, data_stats={"train_docs": 38, "drops": []})
+    assert "drops.png" not in paths and "Documents left out" not in paths["md"].read_text(encoding="utf-8")
+
+
+def test_the_run_card_takes_the_drop_table_from_the_data_card(tmp_path):
+    from lmforge.data.data_card import drop_table
+    from lmforge.report.run_card import _data_stats
+
+    ledger = {"documents": {"in": 10, "kept": 6, "dropped": 4}, "bytes": {"in": 900, "kept": 500},
+              "dropped": {"wrong_language": 3, "exact_duplicate": 1}, "languages": {},
+              "drops": [{"step": "language", "reason": "wrong_language", "documents": 3, "bytes": 300},
+                        {"step": "dedup", "reason": "exact_duplicate", "documents": 1, "bytes": 100}]}
+    card = {"collect": {"documents": 10, "skipped": {"binary": 2}}, "clean": ledger,
+            "drops": drop_table({"skipped": {"binary": 2}}, ledger)}
+    (tmp_path / "data_card.json").write_text(json.dumps(card))
+    stats = _data_stats({"docs": {"train_docs": 5}, "clean": {"data_card": str(tmp_path / "data_card.json")}})
+    assert stats["drops"] == [
+        {"stage": "collect", "step": "read", "reason": "binary", "documents": 2, "bytes": None},
+        {"stage": "clean", "step": "language", "reason": "wrong_language", "documents": 3, "bytes": 300},
+        {"stage": "clean", "step": "dedup", "reason": "exact_duplicate", "documents": 1, "bytes": 100}]
+    md = _card(tmp_path, data_stats=stats)["md"].read_text(encoding="utf-8")
+    assert "| clean | language | wrong_language | 3 | 0.000 |" in md and "Documents left out: 6" in md

@@ -84,7 +84,8 @@ def _read_text_file(path: Path, base: str, compression: str, explicit: bool, sta
     yield Document(id=base, text=text, source=str(path), meta=meta)
 
 
-def _read_file(path: Path, base: str, explicit: bool, stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
+def read_file(path: Path, base: str, explicit: bool, stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
+    """The documents of one file (a local Path, or a UPath for a URL), read by the reader of its format."""
     _, fmt, compression = split_suffix(path.name)
     fmt = fmt if opts.format == "auto" else opts.format
     readers = {"text": _read_text_file, "html": markup.read_html_file, "epub": markup.read_epub_file,
@@ -161,10 +162,10 @@ def read_documents(paths: list[str], stats: ReadStats | None = None,
             if path.is_dir():
                 for rel, file in _walk(path, stats, opts):
                     base, _, _ = split_suffix(rel)
-                    yield from _read_file(file, base, explicit=False, stats=stats, opts=opts)
+                    yield from read_file(file, base, explicit=False, stats=stats, opts=opts)
             else:
                 base, _, _ = split_suffix(path.name)
-                yield from _read_file(path, base, explicit=True, stats=stats, opts=opts)
+                yield from read_file(path, base, explicit=True, stats=stats, opts=opts)
 
 
 def stage_texts(path: Path) -> Iterator[str]:

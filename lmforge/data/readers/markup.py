@@ -123,7 +123,7 @@ def read_epub_file(path: Path, base: str, compression: str, explicit: bool, stat
         bad(f"{path}: an EPUB is already a zip archive; pass it uncompressed")
         return
     try:
-        with zipfile.ZipFile(path) as book:
+        with path.open("rb") as raw, zipfile.ZipFile(raw) as book:
             chapters, meta = _epub_chapters(book)
             texts = []
             for name in chapters:

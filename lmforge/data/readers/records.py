@@ -98,7 +98,7 @@ def read_jsonl_file(path: Path, base: str, compression: str, explicit: bool, sta
             yield doc
 
 
-def _row_document(text: Any, row_id: Any, base: str, path: Path, row: int, stats: ReadStats,
+def row_document(text: Any, row_id: Any, base: str, path: Path, row: int, stats: ReadStats,
                   opts: FileOptions, where: str) -> Document | None:
     if not isinstance(text, str) or not text:
         problem(stats, opts, "no_text", f"{where}: no text in '{opts.text_field}'")
@@ -151,7 +151,7 @@ def read_csv_file(path: Path, base: str, compression: str, explicit: bool, stats
             row += 1
             text, repaired = repair_escapes(record.get(opts.text_field) or "")
             row_id = repair_escapes(record.get(opts.id_field) or "")[0] if opts.id_field else None
-            doc = _row_document(text, row_id, base, path, row, stats, opts, f"{path}:{reader.line_num}")
+            doc = row_document(text, row_id, base, path, row, stats, opts, f"{path}:{reader.line_num}")
             if doc is not None:
                 if repaired:
                     doc.meta["repaired_bytes"] = repaired
@@ -173,7 +173,8 @@ def read_parquet_file(path: Path, base: str, compression: str, explicit: bool, s
                 "pass the .parquet file uncompressed")
         return
     try:
-        pf = pq.ParquetFile(path)
+        # A URL (a UPath) is read through its fsspec filesystem; either way the file is closed with ``pf``.
+        pf = pq.ParquetFile(path) if isinstance(path, Path) else pq.ParquetFile(path.path, filesystem=path.fs)
     except (pa.ArrowException, OSError) as e:
         if explicit:
             problem(stats, opts, "unreadable", f"{path}: not a readable Parquet file ({e})")
@@ -188,14 +189,15 @@ def read_parquet_file(path: Path, base: str, compression: str, explicit: bool, s
             return
     stats.files += 1
     row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-        texts = batch.column(opts.text_field).to_pylist()
-        ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [None] * len(texts)
-        for text, row_id in zip(texts, ids, strict=True):
-            row += 1
-            doc = _row_document(text, row_id, base, path, row, stats, opts, f"{path}: row {row}")
-            if doc is not None:
-                yield doc
+    with pf:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            texts = batch.column(opts.text_field).to_pylist()
+            ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [None] * len(texts)
+            for text, row_id in zip(texts, ids, strict=True):
+                row += 1
+                doc = row_document(text, row_id, base, path, row, stats, opts, f"{path}: row {row}")
+                if doc is not None:
+                    yield doc
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -240,7 +242,7 @@ def read_dataset(path: str, split: str, text_field: str, id_field: str | None, s
     stats.files += 1
     base = folder.name
     for row, record in enumerate(rows, start=1):
-        doc = _row_document(record.get(text_field), record.get(id_field) if id_field else None,
+        doc = row_document(record.get(text_field), record.get(id_field) if id_field else None,
                             base, folder, row, stats, opts, f"{path}: row {row}")
         if doc is not None:
             doc.meta["split"] = split
