@@ -10,8 +10,9 @@ normalizer, dropout, prefixes or byte fallback, the plain ``ByteLevel`` pre-toke
 id order (tiktoken merges by rank, ``tokenizers`` by merge order: the same when they agree),
 every byte in the vocabulary, and identical ids on every vocabulary entry and on a probe of
 awkward text (unicode, whitespace runs, digits, text spelling special tokens). Anything else
-(``char`` tokenizers, imported ones with other pre-tokenizers, tiktoken not installed) encodes
-with ``tokenizers``' ``encode_batch_fast`` (no offsets), which gives the ids of ``encode``.
+(``char`` tokenizers, imported ones with other pre-tokenizers or with added tokens that are not
+special, tiktoken not installed) encodes with ``tokenizers``' ``encode_batch_fast`` (no offsets),
+which gives the ids of ``encode``.
 
 Usage::
 
@@ -79,7 +80,10 @@ def _tiktoken(tok: Tokenizer) -> BatchEncoder | None:
     except ImportError:
         return None
     to_byte = _byte_decoder()
-    added = set(tok.inner.get_added_tokens_decoder())
+    added_tokens = tok.inner.get_added_tokens_decoder()
+    if not all(t.special for t in added_tokens.values()):
+        return None  # tokenizers finds ordinary added tokens inside the text; tiktoken would not
+    added = set(added_tokens)
     vocab: dict[str, int] = model["vocab"]
     if any(ch not in to_byte for s, i in vocab.items() if i not in added for ch in s):
         return None

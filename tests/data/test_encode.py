@@ -77,6 +77,13 @@ def test_fallback_to_tokenizers_when_the_conversion_is_not_exact(demo_bpe: Token
     encode, name = batch_encoder(other)
     assert name == "tokenizers" and encode(ADVERSARIAL) == _reference(other, ADVERSARIAL)
 
+    # An added token that is not special is found inside the text by tokenizers, never by tiktoken.
+    inner = tokenizers.Tokenizer.from_str(demo_bpe.inner.to_str())
+    inner.add_tokens(["forsooth"])
+    added = Tokenizer(inner)
+    encode, name = batch_encoder(added)
+    assert name == "tokenizers" and encode(["forsooth, my lord"]) == [added.encode("forsooth, my lord")]
+
     assert batch_encoder(demo_bpe, fast=False)[1] == "tokenizers"
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if it were not installed
     assert batch_encoder(demo_bpe)[1] == "tokenizers"
