@@ -97,14 +97,14 @@ def pack_before(docs: Path, tok: Tokenizer, out: Path) -> dict:
 
 
 def pack_now(docs: Path, tok: Tokenizer, out: Path) -> dict:
-    return pack.write_shards(stage_texts(docs), tok, out, "train")
+    return pack.write_shards(pack.docs_texts(docs), tok, out, "train")
 
 
 def where_time_goes(docs: Path, tok: Tokenizer) -> dict[str, float]:
     """CPU-seconds of reading the JSONL, encoding and flattening + writing, measured apart."""
     encode, _ = batch_encoder(tok)
     t = cpu_seconds()
-    batches = list(pack._batches(stage_texts(docs), pack.ENCODE_BATCH))
+    batches = list(pack._batches(pack.docs_texts(docs), pack.ENCODE_BATCH))
     read = cpu_seconds() - t
     t = cpu_seconds()
     encoded = [encode(b) for b in batches]

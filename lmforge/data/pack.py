@@ -38,12 +38,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import orjson
 from tqdm import tqdm
 
 from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
 from lmforge.data.encode import batch_encoder
-from lmforge.data.readers.files import stage_texts
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 
@@ -216,6 +216,26 @@ def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def docs_texts(path: Path) -> Iterator[str]:
+    """The texts of a docs-stage file (``train.jsonl``), streamed.
+
+    A lean reader for the lines lmforge's docs stage writes: the general reader (``stage_texts``) takes
+    about six times as long as the JSON parsing itself, a tenth of this stage's time.
+    """
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the docs stage first (lmforge docs)")
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = orjson.loads(line)["text"]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{number}: not a document of the docs stage ({e}); re-run lmforge docs") from None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number}: field 'text' is {type(text).__name__}, not a string; "
+                                "re-run lmforge docs")
+            yield text
+
+
 def flatten(encoded: list[list[int]], eot_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """A batch's id lists as one flat array, each document followed by ``eot_id``, and their lengths."""
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
@@ -266,7 +286,7 @@ def main(cfg: RunConfig, docs_dir: Path, tokenizer_dir: Path, out_dir: Path,
             result[split] = _pack_in_tasks(cfg, docs_dir / f"{split}.jsonl", tok, tokenizer_dir, out_dir, split,
                                            shard_tokens)
             continue
-        texts = tqdm(stage_texts(docs_dir / f"{split}.jsonl"), desc=f"pack {split}", unit="doc", disable=not show)
+        texts = tqdm(docs_texts(docs_dir / f"{split}.jsonl"), desc=f"pack {split}", unit="doc", disable=not show)
         result[split] = write_shards(texts, tok, out_dir, split, shard_tokens)
     need = cfg.model.context + 1
     if result["train"]["tokens"] < need:

@@ -15,8 +15,8 @@ from tokenizers import pre_tokenizers
 
 from lmforge.config import RunConfig, TokenizerConfig
 from lmforge.data.encode import PROBE, batch_encoder
-from lmforge.data.pack import ShardWriter, flatten, list_shards, read_index, read_shard, write_shards
-from lmforge.data.sources import Document, embedded_corpus
+from lmforge.data.pack import ShardWriter, docs_texts, flatten, list_shards, read_index, read_shard, write_shards
+from lmforge.data.sources import DataError, Document, embedded_corpus
 from lmforge.data.tokenizer import Tokenizer, main, sample_texts, train_tokenizer
 
 pytest.importorskip("tiktoken")
@@ -194,3 +194,18 @@ def test_stage_records_the_sample(tmp_path: Path) -> None:
     assert (tmp_path / "part" / "tokenizer.json").read_bytes() == (tmp_path / "again" / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "part" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     assert again["sample"] == part["sample"]
+
+
+def test_docs_texts_reads_the_docs_stage_and_names_a_bad_line(tmp_path: Path) -> None:
+    texts = ["first", "é🎉 second\nline", ""]
+    folder = _write_docs(tmp_path / "docs", texts)
+    assert list(docs_texts(folder / "train.jsonl")) == texts
+    with open(folder / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "x", "text": 5}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:4: field 'text' is int, not a string"):
+        list(docs_texts(folder / "train.jsonl"))
+    (folder / "train.jsonl").write_text('{"id": "a", "text": "ok"}\n{broken\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.jsonl:2: not a document of the docs stage"):
+        list(docs_texts(folder / "train.jsonl"))
+    with pytest.raises(DataError, match="nowhere.jsonl not found; run the docs stage first"):
+        list(docs_texts(tmp_path / "nowhere.jsonl"))
