@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lmforge.config import TokenizerConfig  # noqa: E402
 from lmforge.data import pack  # noqa: E402
-from lmforge.data.encode import batch_encoder  # noqa: E402
+from lmforge.data.encode import batch_encoder, flatten  # noqa: E402
 from lmforge.data.readers.files import stage_texts  # noqa: E402
 from lmforge.data.sources import Document, embedded_corpus  # noqa: E402
 from lmforge.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -112,7 +112,7 @@ def where_time_goes(docs: Path, tok: Tokenizer) -> dict[str, float]:
     t = cpu_seconds()
     with open(os.devnull, "wb") as f:
         for ids in encoded:
-            f.write(pack.flatten(ids, tok.eot_id, np.dtype(np.uint16))[0].tobytes())
+            f.write(flatten(ids, tok.eot_id, np.dtype(np.uint16))[0].tobytes())
     return {"read JSONL": read, "encode": enc, "flatten + write": cpu_seconds() - t}
 
 

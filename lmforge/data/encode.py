@@ -18,12 +18,16 @@ Usage::
 
     encode, name = batch_encoder(Tokenizer.load("runs/demo/tokenizer"))   # name: "tiktoken" or "tokenizers"
     ids = encode(["To be, or not to be", "that is the question"])          # list of id lists, no EOT
+    tokens, lengths = flatten(ids, eot_id=0, dtype=np.dtype(np.uint16))      # one array, EOT after each
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from lmforge.data.tokenizer import Tokenizer
 
@@ -123,3 +127,15 @@ def batch_encoder(tok: Tokenizer, fast: bool = True) -> tuple[BatchEncoder, str]
     """The fastest exact batch encoder for ``tok`` and its name (``fast=False``: always ``tokenizers``)."""
     encode = _tiktoken(tok) if fast else None
     return (encode, "tiktoken") if encode is not None else (_tokenizers(tok), "tokenizers")
+
+
+def flatten(encoded: list[list[int]], eot_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's id lists as one flat array, each document followed by ``eot_id``, and their lengths."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = eot_id
+    body = np.ones(len(flat), dtype=bool)
+    body[ends - 1] = False
+    flat[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=len(flat) - len(encoded))
+    return flat, lengths

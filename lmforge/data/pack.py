@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import itertools
 import re
 import struct
 import sys
@@ -43,7 +42,7 @@ from tqdm import tqdm
 
 from lmforge.artifacts import AtomicFile
 from lmforge.config import RunConfig
-from lmforge.data.encode import batch_encoder
+from lmforge.data.encode import batch_encoder, flatten
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import Tokenizer
 
@@ -234,18 +233,6 @@ def docs_texts(path: Path) -> Iterator[str]:
                 raise DataError(f"{path}:{number}: field 'text' is {type(text).__name__}, not a string; "
                                 "re-run lmforge docs")
             yield text
-
-
-def flatten(encoded: list[list[int]], eot_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's id lists as one flat array, each document followed by ``eot_id``, and their lengths."""
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1
-    flat = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    flat[ends - 1] = eot_id
-    body = np.ones(len(flat), dtype=bool)
-    body[ends - 1] = False
-    flat[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=len(flat) - len(encoded))
-    return flat, lengths
 
 
 def write_shards(docs: Iterable[str], tok: Tokenizer, out_dir: Path, split: str,

@@ -114,8 +114,7 @@ class PackTask(PipelineStep):
                     yield json.loads(line)["text"]
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from lmforge.data.encode import batch_encoder
-        from lmforge.data.pack import flatten
+        from lmforge.data.encode import batch_encoder, flatten
         from lmforge.data.tokenizer import Tokenizer
 
         tok = Tokenizer.load(Path(self.tokenizer_dir))

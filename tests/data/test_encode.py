@@ -14,8 +14,8 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from lmforge.config import RunConfig, TokenizerConfig
-from lmforge.data.encode import PROBE, batch_encoder
-from lmforge.data.pack import ShardWriter, docs_texts, flatten, list_shards, read_index, read_shard, write_shards
+from lmforge.data.encode import PROBE, batch_encoder, flatten
+from lmforge.data.pack import ShardWriter, docs_texts, list_shards, read_index, read_shard, write_shards
 from lmforge.data.sources import DataError, Document, embedded_corpus
 from lmforge.data.tokenizer import Tokenizer, main, sample_texts, train_tokenizer
 
