@@ -394,27 +394,27 @@ def sample_texts(texts: Iterable[str], docs: int, size: int, budget: int, seed: 
                  taken: dict[str, int] | None = None) -> Iterator[str]:
     """A seeded sample of ``texts`` (``docs`` documents, ``size`` bytes) of at most ``budget`` bytes.
 
-    Every document is kept with probability ``budget / size`` (one seeded draw per document, so the
-    sample is spread over the whole corpus, never its first part), in corpus order; a document that
-    would pass the budget is cut to it (at a character boundary) and the sample ends there. All
+    Every document is drawn with probability ``budget / size`` (one seeded draw per document, so the
+    sample is spread over the whole corpus, never its first part) and kept, in corpus order, if it fits
+    in what is left of the budget; one that does not is skipped (a later, shorter one may fit), unless
+    the sample is still empty: then its start, cut at a character boundary, fills the budget. All
     documents, unchanged, when the corpus fits. ``taken`` receives the sample's ``docs`` and ``bytes``.
     """
     taken = taken if taken is not None else {}
     taken.update(docs=0, bytes=0)
-    keep = np.random.default_rng(seed).random(docs) < budget / size if size > budget else np.ones(docs, bool)
+    drawn = np.random.default_rng(seed).random(docs) < budget / size if size > budget else np.ones(docs, bool)
     for i, text in enumerate(texts):
-        if i < docs and not keep[i]:
+        if i < docs and not drawn[i]:
             continue
         data = text.encode("utf-8")
-        last = len(data) >= budget - taken["bytes"]
-        if last:  # this document reaches the budget: cut to it, and the sample ends here
-            data = data[: budget - taken["bytes"]].decode("utf-8", errors="ignore").encode("utf-8")
-            text = data.decode("utf-8")
+        if len(data) > budget - taken["bytes"]:
+            if taken["docs"]:
+                continue
+            text = data[:budget].decode("utf-8", errors="ignore")  # a first document larger than the budget
+            data = text.encode("utf-8")
         taken["docs"] += 1
         taken["bytes"] += len(data)
         yield text
-        if last:
-            return
 
 
 def main(cfg: RunConfig, docs_dir: Path, out_dir: Path) -> dict:

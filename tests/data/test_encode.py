@@ -168,9 +168,9 @@ def test_sample_is_bounded_seeded_and_spread(monkeypatch) -> None:
     # A corpus within the budget is taken whole and unchanged.
     assert list(sample_texts(texts, len(texts), size, size, seed=7)) == texts
     # A budget inside one document cuts it at a character boundary.
-    # A document that reaches the budget is cut to it at a character boundary, and the sample ends there
+    # A first document larger than the budget is cut to it at a character boundary; later ones still fit
     # (docs=0: a corpus of unknown size, every document drawn).
-    assert list(sample_texts(["ééé", "x"], 0, 7, 3, seed=0)) == ["é"]
+    assert list(sample_texts(["ééé", "x", "yy"], 0, 9, 3, seed=0)) == ["é", "x"]
 
 
 def _write_docs(folder: Path, texts: list[str]) -> Path:
