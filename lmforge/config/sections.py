@@ -70,6 +70,9 @@ class TokenizerConfig(Section):
     path: str | None = Field(None, description=(
         "use this existing tokenizer.json (or folder holding one) instead of training a new one"))
     min_frequency: int = Field(2, ge=1, description="BPE: minimum count for a merge to be learned")
+    sample_bytes: int = Field(100_000_000, ge=1, description=(
+        "train on a seeded sample of about this many bytes of training text, documents drawn evenly from the "
+        "whole corpus (all of it when smaller)"), json_schema_extra=reuse(added=True))
 
 
 # -------------------------------------------------------------------------- model

@@ -114,10 +114,12 @@ class PackTask(PipelineStep):
                     yield json.loads(line)["text"]
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        from lmforge.data.encode import batch_encoder, flatten
         from lmforge.data.tokenizer import Tokenizer
 
         tok = Tokenizer.load(Path(self.tokenizer_dir))
-        lengths: list[int] = []
+        encode, encoder = batch_encoder(tok)
+        lengths: list[np.ndarray] = []
         n_bytes, batch = 0, []
         with artifacts.AtomicFile(self.work / f"{rank:05d}.bin") as f:
             # Streamed; the None at the end flushes the last batch.
@@ -126,14 +128,14 @@ class PackTask(PipelineStep):
                     batch.append(text)
                     n_bytes += len(text.encode("utf-8"))
                 if batch and (text is None or len(batch) == self.batch):
-                    for ids in tok.encode_batch(batch):
-                        ids.append(tok.eot_id)
-                        f.write(np.asarray(ids, dtype=self.dtype).tobytes())
-                        lengths.append(len(ids))
+                    tokens, sizes = flatten(encode(batch), tok.eot_id, self.dtype)
+                    f.write(tokens.tobytes())
+                    lengths.append(sizes)
                     batch = []
+        every = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         with artifacts.AtomicFile(self.work / f"{rank:05d}.len.npy") as f:
-            np.save(f, np.array(lengths, dtype=np.int64))
-        counts = {"tokens": int(sum(lengths)), "docs": len(lengths), "bytes": n_bytes}
+            np.save(f, every)
+        counts = {"tokens": int(every.sum()), "docs": len(every), "bytes": n_bytes, "encoder": encoder}
         artifacts.write_json(self.work / f"{rank:05d}.json", counts, indent=None)
         return
         yield

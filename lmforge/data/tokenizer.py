@@ -39,9 +39,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
@@ -378,15 +379,59 @@ def bytes_per_token(tok: Tokenizer, texts: Iterable[str], limit: int = BPT_SAMPL
     return n_bytes / n_tokens if n_tokens else None
 
 
+def corpus_size(docs_dir: Path) -> tuple[int, int]:
+    """Documents and UTF-8 bytes of ``docs_dir/train.jsonl``: from the docs stage's manifest, else counted."""
+    outputs = (artifacts.read_manifest(docs_dir) or {}).get("outputs") or {}
+    if isinstance(outputs.get("train_docs"), int) and isinstance(outputs.get("train_bytes"), int):
+        return outputs["train_docs"], outputs["train_bytes"]
+    docs = size = 0
+    for text in stage_texts(docs_dir / "train.jsonl"):
+        docs, size = docs + 1, size + len(text.encode("utf-8"))
+    return docs, size
+
+
+def sample_texts(texts: Iterable[str], docs: int, size: int, budget: int, seed: int,
+                 taken: dict[str, int] | None = None) -> Iterator[str]:
+    """A seeded sample of ``texts`` (``docs`` documents, ``size`` bytes) of at most ``budget`` bytes.
+
+    Every document is drawn with probability ``budget / size`` (one seeded draw per document, so the
+    sample is spread over the whole corpus, never its first part) and kept, in corpus order, if it fits
+    in what is left of the budget; one that does not is skipped (a later, shorter one may fit), unless
+    the sample is still empty: then its start, cut at a character boundary, fills the budget. All
+    documents, unchanged, when the corpus fits. ``taken`` receives the sample's ``docs`` and ``bytes``.
+    """
+    taken = taken if taken is not None else {}
+    taken.update(docs=0, bytes=0)
+    drawn = np.random.default_rng(seed).random(docs) < budget / size if size > budget else np.ones(docs, bool)
+    for i, text in enumerate(texts):
+        if i < docs and not drawn[i]:
+            continue
+        data = text.encode("utf-8")
+        if len(data) > budget - taken["bytes"]:
+            if taken["docs"]:
+                continue
+            text = data[:budget].decode("utf-8", errors="ignore")  # a first document larger than the budget
+            data = text.encode("utf-8")
+        taken["docs"] += 1
+        taken["bytes"] += len(data)
+        yield text
+
+
 def main(cfg: RunConfig, docs_dir: Path, out_dir: Path) -> dict:
-    """The tokenizer stage: train on ``docs_dir/train.jsonl`` (or load ``tokenizer.path``), save to ``out_dir``."""
+    """The tokenizer stage: train on a sample of ``docs_dir/train.jsonl`` (``tokenizer.sample_bytes``; all of it
+    when smaller) or load ``tokenizer.path``, and save to ``out_dir``."""
     docs_dir, out_dir = Path(docs_dir), Path(out_dir)
     t0 = time.perf_counter()
+    sample: dict[str, int] = {}
     if cfg.tokenizer.path:
         tok = Tokenizer.load(cfg.tokenizer.path)
         source = str(cfg.tokenizer.path)
     else:
-        tok = train_tokenizer(cfg.tokenizer, stage_texts(docs_dir / "train.jsonl"))
+        docs, size = corpus_size(docs_dir)
+        texts = sample_texts(stage_texts(docs_dir / "train.jsonl"), docs, size, cfg.tokenizer.sample_bytes,
+                             cfg.seed, sample)
+        tok = train_tokenizer(cfg.tokenizer, texts)
+        sample.update(corpus_docs=docs, corpus_bytes=size)
         source = "trained"
     train_seconds = time.perf_counter() - t0
     tok.save(out_dir)
@@ -398,4 +443,5 @@ def main(cfg: RunConfig, docs_dir: Path, out_dir: Path) -> dict:
         "train_seconds": round(train_seconds, 3) if source == "trained" else 0.0,
         "bytes_per_token": bpt,
         "source": source,
+        **({"sample": sample} if sample else {}),
     }

@@ -247,3 +247,16 @@ def test_packing_in_tasks_writes_the_shards_one_process_writes(collected, tmp_pa
             index = pack.index_path(Path(name)).name
             assert (tmp_path / "pack" / index).read_bytes() == (tmp_path / "one" / index).read_bytes()
     assert not (tmp_path / "pack" / "work").exists()
+    # The loader reads the tasks' shards, all of them, as it reads one process's.
+    import numpy as np
+    import torch
+
+    from lmforge.data.loader import TokenLoader
+
+    loaders = [TokenLoader(tmp_path / d, "train", batch_size=8, context=64, seed=3) for d in ("pack", "one")]
+    batches = [[loader.next_batch() for _ in range(40)] for loader in loaders]
+    for (x, y), (x1, y1) in zip(*batches, strict=True):
+        assert torch.equal(x, x1) and torch.equal(y, y1)
+    every = np.concatenate([pack.read_shard(p) for p in pack.list_shards(tmp_path / "pack", "train")])
+    assert len(every) == one["train"]["tokens"]
+    assert set(np.unique(torch.cat([x for x, _ in batches[0]]).numpy())) <= set(np.unique(every))
