@@ -7,15 +7,20 @@
    this machine, with THE training loop and the speedrun's recipe (Muon, warmup-stable-decay,
    ``train.steps: auto``), in scratch folders; each records parameters, tokens/s, tokens seen and
    held-out bits per byte. They are cached per machine and config (``~/.cache/lmforge/plan``), so a
-   second plan, for another budget, runs none.
+   second plan, for another budget, runs no probe (only its own confirmations).
 3. :func:`lmforge.tune.scaling.fit_loss` fits ``bpb(N, D) = E + A / N^a + B / D^b`` to the probes, and
    tokens/s is fitted as a power law of the FLOPs per token (or, with ``--gpu``, is the datasheet peak
    times ``plan.mfu`` over the FLOPs per token).
 4. Every candidate shape (widths 64-1024, 2-24 layers, 32-wide heads) is scored at the budget: the
    tokens it would see in 97% of it (what ``steps: auto`` aims at), discounted for repeats of the
-   corpus, give its predicted bits per byte; the lowest wins. On this machine candidates stay within
-   4x the largest probe's parameters: the fit is not trusted further.
-5. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
+   corpus, give its predicted bits per byte. On this machine candidates stay within 4x the largest
+   probe's parameters: the fit is not trusted further.
+5. Confirmation (this machine only): the fit's first choice and the speedrun's 128x4 (or the runner-up)
+   train for ``plan.confirm_fraction`` of the budget, much nearer its tokens than the probes. The curve
+   is refitted on probes and confirmations, weighted toward the budget's tokens; each confirmed shape
+   is predicted at its measured speed as the refitted curve plus the curve's miss at its confirmation,
+   and the smallest confirmed shape within TIE of the best is chosen.
+6. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
    speedrun's vocabulary, batch and learning rate, ``steps: auto``, ``max_seconds`` = the budget, the
    prediction in a comment), ``plan.json`` (probes, fits, candidates, the curve, assumptions) and
    ``plan.png`` (predicted bits per byte against budget, the chosen point, and the bits per byte
@@ -45,7 +50,7 @@ from lmforge.config import ConfigError, ModelConfig, RunConfig, load_config
 from lmforge.models import build_model
 from lmforge.train import budget, loop
 from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
-from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
 
 # The speedrun's choices (configs/speedrun-cpu.yaml, docs/speedrun.md); only width and depth vary here.
 RECIPE = {
@@ -261,7 +266,7 @@ def main(cfg: RunConfig) -> dict:
     data = _prepare(cfg, folder)
     unique = data["train_tokens"]
     probes = _run_probes(cfg, folder, data)
-    fit = fit_loss(_points(probes, unique))
+    fit = fit_loss(_points(probes, unique), min_e=BPB_FLOOR)
     speed = Throughput(probes, gpu_flops)
     cands = _candidates(data["vocab_size"], None if gpu_flops else EXTRAPOLATE * max(p["params"] for p in probes))
     confirmations: list[dict] = []
@@ -270,7 +275,7 @@ def main(cfg: RunConfig) -> dict:
         first = score(fit, speed, cands, seconds, unique)
         confirmations = _confirm(cfg, folder, data, first, seconds)
         runs = probes + confirmations
-        fit = fit_loss(_points(runs, unique), _weights(runs, unique, choose(first)["effective_tokens"]))
+        fit = fit_loss(_points(runs, unique), _weights(runs, unique, choose(first)["effective_tokens"]), BPB_FLOOR)
         speed = Throughput(runs)
     plan = _plan_record(cfg, seconds, label, data, probes, fit, speed, cands, gpu_flops, confirmations)
     yaml_text = _recipe_yaml(cfg, folder, plan["chosen"], seconds, plan, gpu=gpu_flops is not None)
@@ -338,6 +343,7 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
                 "the eval stage scores every held-out byte",
                 "vocabulary, batch, learning rate and schedule are the speedrun's, not re-tuned per size",
                 "tokens seen more than once count as Muennighoff et al. 2023's effective data",
+                f"the irreducible loss E is at least {BPB_FLOOR} bits per byte; the exponents a and b lie in [0.1, 1]",
                 f"the smallest shape within {TIE} bits per byte of the best prediction is chosen",
                 *([f"the choice is among the shapes confirmed by training {pc.confirm_fraction:.0%} of the budget "
                    f"(the fit's first choice and the speedrun's {SPEEDRUN_SHAPE[0]}x{SPEEDRUN_SHAPE[1]}); each "

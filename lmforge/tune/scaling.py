@@ -128,14 +128,20 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
 # 2024's replication), and a few short probes can otherwise explain everything by one term with an exponent
 # near 0 or above 1, which extrapolated 10x in tokens ranks model sizes by an artefact.
 EXPONENT_BOUNDS = (0.1, 1.0)
+# Bits per byte of English text no model here can go below: the best entries of Mahoney's Large Text Compression
+# Benchmark store enwik9 (English Wikipedia) in about 10.7% of its size, 0.86 bits per byte. Probes of a few seconds cannot tell E from the data term,
+# and a fit left free drove E to 0, which extrapolated every gain from more tokens on for ever.
+BPB_FLOOR = 0.8
 EXPONENTS = np.linspace(*EXPONENT_BOUNDS, 30)  # the grid of a and b that the starting points come from
 STARTS = 4  # the best grid points refined by L-BFGS-B
 
 
-def fit_loss(points: list[tuple[float, float, float]], weights: list[float] | None = None) -> LossFit:
+def fit_loss(points: list[tuple[float, float, float]], weights: list[float] | None = None,
+             min_e: float = 0.0) -> LossFit:
     """Fit :class:`LossFit` to ``(N, D, loss)`` points (at least 5, loss > 0): a grid of exponents solved
     linearly for starting points, the best few refined on the Huber loss of the log residuals, each point's
-    loss times its weight (default 1: ``lmforge plan`` weighs the points nearest the budget's tokens most)."""
+    loss times its weight (default 1: ``lmforge plan`` weighs the points nearest the budget's tokens most).
+    ``min_e``: the least irreducible loss the fit may claim (``lmforge plan``: :data:`BPB_FLOOR`)."""
     try:
         import scipy.optimize  # noqa: F401 - the fit's optimizers, checked before any work
     except ImportError:
@@ -147,7 +153,8 @@ def fit_loss(points: list[tuple[float, float, float]], weights: list[float] | No
     weight = np.ones_like(n) if weights is None else np.asarray(weights, dtype=float) / np.mean(weights)
     args = (np.log(n), np.log(d), np.log(loss), weight)
     floor = math.log(float(loss.min()))  # E (as log E) may not exceed the best loss seen
-    bounds = [(floor - 15, floor), (-15, 40), EXPONENT_BOUNDS, (-15, 40), EXPONENT_BOUNDS]
+    lowest = min(math.log(min_e), floor - 1e-3) if min_e > 0 else floor - 15
+    bounds = [(lowest, floor), (-15, 40), EXPONENT_BOUNDS, (-15, 40), EXPONENT_BOUNDS]
     with _one_blas_thread():
         best = _refine(args, bounds, _grid_starts(n, d, loss, weight, STARTS))
     e, log_a, a, log_b, b = best.x

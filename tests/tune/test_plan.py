@@ -19,7 +19,7 @@ from lmforge.config import ConfigError, load_config
 from lmforge.models.transformer import Transformer
 from lmforge.train import loop
 from lmforge.tune import plan as plan_module
-from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
 from tests.conftest import ROOT
 from tests.in_process import call_cli
 
@@ -91,6 +91,10 @@ def test_exponents_stay_in_their_bounds_and_weights_pull_the_fit_to_near_points(
     points = [(n, d, TRUE.predict(n, d)) for n, d in grid] + [far]
     plain, weighted = fit_loss(points), fit_loss(points, [1.0] * len(grid) + [20.0])
     assert abs(weighted.predict(*far[:2]) - far[2]) < abs(plain.predict(*far[:2]) - far[2])
+    pure = LossFit(E=0.0, A=60.0, a=0.34, B=400.0, b=0.38)  # no irreducible loss: E is held at the floor
+    floored = fit_loss([(n, d, pure.predict(n, d)) for n, d in grid], min_e=BPB_FLOOR)
+    free = fit_loss([(n, d, pure.predict(n, d)) for n, d in grid])
+    assert abs(floored.E - BPB_FLOOR) < 1e-6 and free.E < 0.1
 
 
 def test_confirmations_are_the_first_choice_and_the_speedrun_shape(monkeypatch):
