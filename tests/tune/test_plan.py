@@ -129,7 +129,7 @@ def test_the_recipe_is_the_speedrun_config():
         for key, value in plan_module.RECIPE[section].items():
             want = {**got[key], **value} if isinstance(value, dict) else value
             assert got[key] == want, f"{section}.{key}"
-    assert plan_module.SPEEDRUN_SHAPE == (speedrun.model.d_model, speedrun.model.n_layers)  # always confirmed
+    assert (speedrun.model.d_model, speedrun.model.n_layers) == plan_module.SPEEDRUN_SHAPE  # always confirmed
 
 
 # ------------------------------------------------------------------ a whole plan, test-sized
