@@ -4,8 +4,10 @@ With ``steps: auto`` and ``train.max_seconds`` set, :class:`StepBudget` times th
 (leaving out the first :data:`SKIP_STEPS` of each process, which pay for allocations, caches and
 ``torch.compile``) and keeps the most recent ones that add up to :data:`WINDOW_FRACTION` of the budget
 (at least :data:`MIN_WINDOW_STEPS`). Once that window is first full, and again after every step, it
-estimates the total: ``steps done + (budget * (1 - MARGIN) - seconds spent) / mean step time of the
-window``. The estimate follows a machine whose speed drifts during warmup and the stable phase, where
+estimates the total: ``steps done + (budget * (1 - MARGIN) - seconds spent) / step time``, the step
+time being the window's mean or, when slower, the mean of its newer half (a slowdown is followed twice
+as fast as a speedup: a total too long runs out of time before its decay completes, while one too
+short only leaves a little of the budget unused). The estimate follows a machine whose speed drifts during warmup and the stable phase, where
 the rate does not depend on the total. It is frozen when the decay starts (the first step at or past
 the decay's start for the current estimate): from there the decay has a fixed length and ends on
 ``min_lr_ratio x lr`` at the frozen total, so the schedule no longer moves. Warmup still counts in
@@ -40,6 +42,10 @@ WINDOW_FRACTION = 0.05  # the step time is the mean over the most recent 5% of t
 MIN_WINDOW_STEPS = 5  # ... and over at least this many steps
 MARGIN = 0.03  # the schedule aims at 97% of the budget: step times wander by a few percent during a run
 MIN_STEPS = 10  # steps after warmup that a budget must buy, or the run would train nothing worth keeping
+
+
+def _mean(times: list[float]) -> float:
+    return sum(times) / len(times)
 
 
 class BudgetTooSmall(ConfigError):
@@ -81,7 +87,7 @@ class StepBudget:
             self._estimate(step, spent)
 
     def _estimate(self, step: int, spent: float) -> None:
-        per_step = sum(self.window) / len(self.window) if self.window else spent / step
+        per_step = max(_mean(self.window), _mean(self.window[len(self.window) // 2 :])) if self.window else spent / step
         assert self.max_seconds is not None
         total = step + max(0, int((self.max_seconds * (1 - MARGIN) - spent) / per_step))
         first = self.steps is None

@@ -100,7 +100,7 @@ def test_a_slowdown_past_the_decay_start_starts_a_shorter_decay_at_once():
         spent += dt
         b.measure(step, spent, dt)
         assert step < 200
-    assert b.steps is not None and b.decay_start == step == 123
+    assert b.steps is not None and b.decay_start == step == 122
     assert b._wsd_start(b.steps) < step and b.steps - step < round(0.3 * b.steps)
     rates = [lr_at(i, tc, b.steps, b.decay_start) for i in range(b.steps)]
     assert rates[step - 1] == 1e-2 and rates[step] == pytest.approx(1e-2 - 9e-3 / (b.steps - step))
