@@ -134,6 +134,9 @@ def _plan(cfg: RunConfig, args: list[str]) -> None:
     c, files = result["chosen"], result["files"]
     print(f"\nplan for {result['budget']['text']} ({result['target']}): width {c['d_model']}, {c['n_layers']} layers, "
           f"{c['params']:,} parameters, predicted {c['predicted_bpb']:.3f} bits per byte")
+    for r in result["confirmed"]:  # the shapes trained for a share of the budget, between which it chose
+        print(f"confirmed {r['d_model']}x{r['n_layers']}: predicted {r['predicted_bpb']:.3f} (the fit's "
+              f"{r['fit_bpb']:.3f}, corrected by its miss of {r['confirmation_miss']:+.3f} at the confirmation)")
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"recipe: {files['config']}\ntrain:  lmforge run --config {files['config']}\n"

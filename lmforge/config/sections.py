@@ -383,9 +383,13 @@ class PlanConfig(Section):
         "with plan.gpu: the assumed model FLOPs utilisation (share of the datasheet peak a training step reaches)"))
     probe_sizes: list[list[int]] = Field(default_factory=lambda: [[64, 2], [96, 3], [128, 4], [192, 4]], description=(
         "[width, layers] of the models the probes train (heads = width / 32, at least 1); 3 or more sizes"))
-    probe_seconds: list[float] = Field(default_factory=lambda: [10.0, 25.0], description=(
+    probe_seconds: list[float] = Field(default_factory=lambda: [10.0, 30.0], description=(
         "training seconds of each probe of each size (train.steps: auto): two or more lengths give the fit its "
         "tokens axis; probes are cached per machine and config, so a second plan reuses them"))
+    confirm_fraction: float = Field(0.15, ge=0, lt=1, description=(
+        "share of the budget each confirmation probe trains: the fit's first choice and the speedrun's 128x4 "
+        "shape, whose results refit the curve and correct the prediction; the choice is made between them "
+        "(none when that is no longer than the longest probe, or with plan.gpu)"))
     probe_warmup: int = Field(5, ge=0, description="warmup steps of each probe (the recipe keeps its own)")
     eval_batches: int = Field(32, ge=1, description="validation batches scoring each probe (batch x context tokens each)")
     out: str | None = Field(None, description=(

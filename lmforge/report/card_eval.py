@@ -200,11 +200,13 @@ def _budget(training: dict) -> list:
         return []
     rows = [["time budget (train.max_seconds)", f"{b['max_seconds']:g} s"],
             ["schedule length chosen (train.steps: auto)", fmt(b.get("calibrated_steps"), "steps")],
-            ["measured seconds per step", fmt(b.get("seconds_per_step"))],
+            ["decay started at step", fmt(b.get("decay_start"), "steps")],
+            ["measured seconds per step (recent window)", fmt(b.get("seconds_per_step"))],
             ["budget used by training", f"{b['used_fraction']:.1%}" if b.get("used_fraction") is not None else "-"]]
     return [Heading(3, "Time budget"),
-            Para("The schedule's length was measured for the budget: the step time over the first seconds of "
-                 "training fixed how many steps warmup, the stable phase and the decay span (docs/speedrun.md)."),
+            Para("The schedule's length was measured for the budget: the recent step time re-estimated how many "
+                 "steps fit through warmup and the stable phase, and the total was frozen when the decay started "
+                 "(docs/speedrun.md)."),
             Table(["", "value"], rows)]
 
 

@@ -45,6 +45,12 @@ def plot(plan: dict) -> bytes:
     ax.plot([minutes], [chosen["predicted_bpb"]], "*", color="tab:red", ms=14,
             label=f"chosen: width {chosen['d_model']}, {chosen['n_layers']} layers, "
                   f"{chosen['predicted_bpb']:.3f} predicted")
+    for c in plan.get("confirmations", []):  # measured, at a share of the budget: where the prediction is anchored
+        ax.plot([c["seconds"] / 60.0], [c["bpb"]], "^", color="tab:green", ms=7)
+        ax.annotate(f"{c['d_model']}x{c['n_layers']}", (c["seconds"] / 60.0, c["bpb"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    if plan.get("confirmations"):
+        ax.plot([], [], "^", color="tab:green", ms=7, label="confirmations (measured; width x layers)")
     if plan.get("achieved"):
         ax.plot([a["minutes"] for a in plan["achieved"]], [a["val_bpb"] for a in plan["achieved"]], "s",
                 color="black", ms=6, label="achieved (plans trained)")

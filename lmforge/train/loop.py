@@ -73,7 +73,7 @@ def _steps(job: TrainJob, logger: MetricsLogger, meter: Throughput, preempt: Pre
     loss_acc = torch.zeros((), device=rt.device)
     while not job.budget.done(done.step) and not job.out_of_time():
         t0 = time.perf_counter()
-        lr = lr_at(done.step, tc, job.budget.steps)
+        lr = lr_at(done.step, tc, job.budget.steps, job.budget.decay_start)
         set_lr(optimizer, lr)
         at, step_loss = loader.state_dict(), torch.zeros((), device=rt.device)  # at: names the batch
         for micro in range(par.accum):
@@ -97,7 +97,7 @@ def _steps(job: TrainJob, logger: MetricsLogger, meter: Throughput, preempt: Pre
         dt, signalled = par.agree(time.perf_counter() - t0, preempt.requested is not None)  # all stop together
         done.advance(tokens_per_step, dt)
         meter.update(tokens_per_step, dt)
-        job.budget.measure(done.step, done.train_seconds, dt)  # steps: auto: fixes the schedule's length once
+        job.budget.measure(done.step, done.train_seconds, dt)  # steps: auto: re-estimates the length until the decay
         out_of_time = job.out_of_time()
         interrupted = (tc.stop_at is not None and done.step >= tc.stop_at) or signalled
         last_step = job.budget.done(done.step) or out_of_time or interrupted

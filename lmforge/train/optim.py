@@ -217,10 +217,11 @@ class MuonAdamW:
             self.precision, self.muon.dtype = saved, _PRECISIONS[saved]
 
 
-def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+def lr_at(step: int, cfg: TrainConfig, steps: int | None = None, decay_start: int | None = None) -> float:
     """Learning rate for the update made at 0-based ``step`` of ``steps`` (default ``cfg.steps``); never
     negative. With ``steps: auto`` and no length fixed yet (:mod:`lmforge.train.budget`), the rate after
-    warmup holds at ``lr``."""
+    warmup holds at ``lr``. ``decay_start``: where wsd's decay began when ``steps: auto`` froze the total
+    (default: ``decay_fraction`` of ``steps`` before its end)."""
     lr, warmup = cfg.lr, cfg.warmup_steps
     steps = cfg.steps if steps is None else steps
     if step < warmup:
@@ -240,7 +241,7 @@ def lr_at(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
         return max(0.0, rate)
     if cfg.schedule == "wsd":
         n_decay = max(1, round(cfg.decay_fraction * steps))
-        start = max(steps - n_decay, warmup)  # the decay never eats into warmup
+        start = max(steps - n_decay, warmup) if decay_start is None else decay_start  # never eats into warmup
         if step < start:
             return lr
         if start >= steps:  # past the end of a run that was all warmup

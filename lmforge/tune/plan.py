@@ -7,15 +7,20 @@
    this machine, with THE training loop and the speedrun's recipe (Muon, warmup-stable-decay,
    ``train.steps: auto``), in scratch folders; each records parameters, tokens/s, tokens seen and
    held-out bits per byte. They are cached per machine and config (``~/.cache/lmforge/plan``), so a
-   second plan, for another budget, runs none.
+   second plan, for another budget, runs no probe (only its own confirmations).
 3. :func:`lmforge.tune.scaling.fit_loss` fits ``bpb(N, D) = E + A / N^a + B / D^b`` to the probes, and
    tokens/s is fitted as a power law of the FLOPs per token (or, with ``--gpu``, is the datasheet peak
    times ``plan.mfu`` over the FLOPs per token).
 4. Every candidate shape (widths 64-1024, 2-24 layers, 32-wide heads) is scored at the budget: the
    tokens it would see in 97% of it (what ``steps: auto`` aims at), discounted for repeats of the
-   corpus, give its predicted bits per byte; the lowest wins. On this machine candidates stay within
-   4x the largest probe's parameters: the fit is not trusted further.
-5. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
+   corpus, give its predicted bits per byte. On this machine candidates stay within 4x the largest
+   probe's parameters: the fit is not trusted further.
+5. Confirmation (this machine only): the fit's first choice and the speedrun's 128x4 (or the runner-up)
+   train for ``plan.confirm_fraction`` of the budget, much nearer its tokens than the probes. The curve
+   is refitted on probes and confirmations, weighted toward the budget's tokens; each confirmed shape
+   is predicted at its measured speed as the refitted curve plus the curve's miss at its confirmation,
+   and the smallest confirmed shape within TIE of the best is chosen.
+6. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
    speedrun's vocabulary, batch and learning rate, ``steps: auto``, ``max_seconds`` = the budget, the
    prediction in a comment), ``plan.json`` (probes, fits, candidates, the curve, assumptions) and
    ``plan.png`` (predicted bits per byte against budget, the chosen point, and the bits per byte
@@ -45,7 +50,7 @@ from lmforge.config import ConfigError, ModelConfig, RunConfig, load_config
 from lmforge.models import build_model
 from lmforge.train import budget, loop
 from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
-from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
 
 # The speedrun's choices (configs/speedrun-cpu.yaml, docs/speedrun.md); only width and depth vary here.
 RECIPE = {
@@ -58,6 +63,7 @@ SPLIT = {"split": "tail", "val_fraction": 0.1}  # nanoGPT's split, as the speedr
 WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
 DEPTHS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24)
 HEAD_DIM = 32
+SPEEDRUN_SHAPE = (128, 4)  # configs/speedrun-cpu.yaml's width and depth: always confirmed, so a plan can match it
 EXTRAPOLATE = 4.0  # on this machine: candidates up to 4x the largest probe's parameters
 MAX_STEPS = 20_000  # with --gpu: the batch grows (powers of 2) so the schedule stays under this many steps
 TIE = 0.005  # bits per byte: the smallest candidate this close to the best prediction is chosen (cheaper, and a
@@ -199,8 +205,57 @@ def _batch(chosen: dict, gpu: bool) -> tuple[int, float]:
     return base["batch_size"] * k, base["lr"] * min(3.0, math.sqrt(k))
 
 
+def _run_probes(cfg: RunConfig, folder: Path, data: dict) -> list[dict]:
+    """Every probe size for every probe length (cached ones read back); too few to fit stop the plan."""
+    pc, probes = cfg.plan, []
+    for width, layers in pc.probe_sizes:
+        for probe_seconds in pc.probe_seconds:
+            if (p := _probe(cfg, folder, data, width, layers, probe_seconds)) is None:
+                continue
+            probes.append(p)
+            _say("probe", p)
+    if len(probes) < 5 or len({p["params"] for p in probes}) < 2:
+        raise ConfigError(f"plan.probe_seconds: only {len(probes)} probes could train in their time on this machine "
+                          f"(5 or more, of 2 or more sizes, are needed for the fit); give longer plan.probe_seconds "
+                          f"or smaller plan.probe_sizes (a busy machine is slower: see docs/speedrun.md, threads)")
+    return probes
+
+
+def _say(kind: str, p: dict) -> None:
+    print(f"{kind} {p['d_model']}x{p['n_layers']}, {p['seconds']:g} s: {p['params']:,} parameters, "
+          f"{p['tokens_per_s']:,.0f} tokens/s, {p['tokens']:,} tokens, {p['bpb']:.4f} bits per byte")
+
+
+def _points(runs: list[dict], unique: float) -> list[tuple[float, float, float]]:
+    return [(p["params"], effective_tokens(p["tokens"], unique), p["bpb"]) for p in runs]
+
+
+def _confirm(cfg: RunConfig, folder: Path, data: dict, ranked: list[dict], seconds: float) -> list[dict]:
+    """Confirmation probes: the first choice and the hand-tuned speedrun's shape (or, when they are one, the
+    runner-up), each trained for ``plan.confirm_fraction`` of the budget, far closer to its tokens than the probes."""
+    first = choose(ranked)
+    shapes = [(first["d_model"], first["n_layers"])]
+    known = [(r["d_model"], r["n_layers"]) for r in ranked]
+    for shape in [SPEEDRUN_SHAPE, *known]:
+        if len(shapes) < 2 and shape not in shapes and shape in known:
+            shapes.append(shape)
+    out = []
+    for width, layers in shapes:
+        if (p := _probe(cfg, folder, data, width, layers, cfg.plan.confirm_fraction * seconds)) is not None:
+            out.append(p)
+            _say("confirmation", p)
+    return out
+
+
+def _weights(runs: list[dict], unique: float, target: float) -> list[float]:
+    """Each point's weight in the fit: 1 / (1 + |ln(D / D_target)|), so the points nearest the budget's
+    (effective) tokens shape the extrapolation most and a probe 20x shorter counts a quarter."""
+    return [1.0 / (1.0 + abs(math.log(max(1.0, effective_tokens(p["tokens"], unique)) / max(1.0, target))))
+            for p in runs]
+
+
 def main(cfg: RunConfig) -> dict:
-    """Probe, fit, choose and write the plan; returns plan.json's content."""
+    """Probe, fit, choose, confirm, refit and write the plan; returns plan.json's content."""
     from lmforge.report.plan_plot import achieved_points, write_plan_plot
 
     pc = cfg.plan
@@ -209,22 +264,20 @@ def main(cfg: RunConfig) -> dict:
     label = pc.budget.strip() + (f"-{pc.gpu.lower().replace(' ', '')}" if pc.gpu else "")
     folder = Path(pc.out) if pc.out else Path(cfg.runs_dir) / f"plan-{label}"
     data = _prepare(cfg, folder)
-    probes = []
-    for width, layers in pc.probe_sizes:
-        for probe_seconds in pc.probe_seconds:
-            if (p := _probe(cfg, folder, data, width, layers, probe_seconds)) is None:
-                continue
-            probes.append(p)
-            print(f"probe {width}x{layers}, {probe_seconds:g} s: {p['params']:,} parameters, "
-                  f"{p['tokens_per_s']:,.0f} tokens/s, {p['tokens']:,} tokens, {p['bpb']:.4f} bits per byte")
-    if len(probes) < 5 or len({p["params"] for p in probes}) < 2:
-        raise ConfigError(f"plan.probe_seconds: only {len(probes)} probes could train in their time on this machine "
-                          f"(5 or more, of 2 or more sizes, are needed for the fit); give longer plan.probe_seconds "
-                          f"or smaller plan.probe_sizes (a busy machine is slower: see docs/speedrun.md, threads)")
-    fit = fit_loss([(p["params"], effective_tokens(p["tokens"], data["train_tokens"]), p["bpb"]) for p in probes])
+    unique = data["train_tokens"]
+    probes = _run_probes(cfg, folder, data)
+    fit = fit_loss(_points(probes, unique), min_e=BPB_FLOOR)
     speed = Throughput(probes, gpu_flops)
     cands = _candidates(data["vocab_size"], None if gpu_flops else EXTRAPOLATE * max(p["params"] for p in probes))
-    plan = _plan_record(cfg, seconds, label, data, probes, fit, speed, cands, gpu_flops)
+    confirmations: list[dict] = []
+    # Not for a GPU's budget (nothing here measures it), nor when a confirmation would be no longer than the probes.
+    if not gpu_flops and pc.confirm_fraction * seconds > max(pc.probe_seconds):
+        first = score(fit, speed, cands, seconds, unique)
+        confirmations = _confirm(cfg, folder, data, first, seconds)
+        runs = probes + confirmations
+        fit = fit_loss(_points(runs, unique), _weights(runs, unique, choose(first)["effective_tokens"]), BPB_FLOOR)
+        speed = Throughput(runs)
+    plan = _plan_record(cfg, seconds, label, data, probes, fit, speed, cands, gpu_flops, confirmations)
     yaml_text = _recipe_yaml(cfg, folder, plan["chosen"], seconds, plan, gpu=gpu_flops is not None)
     plan["achieved"] = achieved_points(Path(cfg.runs_dir), plan["target"])
     plan["notes"] = [f"the budget would read the corpus {plan['epochs']:.0f} times; past about {MANY_EPOCHS} passes "
@@ -237,6 +290,23 @@ def main(cfg: RunConfig) -> dict:
     write_plan_plot(folder / "plan.png", plan)
     artifacts.write_json(folder / "plan.json", plan)
     return plan
+
+
+def corrected(ranked: list[dict], confirmations: list[dict], fit: LossFit, unique: float, seconds: float) -> list[dict]:
+    """The confirmed shapes among ``ranked``, best first, each at the speed its confirmation measured and its
+    prediction moved by the fit's miss there: ``fit(N, D_budget) + (observed - fit(N, D_confirmation))``."""
+    out = []
+    for c in confirmations:
+        row = next((r for r in ranked if (r["d_model"], r["n_layers"]) == (c["d_model"], c["n_layers"])), None)
+        if row is None:
+            continue
+        tokens = c["tokens_per_s"] * seconds * (1 - budget.MARGIN)
+        eff = effective_tokens(tokens, unique)
+        miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
+        out.append({**row, "tokens_per_s": c["tokens_per_s"], "tokens": tokens, "effective_tokens": eff,
+                    "fit_bpb": fit.predict(row["params"], eff), "confirmation_miss": miss,
+                    "predicted_bpb": fit.predict(row["params"], eff) + miss, "confirmed": True})
+    return sorted(out, key=lambda r: r["predicted_bpb"])
 
 
 def _gpu_flops(pc) -> float | None:
@@ -252,9 +322,10 @@ def _gpu_flops(pc) -> float | None:
 
 
 def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes: list[dict], fit: LossFit,
-                 speed: Throughput, cands: list[dict], gpu_flops: float | None) -> dict:
+                 speed: Throughput, cands: list[dict], gpu_flops: float | None, confirmations: list[dict]) -> dict:
     pc, unit = cfg.plan, "gpu" if gpu_flops else "cpu"
     ranked = score(fit, speed, cands, seconds, data["train_tokens"])
+    confirmed = corrected(ranked, confirmations, fit, data["train_tokens"], seconds)
     curve = []
     for minutes in sorted({*CURVE[unit], seconds / 60.0}):  # the chosen budget is a point of the curve too
         best = choose(score(fit, speed, cands, minutes * 60.0, data["train_tokens"]))
@@ -263,15 +334,20 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
     target = f"gpu:{pc.gpu.lower()}" if pc.gpu else f"cpu:{cpu_model()}|{_machine(cfg)['threads']} threads"
     return {"budget": {"text": pc.budget, "seconds": seconds}, "label": label, "target": target,
             "machine": _machine(cfg), "gpu": pc.gpu, "gpu_flops": gpu_flops, "mfu": pc.mfu if pc.gpu else None,
-            "data": data, "probes": probes, "fit": fit.as_dict(), "throughput": speed.as_dict(),
-            "chosen": (chosen := choose(ranked)), "candidates": ranked[:10], "curve": curve,
+            "data": data, "probes": probes, "confirmations": confirmations, "fit": fit.as_dict(),
+            "throughput": speed.as_dict(), "chosen": (chosen := choose(confirmed or ranked)),
+            "confirmed": confirmed, "candidates": ranked[:10], "curve": curve,
             "epochs": chosen["tokens"] / data["train_tokens"],
             "assumptions": [
                 "bits per byte are the probes' in-training validation estimates (plan.eval_batches batches); "
                 "the eval stage scores every held-out byte",
                 "vocabulary, batch, learning rate and schedule are the speedrun's, not re-tuned per size",
                 "tokens seen more than once count as Muennighoff et al. 2023's effective data",
+                f"the irreducible loss E is at least {BPB_FLOOR} bits per byte; the exponents a and b lie in [0.1, 1]",
                 f"the smallest shape within {TIE} bits per byte of the best prediction is chosen",
+                *([f"the choice is among the shapes confirmed by training {pc.confirm_fraction:.0%} of the budget "
+                   f"(the fit's first choice and the speedrun's {SPEEDRUN_SHAPE[0]}x{SPEEDRUN_SHAPE[1]}); each "
+                   f"prediction is the refitted curve moved by its miss at the confirmation"] if confirmed else []),
                 *(["tokens/s on the GPU = datasheet dense bf16 FLOP/s x plan.mfu / FLOPs per token; the loss fit "
                    "comes from this machine's small probes and is extrapolated far beyond them"] if gpu_flops else
                   [f"candidates within {EXTRAPOLATE:g}x the largest probe's parameters"])]}

@@ -68,30 +68,32 @@ class LossFit:
         return asdict(self)
 
 
-def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> tuple[float, np.ndarray]:
-    """The Huber loss of the log residuals and its gradient in ``theta = (log E, log A, a, log B, b)``."""
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+               weight: np.ndarray) -> tuple[float, np.ndarray]:
+    """The weighted Huber loss of the log residuals and its gradient in ``theta = (log E, log A, a, log B, b)``."""
     e, log_a, a, log_b, b = theta
     terms = np.stack([np.full_like(log_n, e), log_a - a * log_n, log_b - b * log_d])
     pred = np.logaddexp.reduce(terms, axis=0)  # log(E + A/N^a + B/D^b), stable at any scale
     w = np.exp(terms - pred)  # each term's share of the prediction: d pred / d term
     r = pred - log_l
     small = np.abs(r) <= HUBER_DELTA
-    value = np.sum(np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)))
-    psi = np.where(small, r, HUBER_DELTA * np.sign(r))
+    value = np.sum(weight * np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)))
+    psi = weight * np.where(small, r, HUBER_DELTA * np.sign(r))
     grad = np.array([psi @ w[0], psi @ w[1], -(psi * w[1]) @ log_n, psi @ w[2], -(psi * w[2]) @ log_d])
     return float(value), grad
 
 
-def _grid_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, keep: int) -> list[np.ndarray]:
+def _grid_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, weight: np.ndarray, keep: int) -> list[np.ndarray]:
     """Starting points for the fit: for each pair of exponents on a grid the loss is linear in (E, A, B), solved
     by non-negative least squares; the ``keep`` pairs that fit best, as ``(log E, log A, a, log B, b)``."""
     from scipy.optimize import nnls
 
     found = []
     tiny = 1e-6 * float(loss.min())  # a zero term is a very small one in log space
+    root = np.sqrt(weight)  # weighted least squares: each row scaled by the square root of its weight
     for a, b in itertools.product(EXPONENTS, EXPONENTS):
         design = np.stack([np.ones_like(n), n**-a, d**-b], axis=1)
-        coef, residual = nnls(design, loss)
+        coef, residual = nnls(design * root[:, None], loss * root)
         e, big_a, big_b = np.maximum(coef, tiny)
         found.append((residual, [math.log(e), math.log(big_a), a, math.log(big_b), b]))
     found.sort(key=lambda item: item[0])
@@ -122,13 +124,24 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-EXPONENTS = np.linspace(0.05, 1.5, 30)  # the grid of a and b that the starting points come from
+# a and b stay in [0.1, 1.0]: published fits of this form find 0.25-0.5 (Hoffmann et al. 2022; Besiroglu et al.
+# 2024's replication), and a few short probes can otherwise explain everything by one term with an exponent
+# near 0 or above 1, which extrapolated 10x in tokens ranks model sizes by an artefact.
+EXPONENT_BOUNDS = (0.1, 1.0)
+# Bits per byte of English text no model here can go below: the best entries of Mahoney's Large Text Compression
+# Benchmark store enwik9 (English Wikipedia) in about 10.7% of its size, 0.86 bits per byte. Probes of a few seconds cannot tell E from the data term,
+# and a fit left free drove E to 0, which extrapolated every gain from more tokens on for ever.
+BPB_FLOOR = 0.8
+EXPONENTS = np.linspace(*EXPONENT_BOUNDS, 30)  # the grid of a and b that the starting points come from
 STARTS = 4  # the best grid points refined by L-BFGS-B
 
 
-def fit_loss(points: list[tuple[float, float, float]]) -> LossFit:
+def fit_loss(points: list[tuple[float, float, float]], weights: list[float] | None = None,
+             min_e: float = 0.0) -> LossFit:
     """Fit :class:`LossFit` to ``(N, D, loss)`` points (at least 5, loss > 0): a grid of exponents solved
-    linearly for starting points, the best few refined on the Huber loss of the log residuals."""
+    linearly for starting points, the best few refined on the Huber loss of the log residuals, each point's
+    loss times its weight (default 1: ``lmforge plan`` weighs the points nearest the budget's tokens most).
+    ``min_e``: the least irreducible loss the fit may claim (``lmforge plan``: :data:`BPB_FLOOR`)."""
     try:
         import scipy.optimize  # noqa: F401 - the fit's optimizers, checked before any work
     except ImportError:
@@ -137,11 +150,13 @@ def fit_loss(points: list[tuple[float, float, float]]) -> LossFit:
     if len(points) < 5:
         raise ConfigError(f"plan: {len(points)} probe results are too few to fit L(N, D) (5 or more needed)")
     n, d, loss = (np.array(col, dtype=float) for col in zip(*points, strict=True))
-    args = (np.log(n), np.log(d), np.log(loss))
+    weight = np.ones_like(n) if weights is None else np.asarray(weights, dtype=float) / np.mean(weights)
+    args = (np.log(n), np.log(d), np.log(loss), weight)
     floor = math.log(float(loss.min()))  # E (as log E) may not exceed the best loss seen
-    bounds = [(floor - 15, floor), (-15, 40), (0.05, 1.5), (-15, 40), (0.05, 1.5)]
+    lowest = min(math.log(min_e), floor - 1e-3) if min_e > 0 else floor - 15
+    bounds = [(lowest, floor), (-15, 40), EXPONENT_BOUNDS, (-15, 40), EXPONENT_BOUNDS]
     with _one_blas_thread():
-        best = _refine(args, bounds, _grid_starts(n, d, loss, STARTS))
+        best = _refine(args, bounds, _grid_starts(n, d, loss, weight, STARTS))
     e, log_a, a, log_b, b = best.x
     fit = LossFit(math.exp(e), math.exp(log_a), float(a), math.exp(log_b), float(b), points=len(points))
     fit.rms_error = float(np.sqrt(np.mean([(fit.predict(ni, di) - li) ** 2 for ni, di, li in points])))

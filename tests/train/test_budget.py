@@ -26,6 +26,7 @@ from lmforge.models.transformer import Transformer
 from lmforge.train import budget, loop
 from lmforge.train.budget import StepBudget
 from lmforge.train.checkpoint import Checkpointer
+from lmforge.train.optim import lr_at
 from tests.conftest import ROOT, TINY
 from tests.in_process import call_cli
 from tests.train import test_faults
@@ -87,6 +88,30 @@ def test_the_length_is_fixed_from_the_steps_after_the_skipped_ones():
     assert again.steps == b.steps and again.done(b.steps) and not again.done(b.steps - 1)
 
 
+def test_a_slowdown_past_the_decay_start_starts_a_shorter_decay_at_once():
+    """0.5 s steps, then 1 s ones from step 121: the estimate falls below the step the decay should have started
+    at; the decay starts at the step reached, shorter than decay_fraction, rather than jumping into its middle."""
+    tc = TrainConfig(steps="auto", max_seconds=100.0, warmup_steps=5, schedule="wsd", decay_fraction=0.3,
+                     lr=1e-2, min_lr_ratio=0.1)
+    b, spent, step = StepBudget(tc), 0.0, 0
+    while not b.frozen:
+        step += 1
+        dt = 0.5 if step <= 120 else 1.0
+        spent += dt
+        b.measure(step, spent, dt)
+        assert step < 200
+    assert b.steps is not None and b.decay_start == step == 122
+    assert b._wsd_start(b.steps) < step and b.steps - step < round(0.3 * b.steps)
+    rates = [lr_at(i, tc, b.steps, b.decay_start) for i in range(b.steps)]
+    assert rates[step - 1] == 1e-2 and rates[step] == pytest.approx(1e-2 - 9e-3 / (b.steps - step))
+    assert rates[-1] == pytest.approx(1e-3) and all(x > y for x, y in zip(rates[step - 1 : -1], rates[step:], strict=True))
+    again = StepBudget(tc)
+    again.load_state_dict(json.loads(json.dumps(b.state_dict())))  # through JSON, as state.json holds it
+    assert (again.steps, again.decay_start, again.frozen, again.window) == (b.steps, b.decay_start, True, b.window)
+    again.measure(step + 1, spent + 50.0, 50.0)  # frozen: nothing moves it
+    assert again.steps == b.steps
+
+
 def test_a_whole_number_of_steps_is_kept_and_saves_nothing_new():
     b = StepBudget(TrainConfig(steps=120, max_seconds=1.0))
     b.measure(1, 5.0, 5.0)  # past the budget: nothing is measured for a fixed length
@@ -129,22 +154,79 @@ def test_calibrated_schedule_ends_inside_the_budget_with_its_decay_complete(tmp_
     assert "Time budget" in card and f"{total:,}" in card and f"{out['budget']['used_fraction']:.1%}" in card
 
 
-def test_a_resumed_run_keeps_its_length_and_ends_with_the_same_weights(tmp_path, small_corpus, monkeypatch):
-    """Interrupted at train.stop_at, resumed in a new invocation. Bitwise equality is promised on the same machine
-    and thread count (one thread here), as for every resume."""
+def _lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in _train_rows(run)}
+
+
+def _assert_one_decay(run: Path, total: int, start: int) -> None:
+    """Every logged rate past warmup: LR up to the decay's start, then one straight line to LR x MIN_RATIO at the
+    total."""
+    warmup = load_config(TINY).train.warmup_steps
+    for step, lr in _lrs(run).items():  # step: 1-based, the update made at index step - 1
+        if step <= warmup:
+            continue
+        want = LR if step - 1 < start else LR + (LR * MIN_RATIO - LR) * (step - start) / (total - start)
+        assert lr == pytest.approx(want, rel=1e-9), step
+
+
+@pytest.mark.parametrize("cut, slower", [(40, 1.0), (130, 1.02)])
+def test_a_resumed_run_keeps_its_schedule_and_ends_with_the_same_weights(tmp_path, small_corpus, monkeypatch,
+                                                                          cut, slower):
+    """Interrupted at train.stop_at, resumed in a new invocation. At step 40 the total is still an estimate (the
+    window of step times is in the checkpoint) and the resumed process's steps take as long as before; at 130 the
+    decay has started, the total is frozen, and 2% slower steps after the resume change nothing. Bitwise equality
+    is promised on the same machine and thread count (one thread here), as for every resume."""
+    _install(monkeypatch, FakeClock(lambda n: STEP))
+    assert call_cli(*_args(tmp_path, small_corpus, "ref")) == 0
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut", ignore=shutil.ignore_patterns("train"))
+    _install(monkeypatch, FakeClock(lambda n: STEP))
+    assert call_cli(*_args(tmp_path, small_corpus, "cut", f"--train.stop_at={cut}")) == 0
+    saved = json.loads((tmp_path / "cut" / "train" / "ckpt" / f"step_{cut:06d}" / "state.json").read_text())
+    ref = _manifest(tmp_path / "ref")
+    decay = ref["budget"]["decay_start"]
+    assert saved["schedule"]["frozen"] == (cut > decay) and len(saved["schedule"]["window"]) >= budget.MIN_WINDOW_STEPS
+    _install(monkeypatch, FakeClock(lambda n: STEP * slower))
+    assert call_cli(*_args(tmp_path, small_corpus, "cut")) == 0
+    got = _manifest(tmp_path / "cut")
+    assert got["budget"]["calibrated_steps"] == ref["budget"]["calibrated_steps"] == ref["steps"] == got["steps"]
+    assert got["budget"]["decay_start"] == decay
+    final = f"step_{ref['steps']:06d}/model.safetensors"
+    a, b = (load_file(tmp_path / r / "train" / "ckpt" / final) for r in ("ref", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_resumed_on_a_slower_machine_resizes_its_stable_phase(tmp_path, small_corpus, monkeypatch):
+    """Resumed at step 40 (before the decay) with steps 1.5x as long: the total is re-estimated for the budget
+    left, and the schedule still ends inside it with its decay complete."""
     _install(monkeypatch, FakeClock(lambda n: STEP))
     assert call_cli(*_args(tmp_path, small_corpus, "ref")) == 0
     shutil.copytree(tmp_path / "ref", tmp_path / "cut", ignore=shutil.ignore_patterns("train"))
     _install(monkeypatch, FakeClock(lambda n: STEP))
     assert call_cli(*_args(tmp_path, small_corpus, "cut", "--train.stop_at=40")) == 0
-    # The second process's steps are 2% slower: measuring again would choose another length.
-    _install(monkeypatch, FakeClock(lambda n: STEP * 1.02))
+    _install(monkeypatch, FakeClock(lambda n: STEP * 1.5))
     assert call_cli(*_args(tmp_path, small_corpus, "cut")) == 0
-    ref, cut = _manifest(tmp_path / "ref"), _manifest(tmp_path / "cut")
-    assert cut["budget"]["calibrated_steps"] == ref["budget"]["calibrated_steps"] == ref["steps"] == cut["steps"]
-    final = f"step_{ref['steps']:06d}/model.safetensors"
-    a, b = (load_file(tmp_path / r / "train" / "ckpt" / final) for r in ("ref", "cut"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref, got = _manifest(tmp_path / "ref"), _manifest(tmp_path / "cut")
+    assert got["stopped_by"] == "steps" and got["steps"] < ref["steps"]
+    assert 0.9 * BUDGET <= got["train_seconds"] <= BUDGET * (1 - budget.MARGIN) + 1e-9
+    _assert_one_decay(tmp_path / "cut", got["steps"], got["budget"]["decay_start"])
+
+
+@pytest.mark.parametrize("first, then", [(2 * STEP, STEP), (STEP, 2 * STEP)])
+def test_a_machine_that_changes_speed_mid_run_still_ends_inside_the_budget(tmp_path, small_corpus, monkeypatch,
+                                                                            first, then):
+    """Steps of ``first`` seconds for 40 steps, then of ``then``: the total follows the new speed through the
+    stable phase (the first estimate alone would have used 73% of the budget when the machine sped up, and run
+    out of time before its decay when it slowed down); the decay, once started, is one straight line."""
+    _install(monkeypatch, FakeClock(lambda n: first if n <= 40 else then))
+    assert call_cli(*_args(tmp_path, small_corpus, "drift")) == 0
+    out = _manifest(tmp_path / "drift")
+    total, start = out["steps"], out["budget"]["decay_start"]
+    assert out["stopped_by"] == "steps" and out["budget"]["calibrated_steps"] == total
+    seconds = 40 * first + (total - 40) * then  # what the fake clock charged
+    assert out["train_seconds"] == round(seconds, 2)
+    assert 0.95 * BUDGET <= seconds <= BUDGET * (1 - budget.MARGIN) + 1e-9
+    assert out["budget"]["seconds_per_step"] == then and 40 < start < total
+    _assert_one_decay(tmp_path / "drift", total, start)
 
 
 def _killed_child(args: list[str], log: str, kill_at: int) -> None:
@@ -155,7 +237,8 @@ def _killed_child(args: list[str], log: str, kill_at: int) -> None:
 
 def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):
     """A real SIGKILL (test_faults' fork server) while checkpoint 40 is sealed: the run resumes from 30, keeps
-    the length chosen before the kill and ends bitwise where the unbroken run ends (same machine, one thread)."""
+    the estimate saved before the kill (its window of step times) and ends bitwise where the unbroken run ends
+    (same machine, one thread, steps as long as before)."""
     _install(monkeypatch, FakeClock(lambda n: STEP))
     assert call_cli(*_args(tmp_path, small_corpus, "ref")) == 0
     shutil.copytree(tmp_path / "ref", tmp_path / "killed", ignore=shutil.ignore_patterns("train"))
@@ -165,7 +248,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, small_corpus
     proc.join(300)
     assert proc.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
     assert Checkpointer(tmp_path / "killed" / "train" / "ckpt").latest_valid().name == "step_000030"
-    _install(monkeypatch, FakeClock(lambda n: STEP * 1.02))  # measuring again would choose another length
+    _install(monkeypatch, FakeClock(lambda n: STEP))  # the resumed process's steps take as long as before
     assert call_cli(*args) == 0
     ref, killed = _manifest(tmp_path / "ref"), _manifest(tmp_path / "killed")
     assert killed["budget"]["calibrated_steps"] == ref["budget"]["calibrated_steps"] == killed["steps"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import types
 
@@ -18,7 +19,7 @@ from lmforge.config import ConfigError, load_config
 from lmforge.models.transformer import Transformer
 from lmforge.train import loop
 from lmforge.tune import plan as plan_module
-from lmforge.tune.scaling import LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
 from tests.conftest import ROOT
 from tests.in_process import call_cli
 
@@ -79,6 +80,42 @@ def test_too_few_points_are_refused():
         fit_loss([(1e5, 1e5, 3.0)] * 4)
 
 
+def test_exponents_stay_in_their_bounds_and_weights_pull_the_fit_to_near_points():
+    """Points from a curve with b = 1.4 (outside the bounds) are fitted with b at its bound; a point far from the
+    others, off the curve by 0.05, pulls the weighted fit toward itself more than the unweighted one."""
+    steep = LossFit(E=1.6, A=60.0, a=0.34, B=4e7, b=1.4)
+    grid = list(itertools.product([2e5, 5e5, 1e6, 2e6], [1e5, 3e5, 1e6]))
+    fit = fit_loss([(n, d, steep.predict(n, d)) for n, d in grid])
+    assert fit.b == pytest.approx(1.0) and 0.1 <= fit.a <= 1.0
+    far = (1e6, 1e7, TRUE.predict(1e6, 1e7) + 0.05)
+    points = [(n, d, TRUE.predict(n, d)) for n, d in grid] + [far]
+    plain, weighted = fit_loss(points), fit_loss(points, [1.0] * len(grid) + [20.0])
+    assert abs(weighted.predict(*far[:2]) - far[2]) < abs(plain.predict(*far[:2]) - far[2])
+    pure = LossFit(E=0.0, A=60.0, a=0.34, B=400.0, b=0.38)  # no irreducible loss: E is held at the floor
+    floored = fit_loss([(n, d, pure.predict(n, d)) for n, d in grid], min_e=BPB_FLOOR)
+    free = fit_loss([(n, d, pure.predict(n, d)) for n, d in grid])
+    assert abs(floored.E - BPB_FLOOR) < 1e-6 and free.E < 0.1
+
+
+def test_confirmations_are_the_first_choice_and_the_speedrun_shape(monkeypatch):
+    """The speedrun's 128x4 is always confirmed when it is a candidate; when it is the first choice, the runner-up."""
+    asked = []
+    monkeypatch.setattr(plan_module, "_probe", lambda cfg, folder, data, w, n, sec: asked.append((w, n, sec)))
+    cfg = load_config(None, ["plan.confirm_fraction=0.2"])
+
+    def rows(*shapes):
+        return [{"d_model": w, "n_layers": n, "params": w * n, "predicted_bpb": 2.0 + i / 10}
+                for i, (w, n) in enumerate(shapes)]
+
+    assert plan_module._confirm(cfg, None, {}, rows((64, 2), (96, 2), (128, 4)), 300.0) == []  # _probe said None
+    assert asked == [(64, 2, 60.0), (128, 4, 60.0)]
+    asked.clear()
+    plan_module._confirm(cfg, None, {}, rows((128, 4), (96, 2), (64, 2)), 300.0)
+    assert asked == [(128, 4, 60.0), (96, 2, 60.0)]
+    weights = plan_module._weights([{"tokens": 1e6}, {"tokens": 2e5}, {"tokens": 5e4}], 1e9, 1e6)
+    assert weights[0] == 1.0 and weights[0] > weights[1] > weights[2] == pytest.approx(1 / (1 + math.log(20)))
+
+
 def test_repeated_tokens_count_for_less():
     assert effective_tokens(5e5, 1e6) == 5e5 and effective_tokens(5e5, None) == 5e5
     two_epochs = effective_tokens(2e6, 1e6)
@@ -92,6 +129,7 @@ def test_the_recipe_is_the_speedrun_config():
         for key, value in plan_module.RECIPE[section].items():
             want = {**got[key], **value} if isinstance(value, dict) else value
             assert got[key] == want, f"{section}.{key}"
+    assert (speedrun.model.d_model, speedrun.model.n_layers) == plan_module.SPEEDRUN_SHAPE  # always confirmed
 
 
 # ------------------------------------------------------------------ a whole plan, test-sized
@@ -116,7 +154,7 @@ def _fake_speed(monkeypatch) -> None:
 def _plan_args(runs, corpus) -> list[str]:
     return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
             "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[1, 2]", "--plan.probe_warmup=2",
-            "--plan.eval_batches=2"]
+            "--plan.eval_batches=2", "--plan.confirm_fraction=0.025"]
 
 
 def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small_corpus, monkeypatch, capsys):
@@ -136,32 +174,50 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     for p in plan["probes"]:  # steady-state speed: the fake step time, 16 x 128 tokens a step
         assert p["tokens_per_s"] == pytest.approx(16 * 128 / (SECONDS_PER_PARAM * p["params"]), rel=1e-9)
     assert {p["params"] for p in plan["probes"]} == {144_544, 224_496, 315_648}
-    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 6
-    best = min(c["predicted_bpb"] for c in plan["candidates"])  # the smallest shape within TIE of the best
-    assert chosen["predicted_bpb"] <= best + plan_module.TIE
-    assert all(c["params"] >= chosen["params"] for c in plan["candidates"] if c["predicted_bpb"] <= best + plan_module.TIE)
+    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 8
+    # Two confirmations of 3 s (2.5% of 2 minutes): the fit's first choice and the runner-up (the speedrun's 128x4
+    # is no candidate with probes this small); the choice is the smaller one within TIE of the better of them.
+    conf = plan["confirmations"]
+    assert [c["seconds"] for c in conf] == [3.0, 3.0] and len({(c["d_model"], c["n_layers"]) for c in conf}) == 2
+    assert {(r["d_model"], r["n_layers"]) for r in plan["confirmed"]} == {(c["d_model"], c["n_layers"]) for c in conf}
+    best = min(r["predicted_bpb"] for r in plan["confirmed"])
+    assert chosen["confirmed"] and chosen["predicted_bpb"] <= best + plan_module.TIE
+    assert all(r["params"] >= chosen["params"] for r in plan["confirmed"] if r["predicted_bpb"] <= best + plan_module.TIE)
+    # The prediction: the refitted curve at the budget's tokens (at the confirmation's speed) + its miss there.
+    fit, unique = LossFit(**plan["fit"]), plan["data"]["train_tokens"]
+    c = next(c for c in conf if (c["d_model"], c["n_layers"]) == (chosen["d_model"], chosen["n_layers"]))
+    tokens = c["tokens_per_s"] * 120.0 * 0.97
+    miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
+    assert chosen["tokens"] == pytest.approx(tokens) and chosen["confirmation_miss"] == pytest.approx(miss)
+    assert chosen["predicted_bpb"] == pytest.approx(fit.predict(c["params"], effective_tokens(tokens, unique)) + miss)
     assert chosen["params"] <= plan_module.EXTRAPOLATE * max(p["params"] for p in plan["probes"])
     assert [c["minutes"] for c in plan["curve"]] == plan_module.CURVE["cpu"]  # 2 minutes is one of them
-    assert plan["curve"][1]["predicted_bpb"] == chosen["predicted_bpb"]
+    assert plan["curve"][1]["predicted_bpb"] == plan_module.choose(plan["candidates"])["predicted_bpb"]  # the fit's
     assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "pack" / "manifest.json").is_file()  # the recipe's run finds its data prepared
 
-    # Planning again (another budget) runs no probe: every one is cached for this machine and config.
+    # Planning again runs no probe: every one, confirmations included, is cached for this machine and config.
     def no_training(*a, **k):
         raise AssertionError("a cached probe was trained again")
 
     monkeypatch.setattr(loop, "main", no_training)
+    assert call_cli(*_plan_args(tmp_path, small_corpus)) == 0
+    assert json.loads((folder / "plan.json").read_text())["chosen"] == chosen
     args = _plan_args(tmp_path, small_corpus)
     args[2] = "5m"
+    args[-1] = "--plan.confirm_fraction=0"  # another budget would confirm at its own length: none here
     assert call_cli(*args) == 0
     again = json.loads((tmp_path / "plan-5m" / "plan.json").read_text())
-    assert again["probes"] == plan["probes"] and again["budget"]["seconds"] == 300.0
+    assert again["probes"] == plan["probes"] and again["budget"]["seconds"] == 300.0 and again["confirmations"] == []
+    assert again["fit"]["points"] == 6 and again["chosen"] == plan_module.choose(again["candidates"])
     assert yaml.safe_load((tmp_path / "plan-5m" / "plan.yaml").read_text())["train"]["max_seconds"] == 300.0
 
     # Two hours on an H100: its datasheet dense bf16 FLOP/s x the assumed MFU; larger models, larger batches.
     args[2:3] = ["2h", "--gpu", "h100"]
+    args[-1] = "--plan.confirm_fraction=0.025"  # never on a GPU's budget: nothing here would measure it
     assert call_cli(*args) == 0
     gpu = json.loads((tmp_path / "plan-2h-h100" / "plan.json").read_text())
+    assert gpu["confirmations"] == [] and gpu["confirmed"] == []
     assert gpu["gpu_flops"] == pytest.approx(989e12 * 0.4) and gpu["target"] == "gpu:h100"
     assert gpu["chosen"]["tokens_per_s"] == pytest.approx(989e12 * 0.4 / gpu["chosen"]["flops_per_token"])
     gcfg = load_config(tmp_path / "plan-2h-h100" / "plan.yaml")
