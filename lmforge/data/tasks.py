@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ NO_LIMIT = 1 << 62  # shard size for the final writer: one output file per task
 KEY_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("idx", "<u4")])  # a kept document's exact key
 COPY_DTYPE = np.dtype([("rank", "<u4"), ("idx", "<u4"), ("krank", "<u4"), ("kidx", "<u4")])  # a copy, and what it repeats
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
+MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's MinHash modulus
 
 
 def task_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -82,6 +84,21 @@ class Signatures(MinhashDedupSignature):
         if self.config.hash_config.precision == 32:
             shingles = shingles & np.uint64(0xFFFFFFFF)
         return np.unique(shingles).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """datatrove's signature, the same values: ``(a * x + b) mod (2^61 - 1)`` with the Mersenne modulus
+        taken as a shift and an add, in place, instead of numpy's 64-bit division (twice as slow here)."""
+        a, b = self.parameters
+        phv = shingles * a
+        phv += b
+        high = phv >> np.uint64(61)
+        phv &= MERSENNE
+        phv += high  # < 2 * MERSENNE: one subtraction finishes the reduction
+        phv -= MERSENNE * (phv >= MERSENNE)
+        if self.config.hash_config.precision == 32:
+            phv &= np.uint64(self.config.hash_config.max)
+        lowest = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
+        return [x.tolist() for x in np.split(lowest, self.config.num_buckets)]
 
 
 def count_lines(path: Path) -> int:
@@ -213,13 +230,11 @@ class CleanTask(PipelineStep):
 
 def _clean_one(doc: Document, steps: list, ledger: Ledger, rejects: RejectWriter) -> tuple[Document | None, int]:
     """Run the cleaning steps on one document: ``(cleaned, bytes in)`` or ``(None, bytes in)`` when dropped."""
-    import time
-
     size = ledger.take(doc)
     for name, step in steps:
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: the step's own cost, whatever else the machine runs
         result = step(doc)
-        ledger.timed(name, time.perf_counter() - t0)
+        ledger.timed(name, time.process_time() - t0)
         if isinstance(result, Drop):
             ledger.drop(doc, name, result.reason, result.detail, size)
             rejects.write(doc, name, result.reason, result.detail)
