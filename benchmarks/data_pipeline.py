@@ -17,6 +17,7 @@ CPU seconds of each cleaning step, the load average, and a digest of the documen
     python benchmarks/data_pipeline.py --mb 5                                  # now only, about 10 s on 2 cores
     python benchmarks/data_pipeline.py --mb 200 --before /tmp/lmforge-before   # the figures in docs/benchmarks.md
     python benchmarks/data_pipeline.py --mb 20 --resume-check                  # kill a run midway, rerun it
+    python benchmarks/data_pipeline.py --mb 5 --steps --before DIR --repeats 2  # CPU-s per step (datatrove checkouts)
 
 With --resume-check it then starts the clean stage again in a child process, kills it
 (SIGKILL, the whole process group) once --kill-after tasks are done, reruns it and
@@ -34,11 +35,14 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 # The side being measured imports lmforge from LMFORGE_BENCH_SRC (set for the "before" child), else this checkout.
 sys.path.insert(0, os.environ.get("LMFORGE_BENCH_SRC") or str(Path(__file__).resolve().parents[1]))
@@ -195,6 +199,48 @@ def measure_side(args: argparse.Namespace) -> dict:
             "load": [round(load0, 1), round(os.getloadavg()[0], 1)]}
 
 
+def step_times(args: argparse.Namespace) -> dict:
+    """Stage a in this process, one task: CPU seconds of each cleaning step, of the word hashes, shingles and
+    MinHash signatures, of loading the language model, and in all. Needs a checkout with the datatrove stages."""
+    import functools
+
+    time.perf_counter = time.process_time  # older checkouts time their steps with perf_counter: CPU time here
+    from lmforge.data import curate
+    from lmforge.data import tasks as t
+    from lmforge.data.clean import identify_language
+    from lmforge.data.shards import shard_paths
+    from lmforge.pipeline import run
+
+    extra = {"language model": 0.0, "word hashes": 0.0, "shingles": 0.0, "signatures": 0.0}
+
+    def timed(key: str, f):
+        @functools.wraps(f)
+        def call(*a, **k):
+            t0 = time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                extra[key] += time.process_time() - t0
+        return call
+
+    t.word_hashes = timed("word hashes", t.word_hashes)  # the name stage a calls
+    t.Signatures.get_shingles = timed("shingles", t.Signatures.get_shingles)
+    t.Signatures.get_signature = timed("signatures", t.Signatures.get_signature)
+    timed("language model", identify_language)("")
+    cfg = config(args)
+    run(cfg, until="collect")
+    shards, out = shard_paths(cfg.run_dir / "collect" / "shards"), cfg.run_dir / "steps"
+    shutil.rmtree(out, ignore_errors=True)
+    read, clean, signatures = curate._stages(cfg, shards, np.zeros(0, np.uint64), out)[0][1]
+    t0 = time.process_time()
+    signatures.run(clean.run(read.run(None, 0, 1), 0, 1), 0, 1)
+    total = time.process_time() - t0 + extra["language model"]
+    steps = json.loads((out / "work" / "ledger" / "a" / "00000.json").read_text())["seconds"]
+    rest = total - sum(steps.values()) - sum(extra.values())
+    return {"total": total, **steps, **extra, "reading, JSON, exact keys, writing": rest,
+            "mb": sum(p.stat().st_size for p in shards) / 1e6}
+
+
 def run_side(args: argparse.Namespace, side: str, src: str | None) -> dict:
     """One measured run in a fresh process (its own imports, its own peak RSS)."""
     env = {**os.environ, "LMFORGE_BENCH_SRC": src or ""}
@@ -203,12 +249,26 @@ def run_side(args: argparse.Namespace, side: str, src: str | None) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"the {side} side failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.steps:
+        return result
     r = result
     print(f"{side:<7} clean {r['mb']:.1f} MB: wall {r['wall']:.1f} s = {r['mb'] / r['wall']:.2f} MB/s | CPU "
           f"{r['cpu']:.1f} s = {r['mb'] / r['cpu']:.2f} MB per CPU-s | RSS main {r['rss_main']:.0f}, worker "
           f"{r['rss_worker']:.0f} MB | kept {r['kept']:,} of {r['docs_in']:,} ({r['digest']}) | load {r['load']}",
           flush=True)
     return result
+
+
+def report_steps(runs: dict[str, list[dict]]) -> None:
+    """A table of the mean CPU seconds per step, one column per side."""
+    names = list(dict.fromkeys(k for results in runs.values() for k in results[0] if k != "mb"))
+    print(f"{'CPU seconds':<36}" + "".join(f"{side:>10}" for side in runs))
+    for name in names:
+        means = [sum(r.get(name, 0.0) for r in results) / len(results) for results in runs.values()]
+        print(f"{name:<36}" + "".join(f"{m:>10.2f}" for m in means))
+    mb = next(iter(runs.values()))[0]["mb"]
+    print(f"{'MB per CPU-second':<36}" + "".join(
+        f"{mb * len(rs) / sum(r['total'] for r in rs):>10.2f}" for rs in runs.values()))
 
 
 def report(runs: dict[str, list[dict]]) -> None:
@@ -259,6 +319,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating which goes first")
     ap.add_argument("--resume-check", action="store_true", help="kill a clean run midway and resume it")
     ap.add_argument("--kill-after", type=int, default=3, help="resume check: kill once this many tasks are done")
+    ap.add_argument("--steps", action="store_true", help="CPU seconds per step of stage a, one process, one task")
     ap.add_argument("--side", default="now", help=argparse.SUPPRESS)
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -268,7 +329,7 @@ def main() -> None:
         clean_only(args)
         return
     if args.measure:
-        print(json.dumps(measure_side(args)))
+        print(json.dumps(step_times(args) if args.steps else measure_side(args)))
         return
     generate(Path(args.dir) / f"corpus{args.mb:g}", args.mb)
     sides = [("before", str(Path(args.before).resolve()))] if args.before else []
@@ -277,6 +338,9 @@ def main() -> None:
     for r in range(args.repeats):
         for side, src in sides if r % 2 == 0 else sides[::-1]:
             runs[side].append(run_side(args, side, src))
+    if args.steps:
+        report_steps(runs)
+        return
     report(runs)
     if args.resume_check:
         resume_check(args)
