@@ -237,8 +237,9 @@ def step_times(args: argparse.Namespace) -> dict:
     total = time.process_time() - t0 + extra["language model"]
     steps = json.loads((out / "work" / "ledger" / "a" / "00000.json").read_text())["seconds"]
     rest = total - sum(steps.values()) - sum(extra.values())
+    ledger = json.loads((out / "work" / "ledger" / "a" / "00000.json").read_text())
     return {"total": total, **steps, **extra, "reading, JSON, exact keys, writing": rest,
-            "mb": sum(p.stat().st_size for p in shards) / 1e6}
+            "mb": ledger["bytes"]["in"] / 1e6}
 
 
 def run_side(args: argparse.Namespace, side: str, src: str | None) -> dict:
