@@ -198,7 +198,7 @@ class CleanTask(PipelineStep):
         rejects = RejectWriter(self.out / "rejects" / f"{rank:05d}.jsonl" if self.cfg.rejects else None,
                                self.cfg.rejects_max_chars)
         kept = artifacts.AtomicFile(self.out / "work" / "a" / f"{rank:05d}.jsonl", "wb")
-        keys: list[tuple[int, int, int]] = []
+        keys = bytearray()  # the kept documents' 16-byte exact keys, end to end: 16 bytes a document
         ids: list[str] = []  # of the documents kept, in order: stage C names the copy a duplicate repeats
         for doc in data:
             doc, size = _clean_one(doc, steps, ledger, rejects)
@@ -216,7 +216,7 @@ class CleanTask(PipelineStep):
             ledger.keep(doc, size)
             if self.cfg.dedup.exact:
                 key = exact_key(words)
-                keys.append((int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"), len(keys)))
+                keys += key
             kept.write((doc.to_json() + "\n").encode("utf-8", errors="surrogatepass"))
             ids.append(doc.id)
             yield doc
@@ -224,7 +224,7 @@ class CleanTask(PipelineStep):
         artifacts.write_json(self.out / "work" / "ids" / f"{rank:05d}.json", ids, indent=None)
         rejects.close()
         if self.cfg.dedup.exact:
-            _write_keys(np.array(keys, dtype=KEY_DTYPE), self.out / "work" / "keys", rank, self.buckets)
+            _write_keys(_key_table(keys), self.out / "work" / "keys", rank, self.buckets)
         artifacts.write_json(self.out / "work" / "ledger" / "a" / f"{rank:05d}.json", ledger.to_dict(), indent=None)
 
 
@@ -248,6 +248,14 @@ def _shared_ngrams(hashes: np.ndarray, ngrams: np.ndarray, n: int) -> int:
     from lmforge.data.dedup import Fingerprint, contaminated
 
     return contaminated(Fingerprint(b"", None, hashes), ngrams, n)
+
+
+def _key_table(keys: bytearray) -> np.ndarray:
+    """The keys as rows of (first 8 bytes, last 8 bytes, as little-endian integers; index among the kept)."""
+    halves = np.frombuffer(bytes(keys), dtype=np.dtype([("hi", "<u8"), ("lo", "<u8")]))
+    table = np.zeros(len(halves), KEY_DTYPE)
+    table["hi"], table["lo"], table["idx"] = halves["hi"], halves["lo"], np.arange(len(halves))
+    return table
 
 
 def _write_keys(keys: np.ndarray, folder: Path, rank: int, buckets: int) -> None:
