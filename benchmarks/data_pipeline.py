@@ -14,17 +14,18 @@ CPU seconds of each cleaning step, the load average, and a digest of the documen
 (ids and bytes), then the ratios now / before. ::
 
     git archive b8cae13 | (mkdir -p /tmp/lmforge-before && tar -x -C /tmp/lmforge-before)   # the process pool
-    python benchmarks/data_pipeline.py --mb 5                                  # now only, about 10 s on 2 cores
+    python benchmarks/data_pipeline.py --mb 5                                  # now only, about 20 s on 2 shared cores
     python benchmarks/data_pipeline.py --mb 200 --before /tmp/lmforge-before   # the figures in docs/benchmarks.md
     python benchmarks/data_pipeline.py --mb 20 --resume-check                  # kill a run midway, rerun it
     python benchmarks/data_pipeline.py --mb 5 --steps --before DIR --repeats 2  # CPU-s per step (datatrove checkouts)
 
 With --resume-check it then starts the clean stage again in a child process, kills it
 (SIGKILL, the whole process group) once --kill-after tasks are done, reruns it and
-reports how many tasks the rerun had to clean. Expected output ends with lines like::
+reports how many tasks the rerun had to clean. Output (200 MB, 2 shared vCPUs; docs/benchmarks.md)::
 
-    now     clean 5.0 MB: wall 6.1 s = 0.82 MB/s | CPU 8.9 s = 0.56 MB per CPU-s | RSS main 290, worker 310 MB
-    now / before: 1.6x MB per CPU-second, 1.4x MB/s wall
+    before  clean 200.0 MB: wall 935.5 s = 0.21 MB/s | CPU 295.2 s = 0.68 MB per CPU-s | RSS main 834, worker 736 MB | ...
+    now     clean 200.0 MB: wall 526.6 s = 0.38 MB/s | CPU 273.5 s = 0.73 MB per CPU-s | RSS main 376, worker 312 MB | ...
+    now / before: 1.08x MB per CPU-second, 1.78x MB/s wall
 """
 
 from __future__ import annotations
