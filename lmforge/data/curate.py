@@ -37,7 +37,7 @@ import numpy as np
 
 from lmforge import artifacts
 from lmforge.config import CleanConfig, RunConfig
-from lmforge.data.clean import build_steps
+from lmforge.data.clean import build_steps, identify_language
 from lmforge.data.dedup import eval_ngrams
 from lmforge.data.ledger import Ledger
 from lmforge.data.shards import shard_paths
@@ -177,6 +177,8 @@ def main(cfg: RunConfig, in_dir: Path, out_dir: Path, collect: dict, collect_fp:
     _prepare(cfg, out, key)
     work = out / "work"
     ngrams = eval_ngrams(files, clean.dedup.ngram) if files else np.zeros(0, np.uint64)
+    if clean.enabled and clean.language.enabled and cfg.data.executor == "local" and (cfg.data.workers or 2) > 1:
+        identify_language("")  # loaded once here (about 1 CPU-second) and inherited by the forked workers
     seconds, resumed = {}, 0
     for name, pipeline, n in _stages(cfg, shards, ngrams, out):
         t0 = time.perf_counter()

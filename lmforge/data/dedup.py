@@ -50,12 +50,22 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+# Words hashed so far in this process. Most words of a corpus are common ones, so most lookups hit; the
+# table is emptied when it reaches HASHED_WORDS entries (about 25 MB), so memory stays bounded.
+_HASHED: dict[str, int] = {}
+HASHED_WORDS = 200_000
+
+
 @lru_cache(maxsize=2)  # the clean stage asks twice per document: exact key, then MinHash shingles
 def word_hashes(text: str) -> tuple[list[str], np.ndarray]:
     """Lowercase word tokens and their stable 64-bit hashes (each distinct word hashed once); do not modify them."""
     words = _WORD.findall(text.lower())
-    table = {w: _word_hash(w) for w in set(words)}
-    return words, np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
+    new = set(words).difference(_HASHED)
+    if len(_HASHED) + len(new) > HASHED_WORDS:
+        _HASHED.clear()
+        new = set(words)
+    _HASHED.update(zip(new, map(_word_hash, new), strict=True))
+    return words, np.fromiter(map(_HASHED.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 @dataclass

@@ -90,6 +90,29 @@ def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def _ngrams_growing(ids: np.ndarray, longest: int):
+    """``(n, hashes)`` for n = 1 .. ``longest``, each from the last (the values of :func:`ngram_hashes`:
+    the sum wraps around the same way in any order)."""
+    ids = ids.astype(np.uint64)
+    h = np.zeros(len(ids), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for n in range(1, min(longest, len(ids)) + 1):
+            h = h[: len(ids) - n + 1] + ids[n - 1:] * _MULT[n - 1]
+            yield n, h
+
+
+def _repeated_share(h: np.ndarray, n: int, lengths: np.ndarray, total: int) -> float:
+    """Share of the characters inside n-grams that occur earlier in the text (each word counted once)."""
+    repeat = np.ones(len(h), dtype=bool)
+    repeat[np.unique(h, return_index=True)[1]] = False  # first occurrences are not duplicates
+    marks = np.zeros(len(lengths) + 1, dtype=np.int64)
+    starts = np.flatnonzero(repeat)
+    np.add.at(marks, starts, 1)
+    np.add.at(marks, starts + n, -1)
+    covered = np.cumsum(marks[:-1]) > 0
+    return int(lengths[covered].sum()) / total
+
+
 def gopher_repetition(text: str) -> Verdict:
     lines = _nonblank_lines(text)
     frac, chars = duplicate_fractions(lines)
@@ -109,31 +132,24 @@ def gopher_repetition(text: str) -> Verdict:
     ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
     lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
     total = int(lengths.sum())
-    for n, limit in TOP_NGRAM_CHARS:
-        h = ngram_hashes(ids, n)
-        if len(h) == 0:
-            break
-        _, first, counts = np.unique(h, return_index=True, return_counts=True)
-        top = int(np.argmax(counts))
-        if counts[top] > 1:
-            share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
-            if share > limit:
-                return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
-    for n, limit in DUP_NGRAM_CHARS:
-        h = ngram_hashes(ids, n)
-        if len(h) == 0:
-            break
-        repeat = np.ones(len(h), dtype=bool)
-        repeat[np.unique(h, return_index=True)[1]] = False  # first occurrences are not duplicates
-        # Mark every word inside a repeated n-gram once (characters are not counted twice).
-        marks = np.zeros(len(words) + 1, dtype=np.int64)
-        starts = np.flatnonzero(repeat)
-        np.add.at(marks, starts, 1)
-        np.add.at(marks, starts + n, -1)
-        covered = np.cumsum(marks[:-1]) > 0
-        share = int(lengths[covered].sum()) / total
-        if share > limit:
-            return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
+    top_limits, dup_limits = dict(TOP_NGRAM_CHARS), dict(DUP_NGRAM_CHARS)
+    for n, h in _ngrams_growing(ids, max(dup_limits)):
+        if n in top_limits:
+            _, first, counts = np.unique(h, return_index=True, return_counts=True)
+            top = int(np.argmax(counts))
+            if counts[top] > 1:
+                share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
+                if share > top_limits[n]:
+                    return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
+        if n in dup_limits:
+            share = _repeated_share(h, n, lengths, total)
+            if share > dup_limits[n]:
+                return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
+            # A repeated (n+1)-gram holds two repeated n-grams, so the longer n-grams cover no more
+            # characters than these; below every later limit, none of them can fire.
+            later = [limit for m, limit in dup_limits.items() if m > n]
+            if not later or share <= min(later):
+                return None
     return None
 
 

@@ -1,0 +1,146 @@
+"""The clean stage's fast paths give the values of the plain ones: repetition rule, word hashes, MinHash.
+
+Each fast path is checked against a plain reference written here (the code it replaced), on
+texts made to hit every branch, and the clean stage as a whole keeps the same documents, ids
+and bytes, with the references patched in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+from datatrove.utils.hashing import HashConfig
+
+from lmforge.config import RunConfig
+from lmforge.data import curate, dedup, quality, tasks
+from lmforge.data.shards import read_shard, shard_paths
+from lmforge.data.sources import embedded_corpus
+from lmforge.pipeline import run
+
+
+def plain_repetition(text: str) -> tuple[str, str] | None:
+    """Gopher's repetition rule as lmforge computed it before: every n-gram length hashed from scratch."""
+    frac, chars = quality.duplicate_fractions(quality._nonblank_lines(text))
+    if frac > quality.DUP_LINE_FRAC:
+        return ("duplicate_lines", f"{frac:.0%} of lines repeat")
+    if chars > quality.DUP_LINE_CHARS:
+        return ("duplicate_line_chars", f"{chars:.0%} of characters in repeated lines")
+    frac, chars = quality.duplicate_fractions([p.strip() for p in quality._PARAGRAPHS.split(text) if p.strip()])
+    if frac > quality.DUP_PARA_FRAC:
+        return ("duplicate_paragraphs", f"{frac:.0%} of paragraphs repeat")
+    if chars > quality.DUP_PARA_CHARS:
+        return ("duplicate_paragraph_chars", f"{chars:.0%} of characters in repeated paragraphs")
+    words = text.split()
+    if len(words) < 2:
+        return None
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+    lengths = np.array([len(w) for w in words], dtype=np.int64)
+    total = int(lengths.sum())
+    for n, limit in quality.TOP_NGRAM_CHARS:
+        h = quality.ngram_hashes(ids, n)
+        if len(h) == 0:
+            break
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] > 1:
+            share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
+            if share > limit:
+                return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
+    for n, limit in quality.DUP_NGRAM_CHARS:
+        h = quality.ngram_hashes(ids, n)
+        if len(h) == 0:
+            break
+        covered = np.zeros(len(words), dtype=bool)
+        seen: set[int] = set()
+        for start, value in enumerate(h.tolist()):
+            if value in seen:
+                covered[start: start + n] = True
+            seen.add(value)
+        share = int(lengths[covered].sum()) / total
+        if share > limit:
+            return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
+    return None
+
+
+PROSE = next(iter(embedded_corpus())).text[5000:60000].split()
+
+
+def repetitive_texts(seed: int, count: int) -> list[str]:
+    """English-looking texts whose repeated n-grams cover every share from none to all, at every n."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        start = rng.randrange(len(PROSE) - 400)
+        small = PROSE[start: start + rng.randint(2, 30)]
+        texts.append(" ".join(rng.choice(small) for _ in range(rng.randint(1, 300))))
+        base = PROSE[start: start + rng.randint(10, 300)]
+        start = rng.randrange(len(base))
+        texts.append(" ".join(base + base[start: start + rng.randint(5, 12)] * rng.randint(1, 4)))
+    return texts
+
+
+def test_repetition_rule_gives_the_plain_verdicts() -> None:
+    texts = repetitive_texts(0, 250)
+    texts += [p for d in embedded_corpus() for p in d.text[:40000].split("\n\n") if p.strip()][:400]
+    fast = [quality.gopher_repetition(t) for t in texts]
+    assert fast == [plain_repetition(t) for t in texts]
+    reasons = {v[0] if v else None for v in fast}
+    assert {None, "top_ngram", "duplicate_ngrams"} <= reasons  # every n-gram branch was reached
+    assert len({v[1] for v in fast if v and v[0] == "duplicate_ngrams"}) > 10
+
+
+def test_word_hashes_are_blake2b_whether_or_not_the_table_is_full(monkeypatch) -> None:
+    def plain(text: str) -> list[int]:
+        return [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                for w in dedup._WORD.findall(text.lower())]
+
+    texts = [f"Zebra {i} crosses the road, the ROAD{i % 7} again." for i in range(50)]
+    assert all(dedup.word_hashes(t)[1].tolist() == plain(t) for t in texts)
+    monkeypatch.setattr(dedup, "HASHED_WORDS", 12)  # the table empties itself every few texts
+    dedup.word_hashes.cache_clear()
+    assert all(dedup.word_hashes(t)[1].tolist() == plain(t) for t in reversed(texts))
+    assert len(dedup._HASHED) <= 12 + 10
+
+
+@pytest.mark.parametrize("precision", [64, 32])
+def test_signatures_are_datatroves(tmp_path: Path, precision: int) -> None:
+    config = MinhashConfig(n_grams=3, num_buckets=25, hashes_per_bucket=5, seed=1,
+                           hash_config=HashConfig(precision=precision))
+    ours = tasks.Signatures(str(tmp_path), config=config, language=tasks.Words())
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 50, 3000):
+        shingles = rng.integers(0, 2**63, size=(size, 1), dtype=np.uint64) * np.uint64(2)
+        shingles[0, 0] = np.uint64(2**64 - 1)  # the largest input: the product wraps, as in datatrove
+        assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
+
+
+def _kept(out: Path) -> list[tuple[str, bytes]]:
+    return [(d.id, d.text.encode("utf-8")) for p in shard_paths(out / "docs") for d in read_shard(p)]
+
+
+def test_the_clean_stage_keeps_what_the_plain_paths_keep(tmp_path: Path, monkeypatch) -> None:
+    rows = [{"id": d.id, "text": d.text[9000:12000]} for d in embedded_corpus()]
+    rows += [{"id": f"rep{i}", "text": t} for i, t in enumerate(repetitive_texts(1, 20)) if len(t) > 400]
+    rows.append({"id": "prize", "text": " ".join(["You could win a prize in the draw, the big one."] * 30)})
+    rows += [{"id": f"copy{i}", "text": rows[i]["text"].upper()} for i in range(0, 20, 4)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = RunConfig.model_validate({"name": "t", "runs_dir": str(tmp_path / "runs"), "data": {"train": [str(corpus)]},
+                                    "clean": {"quality": {"gopher_repetition": True, "c4": True, "fineweb": True}}})
+    up = run(cfg, until="collect")
+    fast = curate.main(cfg, cfg.run_dir / "collect", tmp_path / "fast", up["collect"], up["_fp"]["collect"])
+    monkeypatch.setattr(quality, "gopher_repetition", plain_repetition)
+    monkeypatch.setattr(tasks.Signatures, "get_signature", MinhashDedupSignature.get_signature)
+    monkeypatch.setattr(dedup, "HASHED_WORDS", 0)  # every text's words hashed afresh
+    plain = curate.main(cfg, cfg.run_dir / "collect", tmp_path / "plain", up["collect"], up["_fp"]["collect"])
+    assert _kept(tmp_path / "fast") == _kept(tmp_path / "plain")
+    assert fast["dropped"] == plain["dropped"]
+    assert {"duplicate_ngrams", "top_ngram", "exact_duplicate"} <= set(fast["dropped"])
+    assert fast["documents"]["kept"] > 20
