@@ -271,7 +271,10 @@ def test_steps_auto_without_a_budget_is_a_one_line_error(tmp_path, small_corpus,
 def test_a_budget_too_small_to_train_is_a_one_line_error(tmp_path, small_corpus, monkeypatch, capsys):
     _install(monkeypatch, FakeClock(lambda n: 0.5))  # 2 s buy 4 steps; warmup alone is 5
     assert call_cli(*_args(tmp_path, small_corpus, "small", "--train.max_seconds=2")) == 2
-    err = capsys.readouterr().err.strip()
+    # The data stages log their progress first; the error is the last line, and the only one.
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
+    assert sum(line.startswith("error:") or "Traceback" in line for line in lines) == 1
     assert err.startswith("error: train.max_seconds (2 s) buys about") and "\n" not in err
     assert "train.warmup_steps (5)" in err
     assert not (tmp_path / "small" / "train" / "manifest.json").exists()

@@ -229,7 +229,10 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     # A budget that buys fewer steps than warmup + 10: a one-line error naming --budget, no recipe written.
     args[2:5] = ["1s"]
     assert call_cli(*args) == 2
-    err = capsys.readouterr().err.strip()
+    # The data stages log their progress first; the error is the last line, and the only one.
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
+    assert sum(line.startswith("error:") or "Traceback" in line for line in lines) == 1
     assert err.startswith("error: --budget: 1s buys about") and "\n" not in err
     assert not (tmp_path / "plan-1s" / "plan.yaml").exists()
 
