@@ -101,7 +101,7 @@ def heldout_preferences(cfg: RunConfig, base: TrainedModel, tuned: TrainedModel,
         pairs = load_pairs(data_dir / "pairs_val.npz")
     bs = cfg.eval.batch_size
     report = preference_report(pair_logprobs(base.model, pairs, bs), pair_logprobs(tuned.model, pairs, bs),
-                               ft.preference.beta or DEFAULT_BETA[ft.mode])
+                               ft.preference.beta or DEFAULT_BETA[ft.mode], [p.kind for p in pairs])
     return {"source": source or "validation pairs", **report}
 
 
