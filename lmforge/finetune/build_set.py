@@ -11,21 +11,26 @@ fixed seed into three files beside this one, in ``sets/``::
                                    never seen in fine-tuning; 4 choices (chance 25%)
 
 The preference set (``finetune.mode=dpo|simpo``) asks to continue a line, as the chat set does, and
-pairs the true next line of the speech (chosen) with a wrong one (rejected): half the time the true
-line with its words shuffled, half the time another line of the same play. Its lines are none of those
-the chat set uses, so a model fine-tuned on the chat set has not seen them::
+pairs the true next line of the speech (chosen) with a wrong one (rejected) of five kinds in turn
+(:data:`PAIR_KINDS`): the true line with its words shuffled, another line of the same play, a line of
+another play, the prompt's own line repeated, the true line cut off after half its words. The last two
+are what a language model tends to prefer (copying from its context; a shorter answer), so they are
+what tuning has to correct. Its lines are none of those the chat set uses, and the held-out pairs share
+no line (asked, chosen or rejected) with the tuning pairs::
 
-    shakespeare_pairs_train.jsonl    {prompt, chosen, rejected} to tune on
+    shakespeare_pairs_train.jsonl    {prompt, chosen, rejected, kind} to tune on
     shakespeare_pairs_val.jsonl      pairs for the validation loss and reward accuracy
-    shakespeare_pairs_heldout.jsonl  pairs scored before and after tuning
+    shakespeare_pairs_heldout.jsonl  pairs scored before and after tuning (accuracy per kind too)
+    shakespeare_pairs_manifest.json  pairs of each kind per file, candidate lines dropped and why
 
 Rebuild or check the committed files (byte for byte)::
 
-    python -m lmforge.finetune.build_set           # rewrite the three files
+    python -m lmforge.finetune.build_set           # rewrite the files
     python -m lmforge.finetune.build_set --check   # exit 1 if a committed file differs
 
 Expected output: ``heldout: 200 items``, ``val: 100 conversations``, ``train: 1200 conversations``,
-``pairs_train: 1200 pairs``, ``pairs_val: 100 pairs``, ``pairs_heldout: 200 pairs``.
+``pairs_heldout: 200 pairs``, ``pairs_val: 100 pairs``, ``pairs_train: 1200 pairs`` and the
+train kinds (240 each).
 """
 
 from __future__ import annotations
