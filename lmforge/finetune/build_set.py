@@ -13,7 +13,7 @@ fixed seed into three files beside this one, in ``sets/``::
 The preference set (``finetune.mode=dpo|simpo``) asks to continue a line, as the chat set does, and
 pairs the true next line of the speech (chosen) with a wrong one (rejected) of five kinds in turn
 (:data:`PAIR_KINDS`): the true line with its words shuffled, another line of the same play, a line of
-another play, the prompt's own line repeated, the true line cut off after half its words. The last two
+another play, the prompt's own line repeated, the true line without its last word. The last two
 are what a language model tends to prefer (copying from its context; a shorter answer), so they are
 what tuning has to correct. Its lines are none of those the chat set uses, and the held-out pairs share
 no line (asked, chosen or rejected) with the tuning pairs::
@@ -58,7 +58,7 @@ PAIR_KINDS = {"shuffled": "the true next line with its words shuffled",
               "same_play": "another line of the same play",
               "other_play": "a line of another play",
               "repeat": "the prompt's own line again",
-              "cut": "the true next line cut off after half its words"}
+              "cut": "the true next line without its last word"}
 KINDS = tuple(PAIR_KINDS)
 MANIFEST = "shakespeare_pairs_manifest.json"
 
@@ -190,8 +190,9 @@ def _rejected(rng: random.Random, kind: str, it: dict, pool: dict[str, list[str]
     if kind == "repeat":
         return it["line"]
     if kind == "cut":
-        ends = [m.end() for m in re.finditer(r"\S+", it["answer"])]  # a true prefix: its tokens are the chosen's
-        return it["answer"][: ends[len(ends) // 2 - 1]]
+        # A true prefix (its tokens are the chosen's), one word short: cut any shorter and the missing words
+        # cost so many nats that no gentle tuning makes the whole line the more likely.
+        return it["answer"][: [m.end() for m in re.finditer(r"\S+", it["answer"])][-2]]
     play = it["play"] if kind == "same_play" else rng.choice(sorted(p for p in pool if p != it["play"]))
     return rng.choice([ln for ln in pool[play] if ln not in (it["line"], it["answer"])])
 
