@@ -106,7 +106,10 @@ def heldout_preferences(cfg: RunConfig, base: TrainedModel, tuned: TrainedModel,
 
 
 def heldout_task(cfg: RunConfig) -> Path | None:
+    """The multiple-choice chat task to score (a preference run's finetune.heldout_task holds pairs instead)."""
     ft = cfg.finetune
+    if ft.mode in PREFERENCE:
+        return None
     if ft.heldout_task:
         return Path(ft.heldout_task)
     return EMBEDDED_DIR / EMBEDDED_TASK if not ft.data and ft.mode == "chat" else None

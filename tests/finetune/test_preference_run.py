@@ -14,7 +14,7 @@ from lmforge.finetune.build_set import KINDS, MANIFEST
 from lmforge.finetune.build_set import main as build_set
 from lmforge.finetune.evaluate import preference_report
 from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TRAIN, EMBEDDED_VAL, PAIRS_HELDOUT, PAIRS_TRAIN, PAIRS_VAL
-from lmforge.report.card_finetune import summary_keys
+from lmforge.report.card_finetune import comparison_rows, summary_keys
 from tests.finetune.test_finetune_run import QUIET
 from tests.in_process import call_cli
 from tests.serving import make_run
@@ -81,8 +81,10 @@ def test_heldout_pairs_with_kinds_are_reported_per_kind(base, pairs, tmp_path):
         assert sum(v[model] * v["pairs"] for v in pref["by_kind"].values()) / 40 == pytest.approx(pref[model]["accuracy"])
     summary = summary_keys({"compare": {"preference": pref}})
     assert summary["pref_acc_cut"] == pref["by_kind"]["cut"]["finetuned"]
-    card = (tmp_path / "kinds/report/card.md")
-    assert not card.exists() or "held-out pairs, cut" in card.read_text(encoding="utf-8")
+    cut = pref["by_kind"]["cut"]
+    row = [r for r in comparison_rows({"preference": pref}) if r[0].startswith("held-out pairs, cut")]
+    assert row == [[f"held-out pairs, cut ({cut['pairs']}): preference accuracy", f"{cut['base']:.3f}",
+                    f"{cut['finetuned']:.3f}", f"{cut['finetuned'] - cut['base']:+.3f}"]]
 
 
 def test_preference_report_per_kind_by_hand():
