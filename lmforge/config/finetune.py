@@ -43,6 +43,10 @@ class PreferenceConfig(Section):
         "(None = 2.0)"), json_schema_extra=reuse(added=True))
     gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin between chosen and rejected answers",
                          json_schema_extra=reuse(added=True))
+    nll: float = Field(0.0, ge=0, description=(
+        "preference modes: weight of the chosen answers' own loss (negative log-likelihood per token) added to "
+        "the preference loss, so they stay likely while the margin widens (RPO); 0 = off"),
+        json_schema_extra=reuse(added=True))
     # The dpo stage of `lmforge run`: the finetune stage's own result does not depend on these.
     stage: Literal["off", "dpo", "simpo"] = Field("off", description=(
         "lmforge run: after the finetune stage, tune its chat model (or the pre-trained one when "

@@ -11,21 +11,26 @@ fixed seed into three files beside this one, in ``sets/``::
                                    never seen in fine-tuning; 4 choices (chance 25%)
 
 The preference set (``finetune.mode=dpo|simpo``) asks to continue a line, as the chat set does, and
-pairs the true next line of the speech (chosen) with a wrong one (rejected): half the time the true
-line with its words shuffled, half the time another line of the same play. Its lines are none of those
-the chat set uses, so a model fine-tuned on the chat set has not seen them::
+pairs the true next line of the speech (chosen) with a wrong one (rejected) of five kinds in turn
+(:data:`PAIR_KINDS`): the true line with its words shuffled, another line of the same play, a line of
+another play, the prompt's own line repeated, the true line without its last word. The last two
+are what a language model tends to prefer (copying from its context; a shorter answer), so they are
+what tuning has to correct. Its lines are none of those the chat set uses, and the held-out pairs share
+no line (asked, chosen or rejected) with the tuning pairs::
 
-    shakespeare_pairs_train.jsonl    {prompt, chosen, rejected} to tune on
+    shakespeare_pairs_train.jsonl    {prompt, chosen, rejected, kind} to tune on
     shakespeare_pairs_val.jsonl      pairs for the validation loss and reward accuracy
-    shakespeare_pairs_heldout.jsonl  pairs scored before and after tuning
+    shakespeare_pairs_heldout.jsonl  pairs scored before and after tuning (accuracy per kind too)
+    shakespeare_pairs_manifest.json  pairs of each kind per file, candidate lines dropped and why
 
 Rebuild or check the committed files (byte for byte)::
 
-    python -m lmforge.finetune.build_set           # rewrite the three files
+    python -m lmforge.finetune.build_set           # rewrite the files
     python -m lmforge.finetune.build_set --check   # exit 1 if a committed file differs
 
 Expected output: ``heldout: 200 items``, ``val: 100 conversations``, ``train: 1200 conversations``,
-``pairs_train: 1200 pairs``, ``pairs_val: 100 pairs``, ``pairs_heldout: 200 pairs``.
+``pairs_heldout: 200 pairs``, ``pairs_val: 100 pairs``, ``pairs_train: 1200 pairs`` and the
+train kinds (240 each).
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ N_TRAIN, N_VAL, N_HELDOUT = 1200, 100, 200
 PAIRS_SEED = 2027  # its own stream: the chat files do not change when the preference set does
 SYSTEM = "You know the plays of Shakespeare well. Answer briefly."
 MIN_SPEECHES = 200  # works with at least this many speeches are plays (the poems and sonnets have none)
+# The rejected answer of a preference pair, by kind. The first three are wrong lines a language model
+# already tends to rank below the true one; the last two are the failures it tends to prefer (copying
+# its prompt; stopping early, since a shorter answer has fewer tokens to pay for), as real preference
+# data corrects a model's own habits.
+PAIR_KINDS = {"shuffled": "the true next line with its words shuffled",
+              "same_play": "another line of the same play",
+              "other_play": "a line of another play",
+              "repeat": "the prompt's own line again",
+              "cut": "the true next line without its last word"}
+KINDS = tuple(PAIR_KINDS)
+MANIFEST = "shakespeare_pairs_manifest.json"
 
 
 def _title(raw: str) -> str:
@@ -128,7 +144,8 @@ def _conversation(rng: random.Random, group: list[dict]) -> dict:
     return {"messages": messages}
 
 
-def build() -> dict[str, list[dict]]:
+def build() -> tuple[dict[str, list[dict]], dict]:
+    """Every file's records by split, and the preference set's manifest."""
     rng = random.Random(SEED)
     items = _items(list(embedded_corpus()))
     rng.shuffle(items)
@@ -153,33 +170,83 @@ def build() -> dict[str, list[dict]]:
             pos += size
         out[split] = convs
     used = held_lines | {t for it in rest[:pos] for t in (it["line"], it["answer"])}
-    out.update(_pairs([it for it in rest[pos:] if it["line"] not in used and it["answer"] not in used]))
+    pairs, manifest = _pairs([it for it in rest[pos:] if it["line"] not in used and it["answer"] not in used])
+    return {**out, **pairs}, manifest
+
+
+def _shuffled(rng: random.Random, line: str) -> str:
+    words = line.split()
+    for _ in range(10):  # a shuffle that changes the order (lines of 5+ words)
+        rng.shuffle(words)
+        if " ".join(words) != line:
+            break
+    return " ".join(words)
+
+
+def _rejected(rng: random.Random, kind: str, it: dict, pool: dict[str, list[str]]) -> str:
+    """The wrong answer of one kind (see PAIR_KINDS) for a "continue" item."""
+    if kind == "shuffled":
+        return _shuffled(rng, it["answer"])
+    if kind == "repeat":
+        return it["line"]
+    if kind == "cut":
+        # A true prefix (its tokens are the chosen's), one word short: cut any shorter and the missing words
+        # cost so many nats that no gentle tuning makes the whole line the more likely.
+        return it["answer"][: [m.end() for m in re.finditer(r"\S+", it["answer"])][-2]]
+    play = it["play"] if kind == "same_play" else rng.choice(sorted(p for p in pool if p != it["play"]))
+    return rng.choice([ln for ln in pool[play] if ln not in (it["line"], it["answer"])])
+
+
+def _make_pairs(rng: random.Random, items: list[dict], pool: dict[str, list[str]]) -> list[dict]:
+    """One pair per item, the kinds in turn so that every split holds each kind equally."""
+    out = []
+    for i, it in enumerate(items):
+        kind = KINDS[i % len(KINDS)]
+        out.append({"prompt": _question(it), "chosen": it["answer"], "rejected": _rejected(rng, kind, it, pool),
+                    "kind": kind})
     return out
 
 
-def _pairs(items: list[dict]) -> dict[str, list[dict]]:
-    """Preference pairs from unused "continue" items: the true next line against a wrong one."""
+def _pairs(items: list[dict]) -> tuple[dict[str, list[dict]], dict]:
+    """Preference pairs from unused "continue" items, and the set's manifest (kinds per split, drops).
+
+    The held-out pairs share no line with the tuning pairs: not the prompt's line, the chosen line nor a
+    rejected one, so what tuning teaches has to carry over to lines it never saw."""
     rng = random.Random(PAIRS_SEED)
-    by_play: dict[str, list[str]] = {}
-    for it in items:
-        by_play.setdefault(it["play"], []).append(it["line"])
-    pairs, seen = [], set()
+    unique, seen, dropped = [], set(), {"line already asked": 0, "next line repeats the line": 0,
+                                        "shares a line with the held-out pairs": 0}
     for it in (it for it in items if it["kind"] == "continue"):
-        if it["line"] in seen or len(pairs) == N_TRAIN + N_VAL + N_HELDOUT:
+        reason = "line already asked" if it["line"] in seen else \
+            "next line repeats the line" if it["line"] == it["answer"] else None
+        if reason:
+            dropped[reason] += 1
             continue
         seen.add(it["line"])
-        words = it["answer"].split()
-        if rng.random() < 0.5:
-            for _ in range(10):  # a shuffle that changes the order (lines of 5+ words)
-                rng.shuffle(words)
-                if " ".join(words) != it["answer"]:
-                    break
-            rejected = " ".join(words)
+        unique.append(it)
+    held = unique[:N_HELDOUT]
+    held_text = {t for it in held for t in (it["line"], it["answer"])}
+    tuning = []
+    for n, it in enumerate(unique[N_HELDOUT:]):
+        if len(tuning) == N_VAL + N_TRAIN:
+            dropped["not needed (the set is full)"] = len(unique) - N_HELDOUT - n
+            break
+        if it["line"] in held_text or it["answer"] in held_text:
+            dropped["shares a line with the held-out pairs"] += 1
         else:
-            rejected = rng.choice([ln for ln in by_play[it["play"]] if ln not in (it["line"], it["answer"])])
-        pairs.append({"prompt": _question(it), "chosen": it["answer"], "rejected": rejected})
-    return {"pairs_heldout": pairs[:N_HELDOUT], "pairs_val": pairs[N_HELDOUT: N_HELDOUT + N_VAL],
-            "pairs_train": pairs[N_HELDOUT + N_VAL:]}
+            tuning.append(it)
+    tuning_text = {t for it in tuning for t in (it["line"], it["answer"])}
+    by_play: dict[str, dict[str, None]] = {}  # wrong lines to draw from, by play (none the chat set uses)
+    for it in items:
+        by_play.setdefault(it["play"], {})[it["line"]] = None
+    lines = {play: list(v) for play, v in by_play.items()}
+    held_pairs = _make_pairs(rng, held, {p: [ln for ln in v if ln not in tuning_text] for p, v in lines.items()})
+    held_text |= {p["rejected"] for p in held_pairs}
+    tuning_pairs = _make_pairs(rng, tuning, {p: [ln for ln in v if ln not in held_text] for p, v in lines.items()})
+    out = {"pairs_heldout": held_pairs, "pairs_val": tuning_pairs[:N_VAL], "pairs_train": tuning_pairs[N_VAL:]}
+    manifest = {"seed": PAIRS_SEED, "kinds": {split: {k: sum(p["kind"] == k for p in pairs) for k in KINDS}
+                                              for split, pairs in out.items()},
+                "dropped": dropped, "kinds_meaning": PAIR_KINDS}
+    return out, manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,19 +254,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     args = parser.parse_args(argv)
     HERE.mkdir(exist_ok=True)
+    sets, manifest = build()
     status = 0
-    for split, records in build().items():
+    for split, records in sets.items():
         path = HERE / (f"shakespeare_{split}.jsonl" if split.startswith("pairs") else f"shakespeare_qa_{split}.jsonl")
+        unit = "items" if split == "heldout" else "pairs" if split.startswith("pairs") else "conversations"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if args.check:
-            same = path.is_file() and path.read_text(encoding="utf-8") == text
-            status |= 0 if same else 1
-            print(f"{split}: {'ok' if same else 'DIFFERS'} ({path})")
-        else:
-            path.write_text(text, encoding="utf-8")
-            unit = "items" if split == "heldout" else "pairs" if split.startswith("pairs") else "conversations"
-            print(f"{split}: {len(records)} {unit}")
-    return status
+        status |= _write_or_check(path, text, args.check, f"{split}: {len(records)} {unit}")
+    kinds = ", ".join(f"{k} {n}" for k, n in manifest["kinds"]["pairs_train"].items())
+    return status | _write_or_check(HERE / MANIFEST, json.dumps(manifest, indent=1) + "\n", args.check,
+                                    f"pairs_manifest: train kinds {kinds}")
+
+
+def _write_or_check(path: Path, text: str, check: bool, written: str) -> int:
+    """Write ``path`` (printing ``written``), or with ``check`` compare it byte for byte: 1 if it differs."""
+    if not check:
+        path.write_text(text, encoding="utf-8")
+        print(written)
+        return 0
+    same = path.is_file() and path.read_text(encoding="utf-8") == text
+    print(f"{written.split(':')[0]}: {'ok' if same else 'DIFFERS'} ({path})")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

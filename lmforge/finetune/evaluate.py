@@ -139,8 +139,10 @@ def pair_logprobs(model: nn.Module, pairs: list[Pair], batch_size: int = 16) -> 
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
 
 
-def preference_report(before: dict[str, np.ndarray], after: dict[str, np.ndarray], beta: float) -> dict:
-    """Preference accuracy and margins of the base and the tuned model on the same pairs (see above)."""
+def preference_report(before: dict[str, np.ndarray], after: dict[str, np.ndarray], beta: float,
+                      kinds: list[str] | None = None) -> dict:
+    """Preference accuracy and margins of the base and the tuned model on the same pairs (see above);
+    with ``kinds`` (one per pair), both models' preference accuracy per kind too."""
     def own(lp: dict[str, np.ndarray]) -> dict:
         gap = lp["chosen"] - lp["rejected"]  # nats: how much more likely the chosen answer is
         return {"accuracy": float(np.mean(gap > 0)), "margin": float(np.mean(gap)),
@@ -150,7 +152,12 @@ def preference_report(before: dict[str, np.ndarray], after: dict[str, np.ndarray
     chosen = beta * (after["chosen"] - before["chosen"])
     rejected = beta * (after["rejected"] - before["rejected"])
     base, tuned = own(before), own(after)
-    return {"pairs": len(before["chosen"]), "base": base, "finetuned": tuned,
+    by_kind = {}
+    for kind in sorted(set(kinds or ()) - {""}):
+        pick = np.array([k == kind for k in kinds])
+        by_kind[kind] = {"pairs": int(pick.sum()), **{name: float(np.mean((lp["chosen"] - lp["rejected"])[pick] > 0))
+                                                      for name, lp in (("base", before), ("finetuned", after))}}
+    return {"pairs": len(before["chosen"]), "base": base, "finetuned": tuned, **({"by_kind": by_kind} if by_kind else {}),
             "reward": {"beta": beta, "accuracy": float(np.mean(chosen > rejected)),
                        "margin": float(np.mean(chosen - rejected)), "chosen": float(np.mean(chosen)),
                        "rejected": float(np.mean(rejected))},

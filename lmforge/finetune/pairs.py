@@ -1,7 +1,8 @@
 """Preference pairs for ``finetune.mode=dpo|simpo``: read, check, encode with the chat template, save.
 
 Input is JSONL, one pair per line: a prompt (a user message as a string, or the conversation so far as
-OpenAI ``messages`` ending before the answer) and two assistant answers::
+OpenAI ``messages`` ending before the answer) and two assistant answers; an optional ``kind`` string
+names the kind of pair, and held-out figures are then given per kind too::
 
     {"prompt": "Who speaks next?", "chosen": "HAMLET", "rejected": "OPHELIA"}
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
@@ -39,6 +40,7 @@ class Pair:
     chosen: Example
     rejected: Example
     where: str  # file:line
+    kind: str = ""  # the record's optional "kind" (the embedded set's kinds of rejected answer), for reports
 
 
 def _prompt_messages(record: dict) -> tuple[list[dict] | None, str]:
@@ -117,6 +119,7 @@ def read_pairs(paths: Sequence[str | Path], tokenizer, max_length: int, on_bad_l
                 continue
             pair, _ = encoded
             pair.where = where
+            pair.kind = record["kind"] if isinstance(record.get("kind"), str) else ""
             report.kept += 1
             out.append(pair)
         if report.lines == start:

@@ -101,12 +101,15 @@ def heldout_preferences(cfg: RunConfig, base: TrainedModel, tuned: TrainedModel,
         pairs = load_pairs(data_dir / "pairs_val.npz")
     bs = cfg.eval.batch_size
     report = preference_report(pair_logprobs(base.model, pairs, bs), pair_logprobs(tuned.model, pairs, bs),
-                               ft.preference.beta or DEFAULT_BETA[ft.mode])
+                               ft.preference.beta or DEFAULT_BETA[ft.mode], [p.kind for p in pairs])
     return {"source": source or "validation pairs", **report}
 
 
 def heldout_task(cfg: RunConfig) -> Path | None:
+    """The multiple-choice chat task to score (a preference run's finetune.heldout_task holds pairs instead)."""
     ft = cfg.finetune
+    if ft.mode in PREFERENCE:
+        return None
     if ft.heldout_task:
         return Path(ft.heldout_task)
     return EMBEDDED_DIR / EMBEDDED_TASK if not ft.data and ft.mode == "chat" else None

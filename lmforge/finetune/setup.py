@@ -98,14 +98,14 @@ def objective(ft: FinetuneConfig) -> Callable[[nn.Module, nn.Module], nn.Module]
     """The preference loss around the model (None for chat and text: the model's own loss)."""
     if ft.mode not in PREFERENCE:
         return None
-    beta = ft.preference.beta or DEFAULT_BETA[ft.mode]
+    beta, nll = ft.preference.beta or DEFAULT_BETA[ft.mode], ft.preference.nll
 
     def build(model: nn.Module, fwd: nn.Module) -> nn.Module:
         if ft.mode == "simpo":
-            return PreferenceObjective(fwd, "simpo", beta, ft.preference.gamma)
+            return PreferenceObjective(fwd, "simpo", beta, ft.preference.gamma, nll=nll)
         if ft.lora.rank:  # the reference is the base itself, adapters off: one copy of the weights
-            return PreferenceObjective(fwd, "dpo", beta, adapters_off=lambda: lora.adapters_disabled(model))
-        return PreferenceObjective(fwd, "dpo", beta, reference=frozen_copy(model))
+            return PreferenceObjective(fwd, "dpo", beta, adapters_off=lambda: lora.adapters_disabled(model), nll=nll)
+        return PreferenceObjective(fwd, "dpo", beta, reference=frozen_copy(model), nll=nll)
     return build
 
 

@@ -34,6 +34,9 @@ def comparison_rows(compare: dict) -> list[list[str]]:
                               ("chosen_logp_per_token", "chosen answers: log-probability per token", ".4f")):
             b, t = pref["base"][key], pref["finetuned"][key]
             rows.append([f"held-out pairs ({n}): {label}", format(b, f), format(t, f), format(t - b, "+" + f)])
+        for kind, k in (pref.get("by_kind") or {}).items():
+            rows.append([f"held-out pairs, {kind} ({k['pairs']}): preference accuracy", f"{k['base']:.3f}",
+                         f"{k['finetuned']:.3f}", f"{k['finetuned'] - k['base']:+.3f}"])
         r = pref["reward"]
         rows.append([f"held-out pairs ({n}): DPO reward accuracy / margin (beta {r['beta']}, against the base)",
                      "0 / 0", f"{r['accuracy']:.3f} / {r['margin']:+.3f}", "-"])
@@ -114,4 +117,6 @@ def summary_keys(result: dict | None) -> dict:
         out["pref_margin_base"], out["pref_margin"] = pref["base"]["margin"], pref["finetuned"]["margin"]
         out["reward_acc"], out["reward_margin"] = pref["reward"]["accuracy"], pref["reward"]["margin"]
         out["chosen_logp_drift"] = pref["chosen_logp_drift"]
+        for kind, k in (pref.get("by_kind") or {}).items():
+            out[f"pref_acc_{kind}_base"], out[f"pref_acc_{kind}"] = k["base"], k["finetuned"]
     return out

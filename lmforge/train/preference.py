@@ -13,6 +13,8 @@ trained and returns ``(margins, loss)`` like a model returns ``(logits, loss)``,
   off (:func:`lmforge.train.lora.adapters_disabled`), so a LoRA run holds one copy of the weights.
 - **SimPO** (Meng et al. 2024): no reference; ``loss = -log sigmoid(beta * (pc/|c| - pr/|r|) - gamma)``
   with length-normalised log-probabilities; rewards are ``beta * p/|answer|``.
+- ``nll`` > 0 adds ``nll * (-pc/|c|)``, the chosen answers' negative log-likelihood per token, to either
+  loss (as RPO does, Pang et al. 2024): DPO alone can widen the margin by lowering both answers.
 
 Usage::
 
@@ -64,11 +66,11 @@ class PreferenceObjective(nn.Module):
     """``(x, y) -> (reward margins (B,), mean loss)`` over a batch of chosen-then-rejected rows."""
 
     def __init__(self, policy: nn.Module, loss: Literal["dpo", "simpo"], beta: float, gamma: float = 0.0,
-                 reference: nn.Module | None = None, adapters_off=None) -> None:
+                 reference: nn.Module | None = None, adapters_off=None, nll: float = 0.0) -> None:
         super().__init__()
         if loss == "dpo" and reference is None and adapters_off is None:
             raise ValueError("DPO needs a reference: a frozen copy, or adapters that can be switched off")
-        self.policy, self.loss, self.beta, self.gamma = policy, loss, beta, gamma
+        self.policy, self.loss, self.beta, self.gamma, self.nll = policy, loss, beta, gamma, nll
         self.reference = reference
         self.adapters_off = adapters_off  # a context manager factory: the base model, adapters disabled
 
@@ -88,6 +90,8 @@ class PreferenceObjective(nn.Module):
         else:
             losses, chosen, rejected = simpo(logp[:b], logp[b:], n[:b], n[b:], self.beta, self.gamma)
         margins = (chosen - rejected).detach()
+        if self.nll:
+            losses = losses - self.nll * logp[:b] / n[:b].clamp(min=1)
         return margins, losses.mean()
 
     # Under DDP / FSDP the loop skips gradient reduction on all micro-batches but the last: that is the policy's.

@@ -6,12 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge.finetune.build_set import KINDS, MANIFEST
 from lmforge.finetune.build_set import main as build_set
-from lmforge.finetune.setup import EMBEDDED_DIR, PAIRS_TRAIN
+from lmforge.finetune.evaluate import preference_report
+from lmforge.finetune.setup import EMBEDDED_DIR, EMBEDDED_TRAIN, EMBEDDED_VAL, PAIRS_HELDOUT, PAIRS_TRAIN, PAIRS_VAL
 from lmforge.report.card_finetune import comparison_rows, summary_keys
 from tests.finetune.test_finetune_run import QUIET
 from tests.in_process import call_cli
@@ -67,6 +70,37 @@ def test_lora_simpo_run_trains_only_adapters(base, pairs, tmp_path):
     assert result["adapter"] and result["train"]["steps"] == 4
 
 
+def test_heldout_pairs_with_kinds_are_reported_per_kind(base, pairs, tmp_path):
+    assert _run(base, tmp_path, "kinds", "--finetune.mode=dpo", f"--finetune.data={pairs}",
+                f"--finetune.heldout_task={pairs}", "--finetune.steps=1") == 0
+    pref = json.loads((tmp_path / "kinds/finetune/results.json").read_text())["compare"]["preference"]
+    kinds = [json.loads(ln)["kind"] for ln in pairs.read_text(encoding="utf-8").splitlines()]
+    assert pref["source"] == str(pairs) and pref["pairs"] == 40
+    assert {k: v["pairs"] for k, v in pref["by_kind"].items()} == {k: kinds.count(k) for k in set(kinds)}
+    # the kinds' accuracies, weighted by their pairs, make up the overall one
+    for model in ("base", "finetuned"):
+        assert sum(v[model] * v["pairs"] for v in pref["by_kind"].values()) / 40 == pytest.approx(pref[model]["accuracy"])
+    summary = summary_keys({"compare": {"preference": pref}})
+    assert summary["pref_acc_cut"] == pref["by_kind"]["cut"]["finetuned"]
+    cut = pref["by_kind"]["cut"]
+    row = [r for r in comparison_rows({"preference": pref}) if r[0].startswith("held-out pairs, cut")]
+    assert row == [[f"held-out pairs, cut ({cut['pairs']}): preference accuracy", f"{cut['base']:.3f}",
+                    f"{cut['finetuned']:.3f}", f"{cut['finetuned'] - cut['base']:+.3f}"]]
+
+
+def test_preference_report_per_kind_by_hand():
+    before = {"chosen": np.array([-1.0, -1.0, -4.0, -2.0]), "rejected": np.array([-2.0, -3.0, -1.0, -1.0]),
+              "n_chosen": np.array([2.0, 2, 2, 2]), "n_rejected": np.array([2.0, 2, 2, 2])}
+    after = {**before, "chosen": np.array([-1.0, -4.0, -0.5, -3.0])}
+    report = preference_report(before, after, beta=0.5, kinds=["cut", "cut", "repeat", "repeat"])
+    assert report["by_kind"] == {"cut": {"pairs": 2, "base": 1.0, "finetuned": 0.5},
+                                 "repeat": {"pairs": 2, "base": 0.0, "finetuned": 0.5}}
+    assert report["base"]["accuracy"] == 0.5 and report["finetuned"]["accuracy"] == 0.5
+    assert report["reward"]["accuracy"] == 0.25  # only the third pair's chosen answer gained (+3.5 nats)
+    assert report["reward"]["margin"] == pytest.approx(0.5 * (0 - 3 + 3.5 - 1) / 4)
+    assert "by_kind" not in preference_report(before, after, beta=0.5)
+
+
 GOOD = {"prompt": "Who speaks?", "chosen": "HAMLET.", "rejected": "OPHELIA."}
 
 
@@ -103,8 +137,31 @@ def test_embedded_sets_are_as_built(capsys):
     assert build_set(["--check"]) == 0
     out = capsys.readouterr().out
     assert "pairs_train: ok" in out and "pairs_heldout: ok" in out
-    rows = [json.loads(s) for s in (EMBEDDED_DIR / PAIRS_TRAIN).read_text(encoding="utf-8").splitlines()]
+    assert "pairs_manifest: ok" in out
+    sets = {name: [json.loads(s) for s in (EMBEDDED_DIR / f).read_text(encoding="utf-8").splitlines()]
+            for name, f in (("train", PAIRS_TRAIN), ("val", PAIRS_VAL), ("heldout", PAIRS_HELDOUT))}
+    rows = sets["train"]
     assert len(rows) == 1200 and all(r["chosen"] != r["rejected"] and r["prompt"] for r in rows)
+    manifest = json.loads((EMBEDDED_DIR / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["kinds"]["pairs_train"] == {k: 240 for k in KINDS}
+    assert manifest["kinds"]["pairs_heldout"] == {k: 40 for k in KINDS}
+    for r in rows:
+        line = r["prompt"].split(': "', 1)[1][:-1]  # the quoted line the prompt asks to continue
+        if r["kind"] == "repeat":
+            assert r["rejected"] == line
+        elif r["kind"] == "cut":
+            assert r["chosen"].startswith(r["rejected"])
+            assert len(r["rejected"].split()) == len(r["chosen"].split()) - 1
+        elif r["kind"] == "shuffled":
+            assert sorted(r["rejected"].split()) == sorted(r["chosen"].split())
+
+    def lines(name: str) -> set[str]:
+        return {t for r in sets[name] for t in (r["prompt"].split(': "', 1)[1][:-1], r["chosen"], r["rejected"])}
+
+    assert not lines("heldout") & (lines("train") | lines("val"))  # held-out pairs share no line with tuning
+    chat = [json.loads(s) for f in (EMBEDDED_TRAIN, EMBEDDED_VAL) for s in (EMBEDDED_DIR / f).open(encoding="utf-8")]
+    said = {m["content"] for c in chat for m in c["messages"] if m["role"] == "assistant"}
+    assert not said & {r["chosen"] for rs in sets.values() for r in rs}  # no chosen line is a chat answer
 
 
 def test_pipeline_dpo_stage_tunes_the_chat_model_and_reports(small_corpus, pairs, tmp_path):

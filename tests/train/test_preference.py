@@ -104,3 +104,16 @@ def test_simpo_needs_no_reference():
     logp, n = sequence_logprobs(model(x)[0], y)
     expected, c, r = simpo(logp[:2], logp[2:], n[:2], n[2:], beta=2.0, gamma=0.5)
     assert math.isclose(loss.item(), expected.mean().item(), abs_tol=1e-6)
+
+
+def test_nll_term_adds_the_chosen_answers_loss_per_token():
+    model, (x, y) = _model(), _batch()
+    plain = objective(FinetuneConfig(mode="dpo"))(model, model)
+    with_nll = objective(FinetuneConfig(mode="dpo", preference={"nll": 0.5}))(model, model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+        logp, n = sequence_logprobs(model(x)[0], y)
+    _, base = plain(x, y)
+    _, loss = with_nll(x, y)
+    expected = base.item() + 0.5 * (-logp[:2] / n[:2]).mean().item()  # rows 0-1 are the chosen answers
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6) and loss.item() > base.item()
