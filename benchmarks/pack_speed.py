@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lmforge.config import TokenizerConfig  # noqa: E402
 from lmforge.data import pack  # noqa: E402
 from lmforge.data.encode import batch_encoder, flatten  # noqa: E402
-from lmforge.data.readers.files import stage_texts  # noqa: E402
+from lmforge.data.readers.files import docs_texts, stage_texts  # noqa: E402
 from lmforge.data.sources import Document, embedded_corpus  # noqa: E402
 from lmforge.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -99,14 +99,14 @@ def pack_before(docs: Path, tok: Tokenizer, out: Path) -> dict:
 
 
 def pack_now(docs: Path, tok: Tokenizer, out: Path) -> dict:
-    return pack.write_shards(pack.docs_texts(docs), tok, out, "train")
+    return pack.write_shards(docs_texts(docs), tok, out, "train")
 
 
 def where_time_goes(docs: Path, tok: Tokenizer) -> dict[str, float]:
     """CPU-seconds of reading the JSONL, encoding and flattening + writing, measured apart."""
     encode, _ = batch_encoder(tok)
     t = cpu_seconds()
-    batches = list(pack._batches(pack.docs_texts(docs), pack.ENCODE_BATCH))
+    batches = list(pack._batches(docs_texts(docs), pack.ENCODE_BATCH))
     read = cpu_seconds() - t
     t = cpu_seconds()
     encoded = [encode(b) for b in batches]

@@ -70,16 +70,15 @@ def read_source(src: SourceConfig | None, cfg: RunConfig, stats: ReadStats) -> I
         for doc in embedded_corpus():
             stats.documents += 1
             yield doc
-    elif src.kind == "path":
+    elif src.kind in ("path", "url"):
         opts = FileOptions(include=src.include, exclude=src.exclude, format=src.format, text_field=src.text_field,
                            id_field=src.id_field, strict=strict)
-        yield from read_documents([str(src.path)], stats, opts)
-    elif src.kind == "url":
-        from lmforge.data.readers.remote import read_url
+        if src.kind == "path":
+            yield from read_documents([str(src.path)], stats, opts)
+        else:
+            from lmforge.data.readers.remote import read_url
 
-        opts = FileOptions(include=src.include, exclude=src.exclude, format=src.format, text_field=src.text_field,
-                           id_field=src.id_field, strict=strict)
-        yield from read_url(str(src.url), src.storage_options, stats, opts)
+            yield from read_url(str(src.url), src.storage_options, stats, opts)
     elif src.kind == "dataset" and not src.data_files and Path(str(src.dataset)).expanduser().is_dir():
         from lmforge.data.readers.records import read_dataset
 

@@ -37,6 +37,7 @@ from lmforge.data.clean import Drop, build_steps
 from lmforge.data.dedup import exact_key, word_hashes
 from lmforge.data.ledger import Ledger, RejectWriter
 from lmforge.data.quality import ngram_hashes
+from lmforge.data.readers.files import docs_texts
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.sources import Document
 
@@ -122,14 +123,6 @@ class PackTask(PipelineStep):
         self.docs, self.total, self.tokenizer_dir, self.work = docs, total, tokenizer_dir, Path(work)
         self.dtype, self.batch = np.dtype(dtype), batch
 
-    def _texts(self, start: int, end: int):
-        with open(self.docs, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if i >= end:
-                    return
-                if i >= start:
-                    yield json.loads(line)["text"]
-
     def run(self, data, rank: int = 0, world_size: int = 1):
         from lmforge.data.encode import batch_encoder, flatten
         from lmforge.data.tokenizer import Tokenizer
@@ -140,7 +133,7 @@ class PackTask(PipelineStep):
         n_bytes, batch = 0, []
         with artifacts.AtomicFile(self.work / f"{rank:05d}.bin") as f:
             # Streamed; the None at the end flushes the last batch.
-            for text in itertools.chain(self._texts(*task_range(self.total, rank, world_size)), [None]):
+            for text in itertools.chain(docs_texts(Path(self.docs), *task_range(self.total, rank, world_size)), [None]):
                 if text is not None:
                     batch.append(text)
                     n_bytes += len(text.encode("utf-8"))

@@ -50,7 +50,7 @@ from lmforge.config import ConfigError, ModelConfig, RunConfig, load_config
 from lmforge.models import build_model
 from lmforge.train import budget, loop
 from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
-from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import BPB_FLOOR, EXPONENT_BOUNDS, LossFit, effective_tokens, fit_loss, parse_budget
 
 # The speedrun's choices (configs/speedrun-cpu.yaml, docs/speedrun.md); only width and depth vary here.
 RECIPE = {
@@ -343,7 +343,8 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
                 "the eval stage scores every held-out byte",
                 "vocabulary, batch, learning rate and schedule are the speedrun's, not re-tuned per size",
                 "tokens seen more than once count as Muennighoff et al. 2023's effective data",
-                f"the irreducible loss E is at least {BPB_FLOOR} bits per byte; the exponents a and b lie in [0.1, 1]",
+                f"the irreducible loss E is at least {BPB_FLOOR} bits per byte; the exponents a and b lie in "
+                f"[{EXPONENT_BOUNDS[0]:g}, {EXPONENT_BOUNDS[1]:g}]",
                 f"the smallest shape within {TIE} bits per byte of the best prediction is chosen",
                 *([f"the choice is among the shapes confirmed by training {pc.confirm_fraction:.0%} of the budget "
                    f"(the fit's first choice and the speedrun's {SPEEDRUN_SHAPE[0]}x{SPEEDRUN_SHAPE[1]}); each "

@@ -15,7 +15,8 @@ from tokenizers import pre_tokenizers
 
 from lmforge.config import RunConfig, TokenizerConfig
 from lmforge.data.encode import PROBE, batch_encoder, flatten
-from lmforge.data.pack import ShardWriter, docs_texts, list_shards, read_index, read_shard, write_shards
+from lmforge.data.pack import ShardWriter, list_shards, read_index, read_shard, write_shards
+from lmforge.data.readers.files import docs_texts
 from lmforge.data.sources import DataError, Document, embedded_corpus
 from lmforge.data.tokenizer import Tokenizer, main, sample_texts, train_tokenizer
 

@@ -43,8 +43,11 @@ file or a malformed line raise :class:`DataError` naming the file and line; with
 from __future__ import annotations
 
 import glob
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
+
+import orjson
 
 from lmforge.data.readers import markup, records
 from lmforge.data.sources import (
@@ -174,6 +177,27 @@ def stage_texts(path: Path) -> Iterator[str]:
         raise DataError(f"{path} not found; run the docs stage first (lmforge docs)")
     for doc in read_documents([str(path)]):
         yield doc.text
+
+
+def docs_texts(path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """The texts of a docs-stage file (``train.jsonl``), streamed; of its documents ``start`` to ``end``
+    (0-based, end excluded) only, when given: a pack task's share, the lines before it left unparsed.
+
+    A lean reader for the lines the pack stage reads: the general reader (:func:`stage_texts`) takes
+    about six times as long as the JSON parsing itself, a tenth of that stage's time.
+    """
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the docs stage first (lmforge docs)")
+    with open(path, "rb") as f:
+        for number, line in enumerate(itertools.islice(f, start, end), start=start + 1):
+            try:
+                text = orjson.loads(line)["text"]
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{number}: not a document of the docs stage ({e}); re-run lmforge docs") from None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number}: field 'text' is {type(text).__name__}, not a string; "
+                                "re-run lmforge docs")
+            yield text
 
 
 def iter_sources(paths: list[str], stats: ReadStats | None = None) -> Iterator[Document]:
