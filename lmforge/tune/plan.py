@@ -18,7 +18,8 @@
 5. Confirmation (this machine only): the fit's first choice and the speedrun's 128x4 (or the runner-up)
    train for ``plan.confirm_fraction`` of the budget, much nearer its tokens than the probes. The curve
    is refitted on probes and confirmations, weighted toward the budget's tokens; each confirmed shape
-   is predicted at its measured speed as the refitted curve plus the curve's miss at its confirmation,
+   is predicted at its median measured speed (probes and confirmation) as the refitted curve plus the
+   curve's miss at its confirmation,
    and the smallest confirmed shape within TIE of the best is chosen.
 6. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
    speedrun's vocabulary, batch and learning rate, ``steps: auto``, ``max_seconds`` = the budget, the
@@ -292,18 +293,27 @@ def main(cfg: RunConfig) -> dict:
     return plan
 
 
-def corrected(ranked: list[dict], confirmations: list[dict], fit: LossFit, unique: float, seconds: float) -> list[dict]:
-    """The confirmed shapes among ``ranked``, best first, each at the speed its confirmation measured and its
-    prediction moved by the fit's miss there: ``fit(N, D_budget) + (observed - fit(N, D_confirmation))``."""
+def shape_speed(runs: list[dict], width: int, layers: int) -> float:
+    """Tokens/s of a shape: the median over every probe and confirmation of it, so one run slowed by a busy
+    machine does not set the budget's tokens (a 20-minute plan here once took half the speed from one)."""
+    return float(np.median([r["tokens_per_s"] for r in runs if (r["d_model"], r["n_layers"]) == (width, layers)]))
+
+
+def corrected(ranked: list[dict], confirmations: list[dict], fit: LossFit, unique: float, seconds: float,
+              runs: list[dict]) -> list[dict]:
+    """The confirmed shapes among ``ranked``, best first, each at its median measured speed (:func:`shape_speed`
+    over ``runs``) and its prediction moved by the fit's miss at its confirmation:
+    ``fit(N, D_budget) + (observed - fit(N, D_confirmation))``."""
     out = []
     for c in confirmations:
         row = next((r for r in ranked if (r["d_model"], r["n_layers"]) == (c["d_model"], c["n_layers"])), None)
         if row is None:
             continue
-        tokens = c["tokens_per_s"] * seconds * (1 - budget.MARGIN)
+        speed = shape_speed(runs, c["d_model"], c["n_layers"])
+        tokens = speed * seconds * (1 - budget.MARGIN)
         eff = effective_tokens(tokens, unique)
         miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
-        out.append({**row, "tokens_per_s": c["tokens_per_s"], "tokens": tokens, "effective_tokens": eff,
+        out.append({**row, "tokens_per_s": speed, "tokens": tokens, "effective_tokens": eff,
                     "fit_bpb": fit.predict(row["params"], eff), "confirmation_miss": miss,
                     "predicted_bpb": fit.predict(row["params"], eff) + miss, "confirmed": True})
     return sorted(out, key=lambda r: r["predicted_bpb"])
@@ -325,7 +335,7 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
                  speed: Throughput, cands: list[dict], gpu_flops: float | None, confirmations: list[dict]) -> dict:
     pc, unit = cfg.plan, "gpu" if gpu_flops else "cpu"
     ranked = score(fit, speed, cands, seconds, data["train_tokens"])
-    confirmed = corrected(ranked, confirmations, fit, data["train_tokens"], seconds)
+    confirmed = corrected(ranked, confirmations, fit, data["train_tokens"], seconds, probes + confirmations)
     curve = []
     for minutes in sorted({*CURVE[unit], seconds / 60.0}):  # the chosen budget is a point of the curve too
         best = choose(score(fit, speed, cands, minutes * 60.0, data["train_tokens"]))

@@ -183,10 +183,11 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     best = min(r["predicted_bpb"] for r in plan["confirmed"])
     assert chosen["confirmed"] and chosen["predicted_bpb"] <= best + plan_module.TIE
     assert all(r["params"] >= chosen["params"] for r in plan["confirmed"] if r["predicted_bpb"] <= best + plan_module.TIE)
-    # The prediction: the refitted curve at the budget's tokens (at the confirmation's speed) + its miss there.
+    # The prediction: the refitted curve at the budget's tokens (at the shape's median speed) + its miss there.
     fit, unique = LossFit(**plan["fit"]), plan["data"]["train_tokens"]
     c = next(c for c in conf if (c["d_model"], c["n_layers"]) == (chosen["d_model"], chosen["n_layers"]))
-    tokens = c["tokens_per_s"] * 120.0 * 0.97
+    speeds = [r["tokens_per_s"] for r in plan["probes"] + conf if (r["d_model"], r["n_layers"]) == (c["d_model"], c["n_layers"])]
+    tokens = float(np.median(speeds)) * 120.0 * 0.97
     miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
     assert chosen["tokens"] == pytest.approx(tokens) and chosen["confirmation_miss"] == pytest.approx(miss)
     assert chosen["predicted_bpb"] == pytest.approx(fit.predict(c["params"], effective_tokens(tokens, unique)) + miss)
@@ -256,3 +257,10 @@ def test_probes_too_slow_for_their_time_are_a_one_line_error(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: plan.probe_seconds: only 0 probes could train") and "\n" not in err
     assert not list(tmp_path.rglob("plan.yaml"))
+
+
+def test_a_shape_s_speed_is_the_median_of_its_runs_so_one_slowed_run_does_not_set_it():
+    runs = [{"d_model": 128, "n_layers": 4, "tokens_per_s": t} for t in (13_475.0, 11_814.0, 13_164.0, 6_233.0)]
+    runs.append({"d_model": 64, "n_layers": 2, "tokens_per_s": 40_000.0})
+    assert plan_module.shape_speed(runs, 128, 4) == pytest.approx((11_814.0 + 13_164.0) / 2)
+    assert plan_module.shape_speed(runs, 64, 2) == 40_000.0
