@@ -135,8 +135,10 @@ def _plan(cfg: RunConfig, args: list[str]) -> None:
     print(f"\nplan for {result['budget']['text']} ({result['target']}): width {c['d_model']}, {c['n_layers']} layers, "
           f"{c['params']:,} parameters, predicted {c['predicted_bpb']:.3f} bits per byte")
     for r in result["confirmed"]:  # the shapes trained for a share of the budget, between which it chose
-        print(f"confirmed {r['d_model']}x{r['n_layers']}: predicted {r['predicted_bpb']:.3f} (the fit's "
-              f"{r['fit_bpb']:.3f}, corrected by its miss of {r['confirmation_miss']:+.3f} at the confirmation)")
+        how = (f"its own curve through its {r['shape_curve']['points']} runs" if r["shape_curve"] else
+               f"the fit corrected by its miss of {r['confirmation_miss']:+.3f} at the confirmation")
+        print(f"confirmed {r['d_model']}x{r['n_layers']}: predicted {r['predicted_bpb']:.3f} ({how}; the shared fit "
+              f"with that correction: {r['fit_bpb']:.3f})")
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"recipe: {files['config']}\ntrain:  lmforge run --config {files['config']}\n"

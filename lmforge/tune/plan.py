@@ -51,7 +51,15 @@ from lmforge.config import ConfigError, ModelConfig, RunConfig, load_config
 from lmforge.models import build_model
 from lmforge.train import budget, loop
 from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
-from lmforge.tune.scaling import BPB_FLOOR, EXPONENT_BOUNDS, LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import (
+    BPB_FLOOR,
+    EXPONENT_BOUNDS,
+    LossFit,
+    effective_tokens,
+    fit_loss,
+    fit_shape_curve,
+    parse_budget,
+)
 
 # The speedrun's choices (configs/speedrun-cpu.yaml, docs/speedrun.md); only width and depth vary here.
 RECIPE = {
@@ -231,21 +239,29 @@ def _points(runs: list[dict], unique: float) -> list[tuple[float, float, float]]
     return [(p["params"], effective_tokens(p["tokens"], unique), p["bpb"]) for p in runs]
 
 
-def _confirm(cfg: RunConfig, folder: Path, data: dict, ranked: list[dict], seconds: float) -> list[dict]:
+def _confirm(cfg: RunConfig, folder: Path, data: dict, ranked: list[dict], seconds: float,
+             probes: list[dict]) -> tuple[list[dict], list[dict]]:
     """Confirmation probes: the first choice and the hand-tuned speedrun's shape (or, when they are one, the
-    runner-up), each trained for ``plan.confirm_fraction`` of the budget, far closer to its tokens than the probes."""
+    runner-up), each trained for ``plan.confirm_fraction`` of the budget, far closer to its tokens than the probes.
+    A shape no probe measured is first probed at ``plan.probe_seconds`` too, so each has its own curve.
+    Returns (those extra probes, the confirmations)."""
     first = choose(ranked)
     shapes = [(first["d_model"], first["n_layers"])]
     known = [(r["d_model"], r["n_layers"]) for r in ranked]
     for shape in [SPEEDRUN_SHAPE, *known]:
         if len(shapes) < 2 and shape not in shapes and shape in known:
             shapes.append(shape)
-    out = []
+    extra, out = [], []
     for width, layers in shapes:
+        if not any((p["d_model"], p["n_layers"]) == (width, layers) for p in probes):
+            for probe_seconds in cfg.plan.probe_seconds:
+                if (p := _probe(cfg, folder, data, width, layers, probe_seconds)) is not None:
+                    extra.append(p)
+                    _say("probe", p)
         if (p := _probe(cfg, folder, data, width, layers, cfg.plan.confirm_fraction * seconds)) is not None:
             out.append(p)
             _say("confirmation", p)
-    return out
+    return extra, out
 
 
 def _weights(runs: list[dict], unique: float, target: float) -> list[float]:
@@ -274,7 +290,8 @@ def main(cfg: RunConfig) -> dict:
     # Not for a GPU's budget (nothing here measures it), nor when a confirmation would be no longer than the probes.
     if not gpu_flops and pc.confirm_fraction * seconds > max(pc.probe_seconds):
         first = score(fit, speed, cands, seconds, unique)
-        confirmations = _confirm(cfg, folder, data, first, seconds)
+        extra, confirmations = _confirm(cfg, folder, data, first, seconds, probes)
+        probes = probes + extra
         runs = probes + confirmations
         fit = fit_loss(_points(runs, unique), _weights(runs, unique, choose(first)["effective_tokens"]), BPB_FLOOR)
         speed = Throughput(runs)
@@ -302,20 +319,28 @@ def shape_speed(runs: list[dict], width: int, layers: int) -> float:
 def corrected(ranked: list[dict], confirmations: list[dict], fit: LossFit, unique: float, seconds: float,
               runs: list[dict]) -> list[dict]:
     """The confirmed shapes among ``ranked``, best first, each at its median measured speed (:func:`shape_speed`
-    over ``runs``) and its prediction moved by the fit's miss at its confirmation:
-    ``fit(N, D_budget) + (observed - fit(N, D_confirmation))``."""
+    over ``runs``) and the budget's effective tokens, predicted by its own curve through its runs
+    (:func:`lmforge.tune.scaling.fit_shape_curve`, 3 or more lengths), else by the refitted curve moved by its
+    miss at the confirmation: ``fit(N, D_budget) + (observed - fit(N, D_confirmation))``."""
     out = []
     for c in confirmations:
-        row = next((r for r in ranked if (r["d_model"], r["n_layers"]) == (c["d_model"], c["n_layers"])), None)
+        shape = (c["d_model"], c["n_layers"])
+        row = next((r for r in ranked if (r["d_model"], r["n_layers"]) == shape), None)
         if row is None:
             continue
-        speed = shape_speed(runs, c["d_model"], c["n_layers"])
+        own = [r for r in runs if (r["d_model"], r["n_layers"]) == shape]
+        speed = shape_speed(runs, *shape)
         tokens = speed * seconds * (1 - budget.MARGIN)
         eff = effective_tokens(tokens, unique)
         miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
+        fit_bpb = fit.predict(row["params"], eff) + miss
+        curve = None
+        if len({r["tokens"] for r in own}) >= 3:
+            curve = fit_shape_curve([(effective_tokens(r["tokens"], unique), r["bpb"]) for r in own], BPB_FLOOR)
         out.append({**row, "tokens_per_s": speed, "tokens": tokens, "effective_tokens": eff,
-                    "fit_bpb": fit.predict(row["params"], eff), "confirmation_miss": miss,
-                    "predicted_bpb": fit.predict(row["params"], eff) + miss, "confirmed": True})
+                    "fit_bpb": fit_bpb, "confirmation_miss": miss,
+                    "shape_curve": curve.as_dict() if curve else None,
+                    "predicted_bpb": curve.predict(eff) if curve else fit_bpb, "confirmed": True})
     return sorted(out, key=lambda r: r["predicted_bpb"])
 
 

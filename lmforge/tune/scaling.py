@@ -13,6 +13,13 @@ number with a unit: ``90s``, ``5m``, ``2h``)::
 
     fit = fit_loss(points)             # points: [(N, D, bits_per_byte), ...]
     fit.predict(1.3e6, 2.4e6)          # bits per byte of a 1.3 M-parameter model after 2.4 M tokens
+
+The additive form gives every size the same curve in tokens, so short probes cannot show a small model's
+gains running out sooner than a large one's. A shape measured at three or more lengths also gets its own
+curve, ``L(D) = E + B / D**b`` with its own ``E`` and ``b`` (:func:`fit_shape_curve`), which can::
+
+    curve = fit_shape_curve([(4e5, 2.35), (1.1e6, 2.17), (1.8e6, 2.12)], min_e=BPB_FLOOR)
+    curve.predict(1.2e7)
 """
 
 from __future__ import annotations
@@ -161,3 +168,46 @@ def fit_loss(points: list[tuple[float, float, float]], weights: list[float] | No
     fit = LossFit(math.exp(e), math.exp(log_a), float(a), math.exp(log_b), float(b), points=len(points))
     fit.rms_error = float(np.sqrt(np.mean([(fit.predict(ni, di) - li) ** 2 for ni, di, li in points])))
     return fit
+
+
+@dataclass
+class ShapeCurve:
+    """One model shape's own ``L(D) = E + B / (D / 1e6)**b``, fitted on that shape's runs alone."""
+
+    E: float
+    B: float
+    b: float
+    points: int = 0
+
+    def predict(self, d: float) -> float:
+        return self.E + self.B * (d / 1e6) ** -self.b
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_shape_curve(points: list[tuple[float, float]], min_e: float = BPB_FLOOR) -> ShapeCurve:
+    """Fit :class:`ShapeCurve` to one shape's ``(D, loss)`` points (3 or more distinct D): least squares of the
+    log residuals, ``E`` between ``min_e`` and the best loss seen, ``b`` within :data:`EXPONENT_BOUNDS`."""
+    from scipy.optimize import least_squares
+
+    if len({d for d, _ in points}) < 3:
+        raise ConfigError(f"plan: a shape's own curve needs 3 or more lengths ({len(points)} given)")
+    d, loss = (np.array(col, dtype=float) for col in zip(*points, strict=True))
+    x, log_l = np.log(d / 1e6), np.log(loss)
+    top = float(loss.min()) - 1e-4
+    low = min(min_e, top - 1e-4)
+
+    def residual(theta: np.ndarray) -> np.ndarray:
+        e, log_b, b = theta
+        return np.log(e + np.exp(log_b - b * x)) - log_l
+
+    lower, upper = [low, -15.0, EXPONENT_BOUNDS[0]], [top, 5.0, EXPONENT_BOUNDS[1]]
+    best = None
+    for b0 in (0.15, 0.4, 0.8):  # a few starts: with three points the problem has shallow valleys
+        start = [low + 0.5 * (top - low), math.log(max(1e-3, float(loss.max()) - low)), b0]
+        r = least_squares(residual, start, bounds=(lower, upper), xtol=1e-12, ftol=1e-12)
+        if best is None or r.cost < best.cost:
+            best = r
+    e, log_b, b = best.x
+    return ShapeCurve(float(e), math.exp(log_b), float(b), points=len(points))

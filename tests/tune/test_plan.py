@@ -19,7 +19,15 @@ from lmforge.config import ConfigError, load_config
 from lmforge.models.transformer import Transformer
 from lmforge.train import loop
 from lmforge.tune import plan as plan_module
-from lmforge.tune.scaling import BPB_FLOOR, LossFit, effective_tokens, fit_loss, parse_budget
+from lmforge.tune.scaling import (
+    BPB_FLOOR,
+    LossFit,
+    ShapeCurve,
+    effective_tokens,
+    fit_loss,
+    fit_shape_curve,
+    parse_budget,
+)
 from tests.conftest import ROOT
 from tests.in_process import call_cli
 
@@ -107,11 +115,13 @@ def test_confirmations_are_the_first_choice_and_the_speedrun_shape(monkeypatch):
         return [{"d_model": w, "n_layers": n, "params": w * n, "predicted_bpb": 2.0 + i / 10}
                 for i, (w, n) in enumerate(shapes)]
 
-    assert plan_module._confirm(cfg, None, {}, rows((64, 2), (96, 2), (128, 4)), 300.0) == []  # _probe said None
-    assert asked == [(64, 2, 60.0), (128, 4, 60.0)]
+    probed = [{"d_model": w, "n_layers": n} for w, n in cfg.plan.probe_sizes]  # 64x2, 96x3, 128x4, 192x4
+    assert plan_module._confirm(cfg, None, {}, rows((64, 2), (96, 2), (128, 4)), 300.0, probed) == ([], [])
+    assert asked == [(64, 2, 60.0), (128, 4, 60.0)]  # _probe said None to each
     asked.clear()
-    plan_module._confirm(cfg, None, {}, rows((128, 4), (96, 2), (64, 2)), 300.0)
-    assert asked == [(128, 4, 60.0), (96, 2, 60.0)]
+    plan_module._confirm(cfg, None, {}, rows((128, 4), (96, 2), (64, 2)), 300.0, probed)
+    # 96x2 was never probed: it is probed at plan.probe_seconds before its confirmation, for a curve of its own
+    assert asked == [(128, 4, 60.0), (96, 2, 10.0), (96, 2, 30.0), (96, 2, 60.0)]
     weights = plan_module._weights([{"tokens": 1e6}, {"tokens": 2e5}, {"tokens": 5e4}], 1e9, 1e6)
     assert weights[0] == 1.0 and weights[0] > weights[1] > weights[2] == pytest.approx(1 / (1 + math.log(20)))
 
@@ -153,8 +163,8 @@ def _fake_speed(monkeypatch) -> None:
 
 def _plan_args(runs, corpus) -> list[str]:
     return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
-            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[1, 2]", "--plan.probe_warmup=2",
-            "--plan.eval_batches=2", "--plan.confirm_fraction=0.025"]
+            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[2.5, 4]",
+            "--plan.probe_warmup=2", "--plan.eval_batches=2", "--plan.confirm_fraction=0.05"]
 
 
 def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small_corpus, monkeypatch, capsys):
@@ -170,27 +180,39 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     assert cfg.train.steps == "auto" and cfg.train.max_seconds == 120.0 and cfg.train.optimizer == "muon"
     assert (cfg.model.d_model, cfg.model.n_layers) == (chosen["d_model"], chosen["n_layers"])
     assert cfg.tokenizer.vocab_size == 2048 and cfg.data.train == [str(small_corpus)] and cfg.data.split == "tail"
-    assert len(plan["probes"]) == 6 and all(p["bpb"] > 0 for p in plan["probes"])
-    for p in plan["probes"]:  # steady-state speed: the fake step time, 16 x 128 tokens a step
+    probes, conf = plan["probes"], plan["confirmations"]
+    assert all(p["bpb"] > 0 for p in probes)
+    for p in probes:  # steady-state speed: the fake step time, 16 x 128 tokens a step
         assert p["tokens_per_s"] == pytest.approx(16 * 128 / (SECONDS_PER_PARAM * p["params"]), rel=1e-9)
-    assert {p["params"] for p in plan["probes"]} == {144_544, 224_496, 315_648}
-    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == 8
-    # Two confirmations of 3 s (2.5% of 2 minutes): the fit's first choice and the runner-up (the speedrun's 128x4
-    # is no candidate with probes this small); the choice is the smaller one within TIE of the better of them.
-    conf = plan["confirmations"]
-    assert [c["seconds"] for c in conf] == [3.0, 3.0] and len({(c["d_model"], c["n_layers"]) for c in conf}) == 2
-    assert {(r["d_model"], r["n_layers"]) for r in plan["confirmed"]} == {(c["d_model"], c["n_layers"]) for c in conf}
-    best = min(r["predicted_bpb"] for r in plan["confirmed"])
+    assert {p["params"] for p in probes[:6]} == {144_544, 224_496, 315_648}
+    # Two confirmations of 6 s (5% of 2 minutes): the fit's first choice and the runner-up (the speedrun's 128x4
+    # is no candidate with probes this small); a confirmed shape no probe measured is probed at 2.5 and 4 s first.
+    confirmed_shapes = {(c["d_model"], c["n_layers"]) for c in conf}
+    assert [c["seconds"] for c in conf] == [6.0, 6.0] and len(confirmed_shapes) == 2
+    assert all((p["d_model"], p["n_layers"]) in confirmed_shapes and p["seconds"] in (2.5, 4.0) for p in probes[6:])
+    assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == len(probes) + 2
+    assert {(r["d_model"], r["n_layers"]) for r in plan["confirmed"]} == confirmed_shapes
+    best = min(r["predicted_bpb"] for r in plan["confirmed"])  # the choice: the smaller one within TIE of the best
     assert chosen["confirmed"] and chosen["predicted_bpb"] <= best + plan_module.TIE
     assert all(r["params"] >= chosen["params"] for r in plan["confirmed"] if r["predicted_bpb"] <= best + plan_module.TIE)
-    # The prediction: the refitted curve at the budget's tokens (at the shape's median speed) + its miss there.
+    # Each prediction: at the shape's median speed, its own curve through its runs when they have 3 or more
+    # lengths, else the refitted curve at the budget's tokens + its miss at the confirmation.
     fit, unique = LossFit(**plan["fit"]), plan["data"]["train_tokens"]
-    c = next(c for c in conf if (c["d_model"], c["n_layers"]) == (chosen["d_model"], chosen["n_layers"]))
-    speeds = [r["tokens_per_s"] for r in plan["probes"] + conf if (r["d_model"], r["n_layers"]) == (c["d_model"], c["n_layers"])]
-    tokens = float(np.median(speeds)) * 120.0 * 0.97
-    miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
-    assert chosen["tokens"] == pytest.approx(tokens) and chosen["confirmation_miss"] == pytest.approx(miss)
-    assert chosen["predicted_bpb"] == pytest.approx(fit.predict(c["params"], effective_tokens(tokens, unique)) + miss)
+    for row in plan["confirmed"]:
+        shape = (row["d_model"], row["n_layers"])
+        c = next(c for c in conf if (c["d_model"], c["n_layers"]) == shape)
+        own = [r for r in probes + conf if (r["d_model"], r["n_layers"]) == shape]
+        tokens = float(np.median([r["tokens_per_s"] for r in own])) * 120.0 * 0.97
+        eff = effective_tokens(tokens, unique)
+        miss = c["bpb"] - fit.predict(c["params"], effective_tokens(c["tokens"], unique))
+        assert row["tokens"] == pytest.approx(tokens) and row["confirmation_miss"] == pytest.approx(miss)
+        assert row["fit_bpb"] == pytest.approx(fit.predict(c["params"], eff) + miss)
+        if len({r["tokens"] for r in own}) >= 3:
+            curve = fit_shape_curve([(effective_tokens(r["tokens"], unique), r["bpb"]) for r in own], BPB_FLOOR)
+            assert row["shape_curve"]["points"] == len(own) and row["predicted_bpb"] == pytest.approx(curve.predict(eff))
+        else:
+            assert row["shape_curve"] is None and row["predicted_bpb"] == row["fit_bpb"]
+    assert any(r["shape_curve"] for r in plan["confirmed"])  # this plan exercises the own-curve prediction
     assert chosen["params"] <= plan_module.EXTRAPOLATE * max(p["params"] for p in plan["probes"])
     assert [c["minutes"] for c in plan["curve"]] == plan_module.CURVE["cpu"]  # 2 minutes is one of them
     assert plan["curve"][1]["predicted_bpb"] == plan_module.choose(plan["candidates"])["predicted_bpb"]  # the fit's
@@ -209,7 +231,7 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
     args[-1] = "--plan.confirm_fraction=0"  # another budget would confirm at its own length: none here
     assert call_cli(*args) == 0
     again = json.loads((tmp_path / "plan-5m" / "plan.json").read_text())
-    assert again["probes"] == plan["probes"] and again["budget"]["seconds"] == 300.0 and again["confirmations"] == []
+    assert again["probes"] == plan["probes"][:6] and again["budget"]["seconds"] == 300.0 and again["confirmations"] == []
     assert again["fit"]["points"] == 6 and again["chosen"] == plan_module.choose(again["candidates"])
     assert yaml.safe_load((tmp_path / "plan-5m" / "plan.yaml").read_text())["train"]["max_seconds"] == 300.0
 
@@ -264,3 +286,17 @@ def test_a_shape_s_speed_is_the_median_of_its_runs_so_one_slowed_run_does_not_se
     runs.append({"d_model": 64, "n_layers": 2, "tokens_per_s": 40_000.0})
     assert plan_module.shape_speed(runs, 128, 4) == pytest.approx((11_814.0 + 13_164.0) / 2)
     assert plan_module.shape_speed(runs, 64, 2) == 40_000.0
+
+
+def test_a_shape_s_own_curve_recovers_a_saturating_shape_and_needs_three_lengths():
+    """Points on E + B / (D/1e6)^b with a small model's early saturation (E 1.9, b 0.45) come back as that curve,
+    so its prediction far past the points is the truth's (the shared additive fit cannot bend per shape)."""
+    truth = ShapeCurve(E=1.9, B=0.3, b=0.45)
+    points = [(d, truth.predict(d)) for d in (4e5, 1.1e6, 1.8e6, 3.0e6)]
+    curve = fit_shape_curve(points, min_e=BPB_FLOOR)
+    assert (curve.E, curve.B, curve.b) == pytest.approx((1.9, 0.3, 0.45), rel=1e-4) and curve.points == 4
+    assert curve.predict(1.2e7) == pytest.approx(truth.predict(1.2e7), abs=1e-4)
+    floor = fit_shape_curve([(d, 0.5 + 2.0 * (d / 1e6) ** -0.3) for d in (1e5, 3e5, 9e5)], min_e=BPB_FLOOR)
+    assert pytest.approx(BPB_FLOOR) == floor.E  # an irreducible loss below the floor is held at the floor
+    with pytest.raises(ConfigError, match="3 or more lengths"):
+        fit_shape_curve([(1e5, 2.5), (1e5, 2.4), (3e5, 2.3)])
