@@ -129,8 +129,6 @@ def read_source(src: SourceConfig | None, cfg: RunConfig, stats: ReadStats) -> I
         yield from read_web(src, cfg.collect.web, stats, strict)
 
 
-
-
 # ------------------------------------------------------------------ units: what a task reads
 @dataclass(frozen=True)
 class Unit:
@@ -145,6 +143,8 @@ class Unit:
 
 @dataclass
 class Plan:
+    """The units of a run, and what listing the sources skipped or failed on (counted by the launching process)."""
+
     units: list[Unit]
     tails: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # skipped after a source's last file
     failed: dict[int, str] = field(default_factory=dict)  # sources whose listing failed
@@ -224,7 +224,8 @@ def _write(out: IO[bytes], docs: Iterator[Document], src: SourceConfig | None,
 class CollectTask(PipelineStep):
     """Task ``r`` of ``n``: its contiguous range of units into ``work/docs/<r>.jsonl`` (documents),
     ``work/rejects/<r>.jsonl`` and ``work/stats/<r>.json`` (counts per unit); passes the documents on
-    (to the progress count). Under collect.strict a bad unit writes ``work/failed/<r>.json`` and raises."""
+    (to the progress count). Under collect.strict a bad unit writes ``work/failed/<unit>.json`` and raises,
+    so the launching process can name the first failure in reading order whichever task met it."""
 
     name = "collect"
 
