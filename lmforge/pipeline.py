@@ -152,10 +152,9 @@ def _finetune_data(cfg: RunConfig) -> dict:
 
 
 def _collect_inputs(cfg: RunConfig) -> dict:
-    """The files the collect stage reads: data.train and the local collect.sources (a change re-runs all);
-    remote ones (url sources, datasets on the Hub) are not checked again."""
-    local = (p for s in cfg.collect.sources for p in (s.path, s.dataset, s.urls_file, *s.data_files) if p)
-    return {"inputs": artifacts.file_signature([*cfg.data.train, *local])}
+    from lmforge.data.collect import input_files
+
+    return {"inputs": artifacts.file_signature(input_files(cfg))}
 
 
 def _docs_inputs(cfg: RunConfig) -> dict:
@@ -164,7 +163,8 @@ def _docs_inputs(cfg: RunConfig) -> dict:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("collect", (), _collect, inputs=_collect_inputs),
+    # clean=False: the collect stage keeps the finished tasks of an interrupted run and wipes its folder itself.
+    Stage("collect", (), _collect, clean=False, inputs=_collect_inputs),
     # clean=False: the clean stage keeps finished shards of an interrupted run and wipes its folder itself.
     Stage("clean", ("collect",), _clean, clean=False, inputs=_eval_texts),
     Stage("docs", ("clean",), _docs, inputs=_docs_inputs),

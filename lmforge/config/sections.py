@@ -49,11 +49,12 @@ class DataConfig(Section):
         "tokens per packed shard file; a shard closes at the first document boundary past it"),
         json_schema_extra=reuse(top=("pack",), pack=INVALIDATES))
     executor: Literal["local", "slurm"] = Field("local", description=(
-        "what runs the clean stage's datatrove tasks: 'local' = processes on this machine, 'slurm' = a job "
-        "array on a Slurm cluster (data.slurm); the kept documents are the same either way"), json_schema_extra=_HOW)
+        "what runs the data stages' datatrove tasks (collect, clean, pack): 'local' = processes on this machine, "
+        "'slurm' = a job array on a Slurm cluster (data.slurm); the kept documents are the same either way"),
+        json_schema_extra=_HOW)
     tasks: int = Field(1, ge=1, description=(
-        "datatrove tasks the corpus is split into (contiguous ranges of documents); a killed run redoes only "
-        "the unfinished ones"), json_schema_extra=_HOW)
+        "datatrove tasks the work is split into (collect: ranges of files and sources; clean, pack: contiguous "
+        "ranges of documents); a killed run redoes only the unfinished ones"), json_schema_extra=_HOW)
     workers: int = Field(0, ge=0, description=(
         "tasks running at once (0 = one per CPU for local, no limit for slurm)"), json_schema_extra=_HOW)
     slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig(), description=(

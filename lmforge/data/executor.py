@@ -25,14 +25,16 @@ from lmforge.data.sources import DataError
 
 
 def run_tasks(cfg: DataConfig, stage: str, pipeline: list, tasks: int, logs: Path,
-              total: tuple[int, int] | None = None, label: str = "clean") -> int:
+              total: tuple[int, int] | None = None, label: str = "clean", count: bool = False) -> int:
     """Run ``pipeline`` as ``tasks`` tasks logging under ``logs/<stage>``; returns how many were already done.
 
     Progress (tasks finished, and with ``total`` = (documents, bytes) the documents and MB its first
-    step reads, MB/s and ETA) is shown while it runs (:mod:`lmforge.data.progress`).
+    step reads, MB/s and ETA; with ``count`` and no total, the documents and MB read so far) is shown
+    while it runs (:mod:`lmforge.data.progress`).
     """
     folder = logs / stage
-    if total is not None:  # count what the reader hands on, in each task
+    count = count or total is not None
+    if count:  # count what the reader hands on, in each task
         pipeline = [pipeline[0], CountStep(str(folder / "progress")), *pipeline[1:]]
     from loguru import logger
 
@@ -51,10 +53,10 @@ def run_tasks(cfg: DataConfig, stage: str, pipeline: list, tasks: int, logs: Pat
                                          start_method=method)
     done = tasks - len(executor.get_incomplete_ranks(range(tasks)))
     docs, nbytes = total or (None, None)
-    meter = Meter(f"[{label}] stage {stage}", total_bytes=nbytes, total_docs=docs, tasks=tasks)
+    meter = Meter(f"[{label}] stage {stage}", total_bytes=nbytes, total_docs=docs, tasks=tasks, counts_docs=count)
     with watch(folder, meter):
         if cfg.executor == "slurm":
-            _run_slurm(executor, cfg, stage, tasks, folder)
+            _run_slurm(executor, cfg, stage, tasks, label)
         else:
             executor.run()
     left = executor.get_incomplete_ranks(range(tasks))
@@ -86,18 +88,18 @@ def _slurm(cfg: DataConfig, stage: str, pipeline: list, tasks: int, folder: Path
                     slurm_logs_folder=s.logs_dir or str(folder / "slurm_logs"), requeue=False, mail_type="NONE")
 
 
-def _run_slurm(executor, cfg: DataConfig, stage: str, tasks: int, folder: Path) -> None:
+def _run_slurm(executor, cfg: DataConfig, stage: str, tasks: int, label: str) -> None:
     """Submit the job array and wait until it has left the queue."""
     try:
         executor.run()
     except subprocess.CalledProcessError as e:
-        raise DataError(f"Slurm refused the clean stage's job {stage} (sbatch exit {e.returncode}, its message is "
+        raise DataError(f"Slurm refused the {label} stage's job {stage} (sbatch exit {e.returncode}, its message is "
                         f"above): check data.slurm (partition {cfg.slurm.partition!r}, time {cfg.slurm.time!r}, "
                         f"sbatch_args {cfg.slurm.sbatch_args})") from None
     job = getattr(executor, "job_id", None)
     if job in (None, -1):  # every task was done already
         return
-    print(f"[clean] stage {stage}: Slurm job {job} ({tasks} tasks) submitted; waiting")
+    print(f"[{label}] stage {stage}: Slurm job {job} ({tasks} tasks) submitted; waiting")
     while executor.get_incomplete_ranks(range(tasks)):
         queued = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True)
         if (queued.returncode == 0 and not queued.stdout.strip()) or "Invalid job id" in queued.stderr:

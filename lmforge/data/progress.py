@@ -34,7 +34,7 @@ class Meter:
     """One line of progress; :meth:`update` takes running totals (documents, bytes, tasks finished).
 
     With neither a byte nor a document total but a task count (a stage that reads no documents), the
-    line counts tasks instead of bytes.
+    line counts tasks instead of bytes, unless ``counts_docs`` (documents read, total unknown: collect).
     """
 
     def __init__(
@@ -45,12 +45,13 @@ class Meter:
         tasks: int | None = None,
         every: float = 30.0,
         file=None,
+        counts_docs: bool = False,
     ) -> None:
         self.label, self.total_bytes, self.total_docs, self.tasks = label, total_bytes, total_docs, tasks
         self.every, self.file = every, file or sys.stderr
         self.docs = self.bytes = self.tasks_done = 0
         self.start = self.shown = time.monotonic()
-        self.by_tasks = total_bytes is None and total_docs is None and tasks is not None
+        self.by_tasks = total_bytes is None and total_docs is None and tasks is not None and not counts_docs
         tty = hasattr(self.file, "isatty") and self.file.isatty()
         self.bar = tqdm(desc=label, file=self.file, mininterval=0.5, leave=True, **self._units()) if tty else None
 

@@ -44,17 +44,20 @@ class ShardWriter:
         return self.folder / f"{index:05d}.jsonl"
 
     def write(self, doc: Document) -> None:
-        if self.file is None:
-            self.file = AtomicFile(self._path(self.index), "wb")
         if not self.lossless and _SURROGATE.search(doc.text):
             doc = Document(doc.id, _SURROGATE.sub("\ufffd", doc.text), doc.source, doc.meta)
         # surrogatepass: a lone surrogate from a JSON escape survives the round trip instead of crashing it.
-        line = (doc.to_json() + "\n").encode("utf-8", errors="surrogatepass")
+        self.write_line((doc.to_json() + "\n").encode("utf-8", errors="surrogatepass"))
+        self.text_bytes += len(doc.text.encode("utf-8", errors="surrogatepass"))
+
+    def write_line(self, line: bytes) -> None:
+        """One document's JSON line as :meth:`write` encodes it (``text_bytes`` is left to the caller)."""
+        if self.file is None:
+            self.file = AtomicFile(self._path(self.index), "wb")
         self.file.write(line)
         self.current["docs"] += 1
         self.current["bytes"] += len(line)
         self.docs += 1
-        self.text_bytes += len(doc.text.encode("utf-8", errors="surrogatepass"))
         if self.current["bytes"] >= self.shard_bytes:
             self._finish()
 

@@ -84,7 +84,9 @@ def test_a_cluster_that_refuses_the_job_is_one_line(tmp_path: Path, corpus: Path
     sbatch.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
     line = _fails(_slurm_args(tmp_path, corpus, "--data.slurm.partition=nope"), capsys)
-    assert "Slurm refused the clean stage's job a (sbatch exit 1" in line and "partition 'nope'" in line
-    clean = tmp_path / "runs" / "s" / "clean"
-    assert not (clean / "manifest.json").exists() and not (clean / "data_card.json").exists()
-    assert not list((clean / "work" / "logs" / "a").glob("completions/*"))  # no task marked done
+    # collect, the first stage of `lmforge clean`, runs its tasks on Slurm too, and is refused first
+    assert "Slurm refused the collect stage's job read (sbatch exit 1" in line and "partition 'nope'" in line
+    collect = tmp_path / "runs" / "s" / "collect"
+    assert not (collect / "manifest.json").exists() and not list((collect / "shards").glob("*.jsonl"))
+    assert not list((collect / "work" / "logs" / "read").glob("completions/*"))  # no task marked done
+    assert not (tmp_path / "runs" / "s" / "clean").exists()

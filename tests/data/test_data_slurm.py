@@ -1,4 +1,4 @@
-"""The clean stage on a real Slurm cluster: munged, slurmctld and slurmd started here on 127.0.0.1.
+"""The collect, clean and pack stages on a real Slurm cluster: munged, slurmctld and slurmd started here on 127.0.0.1.
 
 Needs Debian's ``slurm-wlm`` and ``munge`` (``.ci/run`` installs them); without them the test fails
 and says so, rather than being skipped.
@@ -129,6 +129,21 @@ def test_slurm_runs_clean_and_pack_and_writes_what_local_writes(cluster: Path, c
     assert packed == pack.main(cfg, *args, tmp_path / "pack_local", 4096) and packed["train"]["shards"] > 1
     for name in [p.name for p in pack.list_shards(tmp_path / "pack_local", "train")]:
         assert (tmp_path / "pack_slurm" / name).read_bytes() == (tmp_path / "pack_local" / name).read_bytes()
+
+
+def test_slurm_runs_collect_and_writes_what_local_writes(cluster: Path, tmp_path: Path) -> None:
+    from lmforge.data import collect
+    from tests.data.test_data_collect_tasks import _cfg, _corpus, _counts, _shards
+
+    corpus = (tmp_path, _corpus(tmp_path))
+    local = collect.main(_cfg(corpus, "local", tasks=1), tmp_path / "local")
+    slurm = _cfg(corpus, "slurm", tasks=4, workers=2, executor="slurm",
+                 slurm={"partition": "debug", "time": "00:10:00", "mem_per_cpu_gb": 1, "poll_seconds": 0.5})
+    on_slurm = collect.main(slurm, tmp_path / "slurm")
+    assert _counts(on_slurm) == _counts(local) and local["shards"] > 5
+    assert _shards(tmp_path / "slurm") == _shards(tmp_path / "local")
+    assert (tmp_path / "slurm" / "rejects.jsonl").read_bytes() == (tmp_path / "local" / "rejects.jsonl").read_bytes()
+    assert not (tmp_path / "slurm" / "work").exists()
 
 
 def test_a_job_the_cluster_refuses_is_one_clear_error(cluster: Path, collected: tuple, tmp_path: Path) -> None:

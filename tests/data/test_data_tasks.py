@@ -200,7 +200,8 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(collected, tmp_path: Path, ca
     from lmforge.cli import main as cli_main
 
     cfg, _ = collected
-    common = ["clean", f"--runs_dir={cfg.runs_dir}", "--name=t", f"--data.train=[{cfg.data.train[0]}]"]
+    # A run folder of its own: the collect stage (now datatrove tasks on Slurm too) is what stops here.
+    common = ["clean", f"--runs_dir={tmp_path / 'runs'}", "--name=t", f"--data.train=[{cfg.data.train[0]}]"]
     for args, expected in (([*common, "--data.executor=slurm"], "data.slurm.partition"),
                            (["clean", f"--runs_dir={tmp_path}", f"--data.train=[{tmp_path / 'nowhere.txt'}]"],
                             "nowhere.txt")):
@@ -211,7 +212,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(collected, tmp_path: Path, ca
         # One error line (a missing source is warned about first, then the stage stops with a line of its own).
         assert len([e for e in err if e.startswith("error")]) == 1 and expected in err[-1]
         assert not any("Traceback" in e for e in err)
-    assert not (cfg.run_dir / "clean" / "manifest.json").exists()
+    assert not (tmp_path / "runs" / "t" / "clean" / "manifest.json").exists()
 
 
 def test_a_failing_task_names_the_damage_and_marks_nothing_done(collected, tmp_path: Path) -> None:

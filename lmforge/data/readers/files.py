@@ -161,14 +161,22 @@ def read_documents(paths: list[str], stats: ReadStats | None = None,
     stats = stats if stats is not None else ReadStats()
     opts = options or FileOptions()
     for raw in paths:
-        for path in _expand(raw):
-            if path.is_dir():
-                for rel, file in _walk(path, stats, opts):
-                    base, _, _ = split_suffix(rel)
-                    yield from read_file(file, base, explicit=False, stats=stats, opts=opts)
-            else:
-                base, _, _ = split_suffix(path.name)
-                yield from read_file(path, base, explicit=True, stats=stats, opts=opts)
+        for path, base, explicit in list_files(raw, stats, opts):
+            yield from read_file(path, base, explicit=explicit, stats=stats, opts=opts)
+
+
+def list_files(raw: str, stats: ReadStats, opts: FileOptions) -> Iterator[tuple[Path, str, bool]]:
+    """The files a path, folder or glob names, in reading order, as ``(path, id base, named explicitly)``.
+
+    Hidden and excluded entries of folders are counted in ``stats`` as they are passed; the collect
+    stage lists a source this way and hands each file to a task of its own choosing.
+    """
+    for path in _expand(raw):
+        if path.is_dir():
+            for rel, file in _walk(path, stats, opts):
+                yield file, split_suffix(rel)[0], False
+        else:
+            yield path, split_suffix(path.name)[0], True
 
 
 def stage_texts(path: Path) -> Iterator[str]:

@@ -67,12 +67,26 @@ def _files(url: str, storage_options: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def read_url(url: str, storage_options: dict[str, Any], stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
     """The documents of the file(s) at ``url``, streamed through fsspec, in sorted path order."""
+    for path, base in url_files(url, storage_options, stats, opts):
+        yield from read_url_file(url, path, base, stats, opts)
+
+
+def url_files(url: str, storage_options: dict[str, Any], stats: ReadStats, opts: FileOptions) -> Iterator[tuple[Any, str]]:
+    """``(UPath, id base)`` of the files ``url`` names that pass include / exclude, in sorted path order."""
     try:
         for rel, path in _files(url, storage_options):
             if not opts.wanted(rel):
                 stats.skip("excluded", str(path))
                 continue
-            yield from read_file(path, split_suffix(rel)[0], explicit=True, stats=stats, opts=opts)
+            yield path, split_suffix(rel)[0]
+    except _network_errors() as e:
+        raise DataError(f"{url}: read failed ({type(e).__name__}: {e})") from None
+
+
+def read_url_file(url: str, path: Any, base: str, stats: ReadStats, opts: FileOptions) -> Iterator[Document]:
+    """The documents of one file of the ``url`` source; a network failure is a :class:`DataError` naming ``url``."""
+    try:
+        yield from read_file(path, base, explicit=True, stats=stats, opts=opts)
     except _network_errors() as e:
         raise DataError(f"{url}: read failed ({type(e).__name__}: {e})") from None
 
