@@ -54,6 +54,7 @@ from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
 from lmforge.tune.scaling import (
     BPB_FLOOR,
     EXPONENT_BOUNDS,
+    REPEAT_HALF_LIFE,
     LossFit,
     effective_tokens,
     fit_loss,
@@ -377,7 +378,8 @@ def _plan_record(cfg: RunConfig, seconds: float, label: str, data: dict, probes:
                 "bits per byte are the probes' in-training validation estimates (plan.eval_batches batches); "
                 "the eval stage scores every held-out byte",
                 "vocabulary, batch, learning rate and schedule are the speedrun's, not re-tuned per size",
-                "tokens seen more than once count as Muennighoff et al. 2023's effective data",
+                f"tokens seen more than once count as Muennighoff et al. 2023's effective data, with R* = "
+                f"{REPEAT_HALF_LIFE:g} as measured on the embedded corpus (theirs, for larger models on C4: 15.4)",
                 f"the irreducible loss E is at least {BPB_FLOOR} bits per byte; the exponents a and b lie in "
                 f"[{EXPONENT_BOUNDS[0]:g}, {EXPONENT_BOUNDS[1]:g}]",
                 f"the smallest shape within {TIE} bits per byte of the best prediction is chosen",

@@ -7,8 +7,8 @@ L_obs`` with L-BFGS-B (scipy), on the bits per byte measured by short probe runs
 points come from a grid of the exponents ``a, b``, for each of which the loss is linear in ``E, A, B``
 (non-negative least squares). Tokens seen more than once count for less than fresh ones: ``D`` is the effective data
 of Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"), ``U + U R* (1 - exp(-R / R*))``
-with ``U`` unique tokens, ``R = D / U - 1`` repeats and ``R* = 15.4``, so a long budget on a small
-corpus is not promised what a fresh corpus would give. :func:`parse_budget` reads ``--budget`` (a
+with ``U`` unique tokens, ``R = D / U - 1`` repeats and ``R*`` (:data:`REPEAT_HALF_LIFE`), so a long
+budget on a small corpus is not promised what a fresh corpus would give. :func:`parse_budget` reads ``--budget`` (a
 number with a unit: ``90s``, ``5m``, ``2h``)::
 
     fit = fit_loss(points)             # points: [(N, D, bits_per_byte), ...]
@@ -35,7 +35,11 @@ import numpy as np
 from lmforge.config import ConfigError
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-REPEAT_HALF_LIFE = 15.4  # R*: Muennighoff et al.'s fitted decay of the value of repeated tokens
+# R*, how fast repeated tokens lose their value. Muennighoff et al. fitted 15.4 for models of 10 M parameters and up
+# on C4. Measured here it is far smaller: on the embedded corpus (held-out plays), the own curves of 64 x 2 and
+# 128 x 4 fitted on runs of under one epoch meet their 5- and 20-minute runs (7.2 and 9.2 epochs: 2.039 and 1.884
+# bits per byte) at R* = 2.2 and 2.3; with 15.4 they promised 0.05 and 0.11 too much (docs/speedrun.md).
+REPEAT_HALF_LIFE = 2.3
 HUBER_DELTA = 1e-3  # Chinchilla's: the fit follows the bulk of the points, not one noisy probe
 
 

@@ -21,6 +21,7 @@ from lmforge.train import loop
 from lmforge.tune import plan as plan_module
 from lmforge.tune.scaling import (
     BPB_FLOOR,
+    REPEAT_HALF_LIFE,
     LossFit,
     ShapeCurve,
     effective_tokens,
@@ -128,8 +129,9 @@ def test_confirmations_are_the_first_choice_and_the_speedrun_shape(monkeypatch):
 
 def test_repeated_tokens_count_for_less():
     assert effective_tokens(5e5, 1e6) == 5e5 and effective_tokens(5e5, None) == 5e5
-    two_epochs = effective_tokens(2e6, 1e6)
-    assert 1.9e6 < two_epochs < 2e6 and effective_tokens(1e9, 1e6) < 1e6 * 17.5
+    r = REPEAT_HALF_LIFE  # a second pass is worth r (1 - exp(-1 / r)) of a fresh one; no budget buys more than 1 + r
+    assert effective_tokens(2e6, 1e6) == pytest.approx(1e6 * (1 + r * (1 - math.exp(-1 / r))))
+    assert 1.5e6 < effective_tokens(2e6, 1e6) < 2e6 and effective_tokens(1e9, 1e6) <= 1e6 * (1 + r)
 
 
 def test_the_recipe_is_the_speedrun_config():
@@ -163,7 +165,7 @@ def _fake_speed(monkeypatch) -> None:
 
 def _plan_args(runs, corpus) -> list[str]:
     return ["plan", "--budget", "2m", f"--runs_dir={runs}", f"--data.train=[{corpus}]", "--train.threads=1",
-            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[2.5, 4]",
+            "--plan.probe_sizes=[[32, 1], [48, 1], [64, 1]]", "--plan.probe_seconds=[3.5, 5]",
             "--plan.probe_warmup=2", "--plan.eval_batches=2", "--plan.confirm_fraction=0.05"]
 
 
@@ -186,10 +188,11 @@ def test_a_plan_writes_a_recipe_that_loads_its_json_and_its_plot(tmp_path, small
         assert p["tokens_per_s"] == pytest.approx(16 * 128 / (SECONDS_PER_PARAM * p["params"]), rel=1e-9)
     assert {p["params"] for p in probes[:6]} == {144_544, 224_496, 315_648}
     # Two confirmations of 6 s (5% of 2 minutes): the fit's first choice and the runner-up (the speedrun's 128x4
-    # is no candidate with probes this small); a confirmed shape no probe measured is probed at 2.5 and 4 s first.
+    # is no candidate with probes this small); a confirmed shape no probe measured is probed at 3.5 and 5 s first
+    # (long enough for every candidate: none is skipped as too slow, so a second plan trains nothing).
     confirmed_shapes = {(c["d_model"], c["n_layers"]) for c in conf}
     assert [c["seconds"] for c in conf] == [6.0, 6.0] and len(confirmed_shapes) == 2
-    assert all((p["d_model"], p["n_layers"]) in confirmed_shapes and p["seconds"] in (2.5, 4.0) for p in probes[6:])
+    assert all((p["d_model"], p["n_layers"]) in confirmed_shapes and p["seconds"] in (3.5, 5.0) for p in probes[6:])
     assert plan["budget"] == {"text": "2m", "seconds": 120.0} and plan["fit"]["points"] == len(probes) + 2
     assert {(r["d_model"], r["n_layers"]) for r in plan["confirmed"]} == confirmed_shapes
     best = min(r["predicted_bpb"] for r in plan["confirmed"])  # the choice: the smaller one within TIE of the best
