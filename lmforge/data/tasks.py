@@ -94,8 +94,9 @@ class Signatures(MinhashDedupSignature):
         phv += b
         high = phv >> np.uint64(61)
         phv &= MERSENNE
-        phv += high  # < 2 * MERSENNE: one subtraction finishes the reduction
-        phv -= MERSENNE * (phv >= MERSENNE)
+        phv += high  # <= MERSENNE + 7: one subtraction finishes the reduction, needed about once in 2^58
+        if phv.max() >= MERSENNE:  # one pass to check is cheaper than a mask and a product every time
+            phv -= MERSENNE * (phv >= MERSENNE)
         if self.config.hash_config.precision == 32:
             phv &= np.uint64(self.config.hash_config.max)
         lowest = phv.min(axis=0).astype(self.config.hash_config.np_dtype)

@@ -119,6 +119,13 @@ def test_signatures_are_datatroves(tmp_path: Path, precision: int) -> None:
         shingles = rng.integers(0, 2**63, size=(size, 1), dtype=np.uint64) * np.uint64(2)
         shingles[0, 0] = np.uint64(2**64 - 1)  # the largest input: the product wraps, as in datatrove
         assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
+    # inputs whose a * x + b wraps to exactly the modulus, in each column with an odd a: the rare final subtraction
+    a, b = (p.ravel().tolist() for p in ours.parameters)
+    edge = [((2**61 - 1 - bj) * pow(aj, -1, 2**64)) % 2**64 for aj, bj in zip(a, b, strict=True) if aj % 2]
+    assert edge
+    shingles = np.array(edge + [5, 2**40], dtype=np.uint64).reshape(-1, 1)
+    assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
+    assert min(min(bucket) for bucket in ours.get_signature(shingles)) == 0
 
 
 def _kept(out: Path) -> list[tuple[str, bytes]]:
