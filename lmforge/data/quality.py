@@ -105,10 +105,9 @@ def _repeated_share(h: np.ndarray, n: int, lengths: np.ndarray, total: int) -> f
     """Share of the characters inside n-grams that occur earlier in the text (each word counted once)."""
     repeat = np.ones(len(h), dtype=bool)
     repeat[np.unique(h, return_index=True)[1]] = False  # first occurrences are not duplicates
-    marks = np.zeros(len(lengths) + 1, dtype=np.int64)
     starts = np.flatnonzero(repeat)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, starts + n, -1)
+    # +1 where a repeated n-gram starts, -1 where it ends: a running sum above 0 is inside one
+    marks = np.bincount(starts, minlength=len(lengths) + 1) - np.bincount(starts + n, minlength=len(lengths) + 1)
     covered = np.cumsum(marks[:-1]) > 0
     return int(lengths[covered].sum()) / total
 
