@@ -151,3 +151,17 @@ def test_the_clean_stage_keeps_what_the_plain_paths_keep(tmp_path: Path, monkeyp
     assert fast["dropped"] == plain["dropped"]
     assert {"duplicate_ngrams", "top_ngram", "exact_duplicate"} <= set(fast["dropped"])
     assert fast["documents"]["kept"] > 20
+
+
+def test_sorted_runs_give_np_uniques_counts_and_first_occurrences() -> None:
+    """The repetition rule's unstable-sort helpers against np.unique (stable), on values with many ties."""
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 7, 100, 5000):
+        for high in (2, 5, 1 << 62):
+            h = rng.integers(0, high, size=size, dtype=np.uint64)
+            _, first, counts = np.unique(h, return_index=True, return_counts=True)
+            top = int(np.argmax(counts))
+            assert quality._top_ngram(h) == (int(counts[top]), int(first[top]))
+            order = np.argsort(h)
+            ours = np.minimum.reduceat(order, quality._run_starts(h[order]))
+            assert sorted(ours.tolist()) == sorted(first.tolist())
