@@ -126,6 +126,11 @@ def test_signatures_are_datatroves(tmp_path: Path, precision: int) -> None:
     shingles = np.array(edge + [5, 2**40], dtype=np.uint64).reshape(-1, 1)
     assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
     assert min(min(bucket) for bucket in ours.get_signature(shingles)) == 0
+    # get_shingles keeps repeated shingles: the signature of the distinct ones is the same
+    text = "the cat sat on the mat and the cat sat on the mat again " * 3
+    repeated = ours.get_shingles(text)
+    assert len(np.unique(repeated)) < len(repeated)
+    assert ours.get_signature(repeated) == ours.get_signature(np.unique(repeated).reshape(-1, 1))
 
 
 def _kept(out: Path) -> list[tuple[str, bytes]]:
