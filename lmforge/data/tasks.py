@@ -102,7 +102,7 @@ class Signatures(MinhashDedupSignature):
         if self.config.hash_config.precision == 32:
             phv &= np.uint64(self.config.hash_config.max)
         lowest = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
-        return [x.tolist() for x in np.split(lowest, self.config.num_buckets)]
+        return lowest.reshape(self.config.num_buckets, -1).tolist()  # np.split into equal buckets, as lists
 
 
 def count_lines(path: Path) -> int:
