@@ -41,7 +41,7 @@ class VectorIdentifier(LanguageIdentifier):
 
     def __init__(self, *args, depth: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._moves = _as_uint(self.tk_nextmove)
+        self._moves = _as_uint(self.tk_nextmove).astype(np.uint32, copy=False)  # np.take writes into uint32 states
         # a row's offset in the flat transition table; every offset + 255 fits uint32 (checked below)
         self._rows = _as_uint(self.tk_row).astype(np.uint32) << np.uint32(8)
         self._outputs = np.asarray(self.tk_output, dtype=np.int32)
