@@ -145,7 +145,7 @@ class LanguageConfig(Section):
         "ISO 639-1 codes to keep (empty = keep every language, still tagged)"))
     min_score: float = Field(0.5, ge=0.0, le=1.0, description="drop documents whose best language is less sure")
     max_chars: int = Field(2000, ge=100, description=(
-        "characters read from each document to decide (py3langid reads about 1 MB/s)"))
+        "characters read from each document to decide (py3langid, scored in numpy, reads about 6 MB per CPU-second)"))
 
 
 class PIIConfig(Section):

@@ -178,16 +178,11 @@ def lines_step(cfg: LinesConfig) -> Step:
 
 
 # ------------------------------------------------------------------ language
-@lru_cache(maxsize=1)
-def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
 def identify_language(text: str) -> tuple[str, float]:
-    """``(ISO 639-1 code, probability)`` from py3langid's bundled model."""
-    lang, score = _identifier().classify(text)
+    """``(ISO 639-1 code, probability)`` from py3langid's bundled model, scored in numpy (lmforge/data/langid.py)."""
+    from lmforge.data.langid import load_identifier
+
+    lang, score = load_identifier().classify(text)
     return lang, float(score)
 
 

@@ -101,14 +101,31 @@ def _ngrams_growing(ids: np.ndarray, longest: int):
             yield n, h
 
 
+def _run_starts(ranked: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins in a sorted array."""
+    return np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+
+
+def _top_ngram(h: np.ndarray) -> tuple[int, int]:
+    """``(count, first position)`` of the most frequent value, the smallest value among equals (as the
+    argmax over ``np.unique``'s counts picks it)."""
+    ranked = np.sort(h)  # numpy's default sort (SIMD, unstable) is several times faster than np.unique's
+    starts = _run_starts(ranked)
+    counts = np.diff(np.append(starts, len(ranked)))
+    top = int(np.argmax(counts))
+    return int(counts[top]), int(np.argmax(h == ranked[starts[top]]))
+
+
 def _repeated_share(h: np.ndarray, n: int, lengths: np.ndarray, total: int) -> float:
     """Share of the characters inside n-grams that occur earlier in the text (each word counted once)."""
     repeat = np.ones(len(h), dtype=bool)
-    repeat[np.unique(h, return_index=True)[1]] = False  # first occurrences are not duplicates
-    marks = np.zeros(len(lengths) + 1, dtype=np.int64)
+    # first occurrences are not duplicates; after numpy's default sort (faster than the stable one
+    # np.unique needs for first occurrences) a value's first occurrence is its run's smallest index
+    order = np.argsort(h)
+    repeat[np.minimum.reduceat(order, _run_starts(h[order]))] = False
     starts = np.flatnonzero(repeat)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, starts + n, -1)
+    # +1 where a repeated n-gram starts, -1 where it ends: a running sum above 0 is inside one
+    marks = np.bincount(starts, minlength=len(lengths) + 1) - np.bincount(starts + n, minlength=len(lengths) + 1)
     covered = np.cumsum(marks[:-1]) > 0
     return int(lengths[covered].sum()) / total
 
@@ -135,10 +152,9 @@ def gopher_repetition(text: str) -> Verdict:
     top_limits, dup_limits = dict(TOP_NGRAM_CHARS), dict(DUP_NGRAM_CHARS)
     for n, h in _ngrams_growing(ids, max(dup_limits)):
         if n in top_limits:
-            _, first, counts = np.unique(h, return_index=True, return_counts=True)
-            top = int(np.argmax(counts))
-            if counts[top] > 1:
-                share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
+            count, first = _top_ngram(h)
+            if count > 1:
+                share = int(lengths[first: first + n].sum()) * count / total
                 if share > top_limits[n]:
                     return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
         if n in dup_limits:

@@ -74,7 +74,9 @@ class Signatures(MinhashDedupSignature):
 
     datatrove hashes every shingle's joined string in Python (about 1 s per 5 MB); here each distinct
     word is hashed once and a shingle is a 64-bit mix of its words' hashes (``quality.ngram_hashes``).
-    A text shorter than one shingle is one shingle, as in lmforge's in-memory finder.
+    A text shorter than one shingle is one shingle, as in lmforge's in-memory finder. Repeated shingles
+    are kept: a signature is a minimum, which a repeat does not change, and removing them costs more
+    than hashing them.
     """
 
     def get_shingles(self, text: str) -> np.ndarray:
@@ -84,7 +86,7 @@ class Signatures(MinhashDedupSignature):
         shingles = ngram_hashes(hashes, min(self.config.n_grams, len(hashes)))
         if self.config.hash_config.precision == 32:
             shingles = shingles & np.uint64(0xFFFFFFFF)
-        return np.unique(shingles).reshape((-1, 1))
+        return shingles.reshape((-1, 1))
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
         """datatrove's signature, the same values: ``(a * x + b) mod (2^61 - 1)`` with the Mersenne modulus
@@ -94,12 +96,13 @@ class Signatures(MinhashDedupSignature):
         phv += b
         high = phv >> np.uint64(61)
         phv &= MERSENNE
-        phv += high  # < 2 * MERSENNE: one subtraction finishes the reduction
-        phv -= MERSENNE * (phv >= MERSENNE)
+        phv += high  # <= MERSENNE + 7: one subtraction finishes the reduction, needed about once in 2^58
+        if phv.max() >= MERSENNE:  # one pass to check is cheaper than a mask and a product every time
+            phv -= MERSENNE * (phv >= MERSENNE)
         if self.config.hash_config.precision == 32:
             phv &= np.uint64(self.config.hash_config.max)
         lowest = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
-        return [x.tolist() for x in np.split(lowest, self.config.num_buckets)]
+        return lowest.reshape(self.config.num_buckets, -1).tolist()  # np.split into equal buckets, as lists
 
 
 def count_lines(path: Path) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import re
 import time
@@ -39,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge import artifacts
+from lmforge.cache import cache_dir
 
 METRICS_FILE = "metrics.jsonl"
 _TB_WARNED = False
@@ -230,12 +230,6 @@ def gpu_peak_flops(name: str) -> float | None:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return flops
     return None
-
-
-def cache_dir() -> Path:
-    """lmforge's cache of figures measured on this machine: ``$LMFORGE_CACHE``, else ``~/.cache/lmforge``."""
-    root = os.environ.get("LMFORGE_CACHE")
-    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lmforge"
 
 
 def _cache_file() -> Path:

@@ -119,6 +119,18 @@ def test_signatures_are_datatroves(tmp_path: Path, precision: int) -> None:
         shingles = rng.integers(0, 2**63, size=(size, 1), dtype=np.uint64) * np.uint64(2)
         shingles[0, 0] = np.uint64(2**64 - 1)  # the largest input: the product wraps, as in datatrove
         assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
+    # inputs whose a * x + b wraps to exactly the modulus, in each column with an odd a: the rare final subtraction
+    a, b = (p.ravel().tolist() for p in ours.parameters)
+    edge = [((2**61 - 1 - bj) * pow(aj, -1, 2**64)) % 2**64 for aj, bj in zip(a, b, strict=True) if aj % 2]
+    assert edge
+    shingles = np.array(edge + [5, 2**40], dtype=np.uint64).reshape(-1, 1)
+    assert ours.get_signature(shingles) == MinhashDedupSignature.get_signature(ours, shingles)
+    assert min(min(bucket) for bucket in ours.get_signature(shingles)) == 0
+    # get_shingles keeps repeated shingles: the signature of the distinct ones is the same
+    text = "the cat sat on the mat and the cat sat on the mat again " * 3
+    repeated = ours.get_shingles(text)
+    assert len(np.unique(repeated)) < len(repeated)
+    assert ours.get_signature(repeated) == ours.get_signature(np.unique(repeated).reshape(-1, 1))
 
 
 def _kept(out: Path) -> list[tuple[str, bytes]]:
@@ -144,3 +156,17 @@ def test_the_clean_stage_keeps_what_the_plain_paths_keep(tmp_path: Path, monkeyp
     assert fast["dropped"] == plain["dropped"]
     assert {"duplicate_ngrams", "top_ngram", "exact_duplicate"} <= set(fast["dropped"])
     assert fast["documents"]["kept"] > 20
+
+
+def test_sorted_runs_give_np_uniques_counts_and_first_occurrences() -> None:
+    """The repetition rule's unstable-sort helpers against np.unique (stable), on values with many ties."""
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 7, 100, 5000):
+        for high in (2, 5, 1 << 62):
+            h = rng.integers(0, high, size=size, dtype=np.uint64)
+            _, first, counts = np.unique(h, return_index=True, return_counts=True)
+            top = int(np.argmax(counts))
+            assert quality._top_ngram(h) == (int(counts[top]), int(first[top]))
+            order = np.argsort(h)
+            ours = np.minimum.reduceat(order, quality._run_starts(h[order]))
+            assert sorted(ours.tolist()) == sorted(first.tolist())
