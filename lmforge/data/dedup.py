@@ -10,11 +10,13 @@ hashed to 64 bits (blake2b, the same in every process), from which come
 - the **n-grams** checked against the evaluation sets (``ngram`` words, 13 by default,
   as in the GPT-3 paper's contamination study).
 
-The clean stage computes fingerprints shard by shard (in parallel), then runs
-:class:`DuplicateFinder` once over all of them in shard order: the first copy of a
-text is kept, later exact copies are ``exact_duplicate`` and later near-copies
-(estimated Jaccard similarity >= ``threshold``, found with MinHash LSH and then
-checked on the full signatures) are ``near_duplicate``. ::
+The clean stage (:mod:`lmforge.data.tasks`) takes the word hashes, exact keys and the
+n-gram check from here and finds near-copies with datatrove's multi-stage MinHash
+(signatures per task, buckets, clusters): a document sharing one LSH band with an
+earlier one is a ``near_duplicate``. :class:`DuplicateFinder` is the in-memory finder
+it replaced, which also checks each candidate on the full signature (estimated
+Jaccard similarity >= ``threshold``); ``benchmarks/dedup_curve.py`` measures against
+it as the reference. ::
 
     finder = DuplicateFinder(cfg.clean.dedup)
     fp = fingerprint("Some text ...", cfg.clean.dedup)
