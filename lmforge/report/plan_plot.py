@@ -40,7 +40,7 @@ def plot(plan: dict) -> bytes:
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.add_subplot()
     ax.plot([c["minutes"] for c in curve], [c["predicted_bpb"] for c in curve], "-o", color="tab:blue", ms=3,
-            label="predicted (best shape at each budget)")
+            label="shared fit (best shape at each budget)")
     minutes = plan["budget"]["seconds"] / 60.0
     ax.plot([minutes], [chosen["predicted_bpb"]], "*", color="tab:red", ms=14,
             label=f"chosen: width {chosen['d_model']}, {chosen['n_layers']} layers, "
