@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,20 @@ def umask(request) -> int:
 def file_modes(folder: Path) -> dict[str, int]:
     """The permission bits of every file under ``folder``, by path relative to it."""
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_when(marker: Path, *argv: str, timeout: float = 60) -> None:
+    """Start ``python argv`` in a session of its own, wait until it creates ``marker`` (its way of saying where it
+    is), then SIGKILL it and whatever it started, as ``kill -9`` on its process group would."""
+    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from lmforge.config import RunConfig
 from lmforge.data import collect
 from lmforge.data.shards import shard_paths
 from lmforge.data.sources import DataError
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,16 +108,7 @@ def test_a_killed_collect_redoes_only_its_unfinished_tasks(corpus: tuple[Path, d
     out, marker = tmp_path / "out", tmp_path / "in_task_3"
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     (tmp_path / "child.py").write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "cfg.json"), str(out),
-                              str(marker)], cwd=ROOT, start_new_session=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists():  # waits for the child to reach the middle of task 3
-        assert child.poll() is None, child.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started, as `kill -9` would
-    child.wait()
+    kill_when(marker, str(tmp_path / "child.py"), str(tmp_path / "cfg.json"), str(out), str(marker))  # in task 3
     work = out / "work"
     assert sorted(p.name for p in (work / "logs" / "read" / "completions").iterdir()) == ["00000", "00001", "00002"]
     assert list((work / "docs").glob(".*")) and not (work / "docs" / "00003.jsonl").exists()  # half-written

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ from lmforge.data import curate, tasks
 from lmforge.data.shards import read_shard, shard_paths
 from lmforge.data.sources import DataError, embedded_corpus
 from lmforge.pipeline import run
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 GERMAN = ("Der Fluss fließt an der alten Mühle vorbei und hinunter ins Tal, wo die Bauern seit jeher Weizen und "
@@ -143,16 +139,8 @@ def test_a_killed_run_redoes_only_its_unfinished_tasks(collected, tmp_path: Path
     out, marker = tmp_path / "out", tmp_path / "in_task_3"
     (tmp_path / "cfg.json").write_text(cfg8.model_dump_json())
     (tmp_path / "child.py").write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "cfg.json"), str(out),
-                              str(marker), up["_fp"]["collect"]], cwd=ROOT, start_new_session=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists():  # waits for the child to reach the middle of task 3
-        assert child.poll() is None, child.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started, as `kill -9` would
-    child.wait()
+    kill_when(marker, str(tmp_path / "child.py"), str(tmp_path / "cfg.json"), str(out), str(marker),
+              up["_fp"]["collect"])  # in the middle of task 3
     assert sorted(p.name for p in (out / "work" / "logs" / "a" / "completions").iterdir()) == ["00000", "00001",
                                                                                                "00002"]
     assert list((out / "work" / "a").glob(".*"))  # task 3's kept documents, half-written under a temporary name
