@@ -16,11 +16,13 @@
    corpus, give its predicted bits per byte. On this machine candidates stay within 4x the largest
    probe's parameters: the fit is not trusted further.
 5. Confirmation (this machine only): the fit's first choice and the speedrun's 128x4 (or the runner-up)
-   train for ``plan.confirm_fraction`` of the budget, much nearer its tokens than the probes. The curve
-   is refitted on probes and confirmations, weighted toward the budget's tokens; each confirmed shape
-   is predicted at its median measured speed (probes and confirmation) as the refitted curve plus the
-   curve's miss at its confirmation,
-   and the smallest confirmed shape within TIE of the best is chosen.
+   train for ``plan.confirm_fraction`` of the budget, much nearer its tokens than the probes (a shape no
+   probe measured is probed first). The shared curve is refitted on probes and confirmations, weighted
+   toward the budget's tokens. Each confirmed shape is predicted at its median measured speed by its own
+   curve through its runs (:func:`lmforge.tune.scaling.fit_shape_curve`: its own floor and exponent, so
+   a small model's gains can run out sooner than a large one's), or, with fewer than three lengths, by
+   the refitted curve plus its miss at the confirmation; the smallest confirmed shape within TIE of the
+   best is chosen.
 6. It writes ``plan.yaml`` (a config ``lmforge run --config`` trains: the width and depth chosen, the
    speedrun's vocabulary, batch and learning rate, ``steps: auto``, ``max_seconds`` = the budget, the
    prediction in a comment), ``plan.json`` (probes, fits, candidates, the curve, assumptions) and
