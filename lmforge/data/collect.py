@@ -258,7 +258,7 @@ class CollectTask(PipelineStep):
 
         def reject(reason: str, where: str) -> None:
             nonlocal lines
-            rejects.write(json.dumps({"source": label, "reason": reason, "where": where}, ensure_ascii=False) + "\n")
+            rejects.write(_reject_line(label, reason, where))
             lines += 1
 
         stats, limited, size, failed = ReadStats(sink=reject), False, 0, None
@@ -273,6 +273,11 @@ class CollectTask(PipelineStep):
         return {"files": stats.files, "documents": stats.documents, "bytes": size, "limited": limited,
                 "repaired_bytes": stats.repaired_bytes, "skipped": stats.skipped, "examples": stats.examples,
                 "rejects": lines, "failed": failed}
+
+
+def _reject_line(label: str, reason: str, where: str) -> str:
+    """One line of ``rejects.jsonl``: what a task writes and what the join writes for what listing skipped."""
+    return json.dumps({"source": label, "reason": reason, "where": where}, ensure_ascii=False) + "\n"
 
 
 # ------------------------------------------------------------------ the stage: plan, run the tasks, join
@@ -324,10 +329,8 @@ def _lines(paths: list[Path]) -> Iterator[str]:
 def _source_stats(label: str, units: list[tuple[Unit, dict]], tail: list[tuple[str, str]], failed: str | None,
                   rejects: IO[str], lines: Iterator[str]) -> tuple[ReadStats, bool, list[str]]:
     """One source's counts and rejects, its units taken in order, as one process reading it would have them."""
-    def reject(reason: str, where: str) -> None:
-        rejects.write(json.dumps({"source": label, "reason": reason, "where": where}, ensure_ascii=False) + "\n")
-
-    stats, limited, failures = ReadStats(sink=reject), False, []
+    stats = ReadStats(sink=lambda reason, where: rejects.write(_reject_line(label, reason, where)))
+    limited, failures = False, []
     for unit, c in units:
         for reason, where in unit.before:
             stats.skip(reason, where)

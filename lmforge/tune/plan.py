@@ -49,10 +49,11 @@ import torch
 import yaml
 
 from lmforge import artifacts
+from lmforge.cache import cache_dir
 from lmforge.config import ConfigError, ModelConfig, RunConfig, load_config
 from lmforge.models import build_model
 from lmforge.train import budget, loop
-from lmforge.train.metrics import cache_dir, cpu_model, gpu_peak_flops
+from lmforge.train.metrics import cpu_model, gpu_peak_flops
 from lmforge.tune.scaling import (
     BPB_FLOOR,
     EXPONENT_BOUNDS,
