@@ -3,7 +3,7 @@
 :func:`build_steps` turns ``cfg.clean`` into an ordered list of named steps (the
 order of FineWeb's pipeline: extract, repair, filter, then scrub)::
 
-    html            raw HTML markup -> main text (trafilatura)
+    html            raw HTML markup -> main text (trafilatura), its metadata optionally
     unicode         mojibake and HTML entities repaired (ftfy), then NFC or NFKC
     control_chars   C0/C1 control characters, lone surrogates, non-characters removed
     whitespace      one line ending, odd spaces to spaces, no trailing spaces, <= 1 blank line
@@ -65,15 +65,18 @@ def looks_like_html(text: str) -> bool:
     return len(_HTML_HINT.findall(head)) >= 3
 
 
-def extract_html(doc: Document) -> Document | Drop:
-    if not looks_like_html(doc.text):
-        return doc
-    from lmforge.data.readers.markup import html_to_text
+def html_step(metadata: bool) -> Step:
+    """HTML markup to its main text; with ``metadata``, the page's title, author, date ... join meta."""
+    def html(doc: Document) -> Document | Drop:
+        if not looks_like_html(doc.text):
+            return doc
+        from lmforge.data.readers.markup import html_to_text
 
-    text, meta = html_to_text(doc.text, url=doc.meta.get("url"))
-    if not text:
-        return Drop("html_no_text", "no main text in the markup")
-    return replace(doc, text=text, meta={**meta, **doc.meta})  # the record's own metadata wins
+        text, meta = html_to_text(doc.text, url=doc.meta.get("url"), metadata=metadata)
+        if not text:
+            return Drop("html_no_text", "no main text in the markup")
+        return replace(doc, text=text, meta={**meta, **doc.meta})  # the record's own metadata wins
+    return html
 
 
 _ENTITY = re.compile(r"&(?:[A-Za-z]+\d*|#\d+|#[xX][0-9A-Fa-f]+);")
@@ -118,10 +121,18 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 def normalize_whitespace(doc: Document) -> Document | Drop:
-    text = _LINE_BREAKS.sub("\n", doc.text)
-    text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
-    text = _BLANK_RUNS.sub("\n\n", _TRAILING.sub("", text)).strip("\n")
-    return _with_text(doc, text)
+    # Each rule runs only where a plain substring test says it can match (the same text, a few
+    # times faster): odd spaces and invisibles are never ASCII, trailing blanks precede a line end.
+    text = doc.text
+    if "\r" in text or "\x0b" in text or "\x0c" in text or not text.isascii():
+        text = _LINE_BREAKS.sub("\n", text)
+    if not text.isascii():
+        text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
+    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
+    return _with_text(doc, text.strip("\n"))
 
 
 # --------------------------------------------------------------------- lines
@@ -212,7 +223,14 @@ _PHONE = re.compile(r"(?<![\w+\-/.])(?<!\d )(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[
 
 
 # Every IP address or phone number holds two digits in a row (or split by a separator) or a colon pair.
-_PII_GATE = re.compile(r"\d[\d .\-]|::|[0-9A-Fa-f]:[0-9A-Fa-f]")
+# Three tests instead of one alternation: a pattern that opens with a literal (":") is found by a fast
+# scan for that character, where an alternation is tried at every position (2.4x slower here).
+_DIGIT_PAIR = re.compile(r"\d[\d .\-]")
+_HEX_COLON = re.compile(r":(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]")
+
+
+def _may_hold_numbers(text: str) -> bool:
+    return "::" in text or bool(_DIGIT_PAIR.search(text)) or bool(_HEX_COLON.search(text))
 
 
 def pii_step(cfg: PIIConfig) -> Step:
@@ -220,7 +238,7 @@ def pii_step(cfg: PIIConfig) -> Step:
         text, found = doc.text, {"email": 0, "ip": 0, "phone": 0}
         if cfg.emails and "@" in text:
             text, found["email"] = _EMAIL.subn(cfg.email_replacement, text)
-        numbers = bool(_PII_GATE.search(text))
+        numbers = _may_hold_numbers(text)
         if cfg.ips and numbers:
             text, n4 = _IPV4.subn(cfg.ip_replacement, text)
             text, n6 = _IPV6.subn(cfg.ip_replacement, text)
@@ -264,7 +282,7 @@ def build_steps(cfg: CleanConfig) -> list[tuple[str, Step]]:
     """The enabled steps of ``cfg`` in order, as ``(name, step)``."""
     n, q = cfg.normalize, cfg.quality
     steps: list[tuple[str, Step | None]] = [
-        ("html", extract_html if n.html else None),
+        ("html", html_step(n.html_metadata) if n.html else None),
         ("unicode", unicode_step(n.fix_unicode, n.form) if n.fix_unicode or n.form != "none" else None),
         ("control_chars", remove_control_chars if n.control_chars else None),
         ("whitespace", normalize_whitespace if n.whitespace else None),

@@ -52,9 +52,18 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-# Words hashed so far in this process. Most words of a corpus are common ones, so most lookups hit; the
-# table is emptied when it reaches HASHED_WORDS entries (about 25 MB), so memory stays bounded.
-_HASHED: dict[str, int] = {}
+class _HashTable(dict):
+    """Words hashed so far in this process: a lookup of a new word hashes it and remembers it."""
+
+    def __missing__(self, word: str) -> int:
+        value = self[word] = _word_hash(word)
+        return value
+
+
+# Most words of a corpus are common ones, so most lookups hit, and the lookups run in C (map over
+# __getitem__; only a new word calls back into Python). The table is emptied once it holds more than
+# HASHED_WORDS entries (about 25 MB), so memory stays bounded.
+_HASHED = _HashTable()
 HASHED_WORDS = 200_000
 
 
@@ -62,11 +71,8 @@ HASHED_WORDS = 200_000
 def word_hashes(text: str) -> tuple[list[str], np.ndarray]:
     """Lowercase word tokens and their stable 64-bit hashes (each distinct word hashed once); do not modify them."""
     words = _WORD.findall(text.lower())
-    new = set(words).difference(_HASHED)
-    if len(_HASHED) + len(new) > HASHED_WORDS:
+    if len(_HASHED) > HASHED_WORDS:
         _HASHED.clear()
-        new = set(words)
-    _HASHED.update(zip(new, map(_word_hash, new), strict=True))
     return words, np.fromiter(map(_HASHED.__getitem__, words), dtype=np.uint64, count=len(words))
 
 

@@ -145,9 +145,10 @@ def gopher_repetition(text: str) -> Verdict:
     words = text.split()
     if len(words) < 2:
         return None
-    vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    # word ids in order of first occurrence; map() over C methods keeps the per-word loop out of Python
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total = int(lengths.sum())
     top_limits, dup_limits = dict(TOP_NGRAM_CHARS), dict(DUP_NGRAM_CHARS)
     for n, h in _ngrams_growing(ids, max(dup_limits)):

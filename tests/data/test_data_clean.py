@@ -12,7 +12,7 @@ from lmforge.data import quality
 from lmforge.data.clean import (
     Drop,
     build_steps,
-    extract_html,
+    html_step,
     language_step,
     lines_step,
     lowercase,
@@ -50,12 +50,16 @@ def test_mojibake_and_entities_are_repaired() -> None:
 
 
 def test_html_boilerplate_is_removed() -> None:
-    page = ("<html><body><nav><a href='/'>Home</a><a href='/b'>Blog</a></nav><div class='cookie'>We use cookies"
+    page = ("<html><head><title>Harbour news</title></head><body><nav><a href='/'>Home</a><a href='/b'>Blog</a></nav><div class='cookie'>We use cookies"
             "</div><article><p>" + ENGLISH + "</p></article><footer>Copyright 2024 | Privacy policy</footer>"
             "</body></html>")
-    out = extract_html(_doc(page))
+    out = html_step(metadata=False)(_doc(page))
     assert out.text == ENGLISH
-    assert extract_html(_doc("Prose that mentions <p> once.")).text == "Prose that mentions <p> once."
+    assert "title" not in out.meta  # the metadata search is opt-in: it costs twice the extraction
+    assert html_step(metadata=False)(_doc("Prose that mentions <p> once.")).text == "Prose that mentions <p> once."
+    with_meta = html_step(metadata=True)(_doc(page))
+    assert with_meta.text == ENGLISH
+    assert with_meta.meta["title"] == "Harbour news"
 
 
 def test_control_characters_and_whitespace() -> None:

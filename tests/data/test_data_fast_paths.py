@@ -1,4 +1,5 @@
-"""The clean stage's fast paths give the values of the plain ones: repetition rule, word hashes, MinHash.
+"""The clean stage's fast paths give the values of the plain ones: repetition rule, word hashes, MinHash,
+whitespace and the PII step's number test.
 
 Each fast path is checked against a plain reference written here (the code it replaced), on
 texts made to hit every branch, and the clean stage as a whole keeps the same documents, ids
@@ -18,9 +19,9 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignatur
 from datatrove.utils.hashing import HashConfig
 
 from lmforge.config import RunConfig
-from lmforge.data import curate, dedup, quality, tasks
+from lmforge.data import clean, curate, dedup, quality, tasks
 from lmforge.data.shards import read_shard, shard_paths
-from lmforge.data.sources import embedded_corpus
+from lmforge.data.sources import Document, embedded_corpus
 from lmforge.pipeline import run
 
 
@@ -67,6 +68,37 @@ def plain_repetition(text: str) -> tuple[str, str] | None:
         if share > limit:
             return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
     return None
+
+
+def odd_texts(seed: int, count: int) -> list[str]:
+    """Short texts drawn from the characters the whitespace and PII rules look at, ASCII and not."""
+    rng = random.Random(seed)
+    alphabet = " \t\n\r\x0b\x0c\x85\u2028\u2029\u00a0\u3000\u200b\ufeffaF.:-19"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))) for _ in range(count)]
+
+
+def test_whitespace_rules_run_only_where_they_can_match() -> None:
+    def plain(doc: Document) -> Document | clean.Drop:
+        text = clean._LINE_BREAKS.sub("\n", doc.text)
+        text = clean._INVISIBLE.sub("", clean._SPACES.sub(" ", text))
+        return clean._with_text(doc, clean._BLANK_RUNS.sub("\n\n", clean._TRAILING.sub("", text)).strip("\n"))
+
+    texts = odd_texts(0, 20000) + [p for d in embedded_corpus() for p in d.text[:20000].split("\n\n")][:300]
+    docs = [Document(id=str(i), text=t, source="t") for i, t in enumerate(texts)]
+    fast = [clean.normalize_whitespace(d) for d in docs]
+    assert fast == [plain(d) for d in docs]
+    assert sum(isinstance(r, clean.Drop) for r in fast) > 100 and sum(r.text != d.text for r, d in
+                                                                      zip(fast, docs) if isinstance(r, Document)) > 1000
+
+
+def test_pii_number_test_is_the_single_pattern() -> None:
+    import re
+
+    single = re.compile(r"\d[\d .\-]|::|[0-9A-Fa-f]:[0-9A-Fa-f]")
+    texts = odd_texts(1, 20000) + ["fe80::1", "Call 555 0100.", "a:b", "x:y", "F:0", "no numbers here"]
+    verdicts = [clean._may_hold_numbers(t) for t in texts]
+    assert verdicts == [bool(single.search(t)) for t in texts]
+    assert 1000 < sum(verdicts) < len(texts) - 1000
 
 
 PROSE = next(iter(embedded_corpus())).text[5000:60000].split()
