@@ -8,7 +8,8 @@ A. per task (a contiguous range of documents): the cleaning steps of
    ``lmforge/data/clean.py``, decontamination against the evaluation sets, exact keys
    and datatrove's MinHash signatures;
 B. per band / key bucket: candidate near-copies (datatrove's MinHash buckets) and exact copies;
-C. once: which copy goes (the first in corpus order stays, whatever the number of tasks);
+C. once: which copy goes (a pair sharing a band is confirmed on the whole MinHash signature; the
+   first in corpus order stays, whatever the number of tasks);
 D. per task: the copies are dropped and the final shard written.
 
 Output under ``runs/<name>/clean/``::
@@ -91,13 +92,15 @@ def _stages(cfg: RunConfig, shards: list[Path], ngrams: np.ndarray, out: Path) -
     buckets = mh.num_buckets if mh else 4  # exact-key buckets: as many tasks as there are bands
     stage_a = [t.ReadRange([str(s) for s in shards], counts), t.CleanTask(clean, ngrams, str(out), buckets)]
     if near:
-        stage_a.append(t.Signatures(str(work / "minhash" / "sigs"), config=mh, language=t.Words()))
+        stage_a.append(t.Signatures(str(work / "minhash" / "sigs"), str(work / "minhash" / "full"), config=mh,
+                                    language=t.Words()))
     stages = [("a", stage_a, n)]
     if exact or near:
         stage_b = [MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "buckets"), config=mh)
                    ] if near else []
         stages += [("b", stage_b + ([t.ExactBuckets(str(work), n)] if exact else []), buckets),
-                   ("c", [t.PickCopies(str(work), n)], 1)]
+                   ("c", [t.PickCopies(str(work), n, clean.dedup.threshold,
+                                       mh.num_buckets * mh.hashes_per_bucket if mh else 0)], 1)]
     stages.append(("d", [t.ReadKept(str(work)), t.DropCopies(clean, str(out), exact or near)], n))
     return stages
 

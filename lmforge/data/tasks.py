@@ -3,9 +3,10 @@
 ``lmforge/data/curate.py`` runs them with a datatrove executor (local processes or a
 Slurm job array) in four stages over a shared folder ``work/``::
 
-    A  tasks    ReadRange -> CleanTask -> MinhashDedupSignature      cleaned docs, exact keys, MinHash signatures
+    A  tasks    ReadRange -> CleanTask -> Signatures                 cleaned docs, exact keys, MinHash signatures
     B  buckets  MinhashDedupBuckets + ExactBuckets                    candidate pairs per band, exact copies
-    C  1 task   PickCopies                                            which document goes, and the copy it repeats
+    C  1 task   PickCopies                                            which document goes (candidates confirmed
+                                                                      on the whole signature), the copy it repeats
     D  tasks    ReadKept -> DropCopies                                the final shards, the dedup rejects
 
 Task ``r`` of ``n`` reads the documents ``[N*r//n, N*(r+1)//n)`` of the collected
@@ -70,14 +71,37 @@ class Words(WordTokenizer):
 
 
 class Signatures(MinhashDedupSignature):
-    """datatrove's MinHash signature step, with shingles hashed in numpy from lmforge's word hashes.
+    """datatrove's MinHash signature step, with shingles hashed in numpy from lmforge's word hashes, and
+    each document's whole signature kept for stage C.
 
     datatrove hashes every shingle's joined string in Python (about 1 s per 5 MB); here each distinct
     word is hashed once and a shingle is a 64-bit mix of its words' hashes (``quality.ngram_hashes``).
     A text shorter than one shingle is one shingle, as in lmforge's in-memory finder. Repeated shingles
     are kept: a signature is a minimum, which a repeat does not change, and removing them costs more
     than hashing them.
+
+    datatrove writes each band to its own file; the buckets stage sees one band at a time. This step also
+    writes ``<full>/<task>.u32``: one row per document, in task order, of the low 32 bits of all its
+    hashes (zeros for a text without words), from which stage C estimates a candidate pair's Jaccard
+    similarity on the whole signature.
     """
+
+    def __init__(self, output_folder: str, full_folder: str, config, language: WordTokenizer) -> None:
+        super().__init__(output_folder, config=config, language=language)
+        self.full = Path(full_folder)
+        self._signed: np.ndarray | None = None  # the last document's signature, as get_signature made it
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        width = self.config.num_buckets * self.config.hashes_per_bucket
+        with artifacts.AtomicFile(self.full / f"{rank:05d}.u32") as f:
+            def recorded(docs):
+                for doc in docs:
+                    self._signed = None
+                    yield doc  # datatrove signs it (or finds no shingles) before it asks for the next one
+                    row = np.zeros(width, np.uint32) if self._signed is None else self._signed.astype(np.uint32)
+                    f.write(row.tobytes())
+
+            super().run(recorded(data), rank, world_size)
 
     def get_shingles(self, text: str) -> np.ndarray:
         hashes = word_hashes(text)[1]
@@ -102,6 +126,7 @@ class Signatures(MinhashDedupSignature):
         if self.config.hash_config.precision == 32:
             phv &= np.uint64(self.config.hash_config.max)
         lowest = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
+        self._signed = lowest  # its low 32 bits go to the full-signature row (astype truncates)
         return lowest.reshape(self.config.num_buckets, -1).tolist()  # np.split into equal buckets, as lists
 
 
@@ -297,16 +322,19 @@ class ExactBuckets(PipelineStep):
 class PickCopies(PipelineStep):
     """Stage C, one task: decide which documents go, in corpus order, as the old single-process finder did.
 
-    Exact copies go first. For near copies, a document goes when it shares a MinHash band with a
-    document kept earlier (within one band, equal band hashes are one group: datatrove writes them as
-    a chain of pairs). Writes ``work/remove/<task>.json``: ``[[index, reason, id of the copy kept], ...]``.
+    Exact copies go first. For near copies, the documents sharing a MinHash band with a document are
+    its candidates (within one band, equal band hashes are one group: datatrove writes them as a chain
+    of pairs); it goes when the whole signatures of it and of a candidate kept earlier agree in at least
+    ``threshold`` of their hashes (the estimated Jaccard similarity). One shared band alone, at 25 bands
+    of 5 rows, also catches many pairs near 0.3. Writes ``work/remove/<task>.json``: ``[[index, reason,
+    id of the copy kept], ...]``.
     """
 
     name = "pick copies"
 
-    def __init__(self, work: str, tasks: int) -> None:
+    def __init__(self, work: str, tasks: int, threshold: float = 0.0, width: int = 0) -> None:
         super().__init__()
-        self.work, self.tasks = Path(work), tasks
+        self.work, self.tasks, self.threshold, self.width = Path(work), tasks, threshold, width
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         removed: dict[tuple[int, int], tuple[str, tuple[int, int]]] = {}
@@ -314,16 +342,20 @@ class PickCopies(PipelineStep):
             for row in np.load(path):
                 removed[(int(row["rank"]), int(row["idx"]))] = (EXACT, (int(row["krank"]), int(row["kidx"])))
         groups_of = _band_groups(self.work / "minhash" / "buckets")
-        keeper: dict[int, tuple[int, int]] = {}  # group -> its first document kept
+        signature = _FullSignatures(self.work / "minhash" / "full", self.width)
+        members: dict[int, list[tuple[int, int]]] = {}  # group -> the documents of it kept so far
         for node in sorted(groups_of):
             if node in removed:  # an exact copy: gone already, and its twin carries the same bands
                 continue
-            kept_before = [keeper[g] for g in groups_of[node] if g in keeper]
-            if kept_before:
-                removed[node] = (NEAR, min(kept_before))
-                continue
+            candidates = sorted({m for g in groups_of[node] for m in members.get(g, ())})
+            if candidates:
+                agree = (np.stack([signature(c) for c in candidates]) == signature(node)).mean(axis=1)
+                similar = np.flatnonzero(agree >= self.threshold)
+                if len(similar):
+                    removed[node] = (NEAR, candidates[similar[0]])  # the earliest such document
+                    continue
             for g in groups_of[node]:
-                keeper.setdefault(g, node)
+                members.setdefault(g, []).append(node)
         ids = _ids_of({kept for _, kept in removed.values()}, self.work / "ids")
         per_task: dict[int, list] = {t: [] for t in range(self.tasks)}
         for (task, idx), (reason, kept) in sorted(removed.items()):
@@ -353,6 +385,21 @@ def _band_groups(folder: Path) -> dict[tuple[int, int], list[int]]:
             group_in_band[b] = g
             groups_of.setdefault(b, []).append(g)
     return groups_of
+
+
+class _FullSignatures:
+    """A document's whole signature, ``(task, index) -> row``, from the tasks' ``.u32`` files (memory-mapped)."""
+
+    def __init__(self, folder: Path, width: int) -> None:
+        self.folder, self.width = folder, width
+        self.tables: dict[int, np.ndarray] = {}
+
+    def __call__(self, node: tuple[int, int]) -> np.ndarray:
+        task, index = node
+        if task not in self.tables:
+            self.tables[task] = np.memmap(self.folder / f"{task:05d}.u32", dtype=np.uint32, mode="r").reshape(
+                -1, self.width)
+        return self.tables[task][index]
 
 
 def _ids_of(wanted: set[tuple[int, int]], folder: Path) -> dict[tuple[int, int], str]:

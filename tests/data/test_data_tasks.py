@@ -171,6 +171,74 @@ def test_minhash_settings_follow_threshold_and_permutations() -> None:
             assert curate.lsh_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
+def test_a_shared_band_is_confirmed_on_the_whole_signature(tmp_path: Path) -> None:
+    """Stage C on hand-made files: candidates from the band files, the decision from the full signatures."""
+    import struct
+
+    import numpy as np
+
+    work, width = tmp_path / "work", 10
+    base = np.arange(10, dtype=np.uint32)
+    rows = [base, np.where(np.arange(10) < 4, base, 99),  # 1: 40% of doc 0 -> kept
+            np.where(np.arange(10) < 6, base, 98),        # 2: 60% of doc 0 -> copy of 0
+            np.where(np.arange(10) < 2, base, 99)]        # 3: 20% of doc 0, 80% of doc 1 -> copy of 1
+    rows[3][2:4] = 7
+    (work / "minhash" / "full").mkdir(parents=True)
+    np.stack(rows).astype(np.uint32).tofile(work / "minhash" / "full" / "00000.u32")
+    (work / "minhash" / "buckets").mkdir(parents=True)
+    pairs = {"000_00.dups": [(0, 0, 0, 1), (0, 1, 0, 3)], "001_00.dups": [(0, 0, 0, 2)]}
+    for name, chain in pairs.items():
+        (work / "minhash" / "buckets" / name).write_bytes(b"".join(struct.pack("<4I", *p) for p in chain))
+    (work / "ids").mkdir()
+    (work / "ids" / "00000.json").write_text(json.dumps(["d0", "d1", "d2", "d3"]))
+    list(tasks.PickCopies(str(work), 1, threshold=0.5, width=width).run(None))
+    removed = json.loads((work / "remove" / "00000.json").read_text())
+    assert removed == [[2, "near_duplicate", "d0"], [3, "near_duplicate", "d1"]]
+    assert float(np.mean(rows[3] == rows[1])) == 0.8 and float(np.mean(rows[3] == rows[0])) == 0.2
+
+
+def test_near_copies_agree_with_the_in_memory_finder(tmp_path: Path) -> None:
+    """Edited copies at every similarity: the stages drop the copies the in-memory finder (which checks every
+    candidate on its full signature) drops. Both estimate Jaccard similarity from 125 / 128 hashes with
+    different hash functions, so pairs near the threshold may go either way on either side."""
+    import random
+
+    from lmforge.config import CleanConfig
+    from lmforge.data.dedup import DuplicateFinder, fingerprint
+
+    rng = random.Random(3)
+    words = " ".join(d.text for d in embedded_corpus()).split()
+    rows, similar = [], []
+    for i, start in enumerate(rng.sample(range(0, len(words) - 300, 300), 60)):  # 60 passages, none overlapping
+        original = words[start: start + 300]
+        rows.append({"id": f"o{i}", "text": " ".join(original)})
+        edited = list(original)
+        share = rng.choice([0.02, 0.05, 0.1, 0.2, 0.3, 0.5])  # words replaced
+        for j in rng.sample(range(len(edited)), int(share * len(edited))):
+            edited[j] = rng.choice(words)
+        rows.append({"id": f"e{i}", "text": " ".join(edited)})
+        similar.append(share)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    clean = {"dedup": {"exact": False}, "language": {"enabled": False}, "quality": {"gopher_quality": False},
+             "lines": {"navigation": False, "boilerplate": False, "lorem_ipsum": False}}
+    cfg = RunConfig.model_validate({"name": "t", "runs_dir": str(tmp_path / "runs"), "data": {"train": [str(corpus)],
+                                    "tasks": 3, "workers": 1}, "clean": clean})
+    out = run(cfg, until="clean")["clean"]
+    stages = {d["id"] for p in (Path(out["data_card"]).parent / "rejects").glob("*.dedup.jsonl")
+              for d in map(json.loads, p.read_text().splitlines())}
+    finder = DuplicateFinder(CleanConfig.model_validate(clean).dedup)
+    reference = {r["id"] for r in rows if finder.check(r["id"], b"", fingerprint(r["text"], finder.cfg).signature)}
+    # Jaccard similarity of the 3-word shingles: 0.75 at 5% of the words replaced, 0.57 at 10%, 0.34 at 20%
+    assert {f"e{i}" for i, s in enumerate(similar) if s <= 0.05} <= stages
+    assert not {f"e{i}" for i, s in enumerate(similar) if s >= 0.2} & stages  # a band shared: 11% at 0.34
+    # Near the threshold (10% replaced) each side's decision is a coin toss: the pair becomes a candidate
+    # with probability 1 - (1 - 0.57^5)^25 = 0.79, and 125 hashes estimate 0.57 within about 0.045.
+    assert {d for d in stages ^ reference if similar[int(d[1:])] != 0.1} == set()
+    assert len(stages) >= 15
+    assert out["documents"]["kept"] + len(stages) == len(rows)  # nothing else dropped
+
+
 def test_task_ranges_cover_the_corpus_in_order() -> None:
     for total, n in ((0, 3), (5, 8), (100, 7)):
         ranges = [tasks.task_range(total, r, n) for r in range(n)]
