@@ -18,6 +18,7 @@ CPU seconds of each cleaning step, the load average, and a digest of the documen
     python benchmarks/data_pipeline.py --mb 200 --before /tmp/lmforge-before   # the figures in docs/benchmarks.md
     python benchmarks/data_pipeline.py --mb 20 --resume-check                  # kill a run midway, rerun it
     python benchmarks/data_pipeline.py --mb 5 --steps --before DIR --repeats 2  # CPU-s per step (datatrove checkouts)
+    python benchmarks/data_pipeline.py --mb 1000 --html-metadata --before DIR  # pages' metadata on, as before
 
 With --resume-check it then starts the clean stage again in a child process, kills it
 (SIGKILL, the whole process group) once --kill-after tasks are done, reruns it and
@@ -159,6 +160,10 @@ def config(args: argparse.Namespace):
            "clean": {"rejects_max_chars": 500, "quality": {"gopher_repetition": True, "c4": True, "fineweb": True}}}
     for section, values in parallel.items():
         cfg[section] = {**cfg.get(section, {}), **values}
+    from lmforge.config.cleaning import NormalizeConfig
+
+    if args.html_metadata and "html_metadata" in NormalizeConfig.model_fields:  # always on before it was a switch
+        cfg["clean"]["normalize"] = {"html_metadata": True}
     return RunConfig.model_validate(cfg)
 
 
@@ -322,6 +327,8 @@ def main() -> None:
     ap.add_argument("--resume-check", action="store_true", help="kill a clean run midway and resume it")
     ap.add_argument("--kill-after", type=int, default=3, help="resume check: kill once this many tasks are done")
     ap.add_argument("--steps", action="store_true", help="CPU seconds per step of stage a, one process, one task")
+    ap.add_argument("--html-metadata", action="store_true",
+                    help="clean.normalize.html_metadata=true: pages' metadata searched too, as before it was a switch")
     ap.add_argument("--side", default="now", help=argparse.SUPPRESS)
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
