@@ -12,11 +12,11 @@ hashed to 64 bits (blake2b, the same in every process), from which come
 
 The clean stage (:mod:`lmforge.data.tasks`) takes the word hashes, exact keys and the
 n-gram check from here and finds near-copies with datatrove's multi-stage MinHash
-(signatures per task, buckets, clusters): a document sharing one LSH band with an
-earlier one is a ``near_duplicate``. :class:`DuplicateFinder` is the in-memory finder
-it replaced, which also checks each candidate on the full signature (estimated
-Jaccard similarity >= ``threshold``); ``benchmarks/dedup_curve.py`` measures against
-it as the reference. ::
+(signatures per task, buckets, clusters): a document sharing an LSH band with an
+earlier one whose whole signature agrees with its own in at least ``threshold`` of the
+hashes is a ``near_duplicate``. :class:`DuplicateFinder` is the in-memory finder it
+replaced, with the same rule; ``benchmarks/dedup_curve.py`` measures against it as the
+reference. ::
 
     finder = DuplicateFinder(cfg.clean.dedup)
     fp = fingerprint("Some text ...", cfg.clean.dedup)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 
@@ -59,8 +60,16 @@ _SENTENCE_END = re.compile(r"[.!?]+(?:[\"'\u201d\u2019)]*)(?:\s|$)")
 _MULT = np.random.default_rng(20240601).integers(1, 2**63, size=16, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
+# The rules run one after another on the same text, so its lines and words are split once (the same
+# str object comes back: the cache compares by identity first). Callers must not modify the lists.
+@lru_cache(maxsize=1)
 def _nonblank_lines(text: str) -> list[str]:
     return [line for line in text.split("\n") if line.strip()]
+
+
+@lru_cache(maxsize=1)
+def _words(text: str) -> list[str]:
+    return text.split()
 
 
 def duplicate_fractions(items: list[str]) -> tuple[float, float]:
@@ -107,13 +116,17 @@ def _run_starts(ranked: np.ndarray) -> np.ndarray:
 
 
 def _top_ngram(h: np.ndarray) -> tuple[int, int]:
-    """``(count, first position)`` of the most frequent value, the smallest value among equals (as the
-    argmax over ``np.unique``'s counts picks it)."""
+    """``(count, first position)`` of the most frequent value; of equally frequent values, the one that
+    occurs first (as ``Counter.most_common`` in datatrove's Gopher filter picks it), so the choice does
+    not depend on the hash values."""
     ranked = np.sort(h)  # numpy's default sort (SIMD, unstable) is several times faster than np.unique's
     starts = _run_starts(ranked)
     counts = np.diff(np.append(starts, len(ranked)))
-    top = int(np.argmax(counts))
-    return int(counts[top]), int(np.argmax(h == ranked[starts[top]]))
+    top = int(counts.max())
+    if top == 1:
+        return 1, 0
+    tied = ranked[starts[counts == top]]
+    return top, int(np.argmax(h == tied[0]) if len(tied) == 1 else np.argmax(np.isin(h, tied)))
 
 
 def _repeated_share(h: np.ndarray, n: int, lengths: np.ndarray, total: int) -> float:
@@ -142,12 +155,13 @@ def gopher_repetition(text: str) -> Verdict:
         return ("duplicate_paragraphs", f"{frac:.0%} of paragraphs repeat")
     if chars > DUP_PARA_CHARS:
         return ("duplicate_paragraph_chars", f"{chars:.0%} of characters in repeated paragraphs")
-    words = text.split()
+    words = _words(text)
     if len(words) < 2:
         return None
-    # word ids in order of first occurrence; map() over C methods keeps the per-word loop out of Python
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    # A word's id is its str hash: equal words, equal ids, with map() keeping the loop in C. The hashes
+    # differ between processes (PYTHONHASHSEED), which changes no verdict: only equality counts, and
+    # ties go to the first occurrence.
+    ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words))
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total = int(lengths.sum())
     top_limits, dup_limits = dict(TOP_NGRAM_CHARS), dict(DUP_NGRAM_CHARS)
@@ -172,7 +186,7 @@ def gopher_repetition(text: str) -> Verdict:
 
 def gopher_quality(q: QualityConfig) -> Callable[[str], Verdict]:
     def gopher_quality(text: str) -> Verdict:
-        words = text.split()
+        words = _words(text)
         n = len(words)
         if n < q.min_words:
             return ("too_few_words", f"{n} words")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -342,20 +343,8 @@ class PickCopies(PipelineStep):
             for row in np.load(path):
                 removed[(int(row["rank"]), int(row["idx"]))] = (EXACT, (int(row["krank"]), int(row["kidx"])))
         groups_of = _band_groups(self.work / "minhash" / "buckets")
-        signature = _FullSignatures(self.work / "minhash" / "full", self.width)
-        members: dict[int, list[tuple[int, int]]] = {}  # group -> the documents of it kept so far
-        for node in sorted(groups_of):
-            if node in removed:  # an exact copy: gone already, and its twin carries the same bands
-                continue
-            candidates = sorted({m for g in groups_of[node] for m in members.get(g, ())})
-            if candidates:
-                agree = (np.stack([signature(c) for c in candidates]) == signature(node)).mean(axis=1)
-                similar = np.flatnonzero(agree >= self.threshold)
-                if len(similar):
-                    removed[node] = (NEAR, candidates[similar[0]])  # the earliest such document
-                    continue
-            for g in groups_of[node]:
-                members.setdefault(g, []).append(node)
+        with _FullSignatures(self.work / "minhash" / "full", self.width) as signature:
+            _pick_near(groups_of, removed, signature, self.threshold)
         ids = _ids_of({kept for _, kept in removed.values()}, self.work / "ids")
         per_task: dict[int, list] = {t: [] for t in range(self.tasks)}
         for (task, idx), (reason, kept) in sorted(removed.items()):
@@ -387,19 +376,51 @@ def _band_groups(folder: Path) -> dict[tuple[int, int], list[int]]:
     return groups_of
 
 
+def _pick_near(groups_of: dict, removed: dict, signature: _FullSignatures, threshold: float) -> None:
+    """Add to ``removed`` each document, in corpus order, whose whole signature agrees in at least
+    ``threshold`` of its hashes with an earlier kept document of one of its band groups."""
+    members: dict[int, list[tuple[int, int]]] = {}  # group -> the documents of it kept so far
+    for node in sorted(groups_of):
+        if node in removed:  # an exact copy: gone already, and its twin carries the same bands
+            continue
+        candidates = sorted({m for g in groups_of[node] for m in members.get(g, ())})
+        if candidates:
+            agree = (np.stack([signature(c) for c in candidates]) == signature(node)).mean(axis=1)
+            similar = np.flatnonzero(agree >= threshold)
+            if len(similar):
+                removed[node] = (NEAR, candidates[similar[0]])  # the earliest such document
+                continue
+        for g in groups_of[node]:
+            members.setdefault(g, []).append(node)
+
+
 class _FullSignatures:
-    """A document's whole signature, ``(task, index) -> row``, from the tasks' ``.u32`` files (memory-mapped)."""
+    """A document's whole signature, ``(task, index) -> row``, read from the tasks' ``.u32`` files.
+
+    Each row is read on its own (``os.pread``): a memory map would count every page a candidate touches
+    in the process's resident memory, which then grows with the corpus.
+    """
 
     def __init__(self, folder: Path, width: int) -> None:
-        self.folder, self.width = folder, width
-        self.tables: dict[int, np.ndarray] = {}
+        self.folder, self.row_bytes = folder, width * 4
+        self.files: dict[int, int] = {}  # task -> open file descriptor
 
     def __call__(self, node: tuple[int, int]) -> np.ndarray:
         task, index = node
-        if task not in self.tables:
-            self.tables[task] = np.memmap(self.folder / f"{task:05d}.u32", dtype=np.uint32, mode="r").reshape(
-                -1, self.width)
-        return self.tables[task][index]
+        if task not in self.files:
+            self.files[task] = os.open(self.folder / f"{task:05d}.u32", os.O_RDONLY)
+        row = os.pread(self.files[task], self.row_bytes, index * self.row_bytes)
+        if len(row) != self.row_bytes:
+            raise ValueError(f"{self.folder / f'{task:05d}.u32'}: no signature for document {index}")
+        return np.frombuffer(row, dtype=np.uint32)
+
+    def __enter__(self) -> _FullSignatures:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
 
 
 def _ids_of(wanted: set[tuple[int, int]], folder: Path) -> dict[tuple[int, int], str]:

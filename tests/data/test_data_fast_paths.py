@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from lmforge.pipeline import run
 
 
 def plain_repetition(text: str) -> tuple[str, str] | None:
-    """Gopher's repetition rule as lmforge computed it before: every n-gram length hashed from scratch."""
+    """Gopher's repetition rule computed plainly: every n-gram a tuple of words, counted with Counter."""
     frac, chars = quality.duplicate_fractions(quality._nonblank_lines(text))
     if frac > quality.DUP_LINE_FRAC:
         return ("duplicate_lines", f"{frac:.0%} of lines repeat")
@@ -40,31 +41,28 @@ def plain_repetition(text: str) -> tuple[str, str] | None:
     words = text.split()
     if len(words) < 2:
         return None
-    vocab: dict[str, int] = {}
-    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
-    lengths = np.array([len(w) for w in words], dtype=np.int64)
-    total = int(lengths.sum())
-    for n, limit in quality.TOP_NGRAM_CHARS:
-        h = quality.ngram_hashes(ids, n)
-        if len(h) == 0:
+    lengths = [len(w) for w in words]
+    total = sum(lengths)
+    for n, limit in quality.TOP_NGRAM_CHARS:  # the n-grams themselves, as tuples of words: no hashing
+        grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+        if not grams:
             break
-        _, first, counts = np.unique(h, return_index=True, return_counts=True)
-        top = int(np.argmax(counts))
-        if counts[top] > 1:
-            share = int(lengths[first[top]: first[top] + n].sum()) * int(counts[top]) / total
+        gram, count = Counter(grams).most_common(1)[0]  # ties: the first to occur
+        if count > 1:
+            share = sum(map(len, gram)) * count / total
             if share > limit:
                 return ("top_ngram", f"one {n}-gram covers {share:.0%} of characters")
     for n, limit in quality.DUP_NGRAM_CHARS:
-        h = quality.ngram_hashes(ids, n)
-        if len(h) == 0:
+        grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+        if not grams:
             break
-        covered = np.zeros(len(words), dtype=bool)
-        seen: set[int] = set()
-        for start, value in enumerate(h.tolist()):
-            if value in seen:
-                covered[start: start + n] = True
-            seen.add(value)
-        share = int(lengths[covered].sum()) / total
+        covered = [False] * len(words)
+        seen: set[tuple[str, ...]] = set()
+        for start, gram in enumerate(grams):
+            if gram in seen:
+                covered[start: start + n] = [True] * n
+            seen.add(gram)
+        share = sum(length for length, c in zip(lengths, covered, strict=True) if c) / total
         if share > limit:
             return ("duplicate_ngrams", f"repeated {n}-grams cover {share:.0%} of characters")
     return None
@@ -116,6 +114,15 @@ def repetitive_texts(seed: int, count: int) -> list[str]:
         start = rng.randrange(len(base))
         texts.append(" ".join(base + base[start: start + rng.randint(5, 12)] * rng.randint(1, 4)))
     return texts
+
+
+def test_a_tie_between_top_ngrams_goes_to_the_first_to_occur() -> None:
+    long_first = "longword1 a longword1 a longword1 a b c b c b c"  # (longword1, a) and (b, c): 3 times each
+    assert quality.gopher_repetition(long_first) == ("top_ngram", "one 2-gram covers 83% of characters")
+    short_first = "b c b c b c longword1 a longword1 a longword1 a"  # (b, c) first: 17%, under the 20% limit
+    assert quality.gopher_repetition(short_first) == ("top_ngram", "one 4-gram covers 22% of characters")
+    assert [plain_repetition(long_first), plain_repetition(short_first)] == [
+        quality.gopher_repetition(long_first), quality.gopher_repetition(short_first)]
 
 
 def test_repetition_rule_gives_the_plain_verdicts() -> None:
@@ -197,8 +204,8 @@ def test_sorted_runs_give_np_uniques_counts_and_first_occurrences() -> None:
         for high in (2, 5, 1 << 62):
             h = rng.integers(0, high, size=size, dtype=np.uint64)
             _, first, counts = np.unique(h, return_index=True, return_counts=True)
-            top = int(np.argmax(counts))
-            assert quality._top_ngram(h) == (int(counts[top]), int(first[top]))
+            top = int(counts.max())  # of the most frequent values, the first to occur; (1, 0) when none repeats
+            assert quality._top_ngram(h) == (top, int(first[counts == top].min()) if top > 1 else 0)
             order = np.argsort(h)
             ours = np.minimum.reduceat(order, quality._run_starts(h[order]))
             assert sorted(ours.tolist()) == sorted(first.tolist())
