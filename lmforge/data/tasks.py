@@ -333,7 +333,8 @@ class PickCopies(PipelineStep):
 
     name = "pick copies"
 
-    def __init__(self, work: str, tasks: int, threshold: float = 0.0, width: int = 0) -> None:
+    def __init__(self, work: str, tasks: int, threshold: float, width: int) -> None:
+        """``threshold``: the share of hashes that must agree; ``width``: hashes in a whole signature."""
         super().__init__()
         self.work, self.tasks, self.threshold, self.width = Path(work), tasks, threshold, width
 
